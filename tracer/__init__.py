@@ -1,0 +1,49 @@
+"""romelens tracer: model loading, the hook surface, prompt helpers and causal tracing.
+
+Example:
+    >>> from tracer import load_model, locate_subject
+    >>> model = load_model("gemma-3-270m")
+    >>> locate_subject(model, "The Eiffel Tower is located in the city of", "Eiffel Tower").subject
+    (2, 4)
+"""
+
+from tracer.hooks import EMBED, KINDS, hook_name
+from tracer.model import (
+    TL_API,
+    ModelLoadError,
+    final_logits,
+    final_resid,
+    load_model,
+    model_device,
+    model_name,
+    mlp_output_delta,
+    prepare_model,
+    unembed_positions,
+    w_out,
+    weights_hash,
+)
+from tracer.prompts import PromptTokens, TargetProbs, encode, locate_subject, target_ids, target_probs
+
+__all__ = [
+    "EMBED",
+    "KINDS",
+    "TL_API",
+    "ModelLoadError",
+    "PromptTokens",
+    "TargetProbs",
+    "encode",
+    "final_logits",
+    "final_resid",
+    "hook_name",
+    "load_model",
+    "locate_subject",
+    "mlp_output_delta",
+    "model_device",
+    "model_name",
+    "prepare_model",
+    "target_ids",
+    "target_probs",
+    "unembed_positions",
+    "w_out",
+    "weights_hash",
+]

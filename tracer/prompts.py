@@ -1,0 +1,267 @@
+"""Prompt helpers: subject token spans, target tokenization and target probabilities.
+
+Every later module needs the same three things, and each is easy to get subtly wrong
+across tokenizers (BPE leading spaces, SentencePiece `▁`, a BOS token or not):
+
+- `locate_subject`: token ids of a prompt and the `[start, end)` span of the subject;
+- `target_ids`: the tokens a target adds after a prompt, with a leading space where the
+  tokenizer needs one;
+- `target_probs`: first-token and whole-sequence probabilities of target continuations.
+
+Example:
+    >>> from tracer import load_model, locate_subject, target_probs
+    >>> model = load_model("gemma-3-270m")
+    >>> p = locate_subject(model, "The Eiffel Tower is located in the city of", "Eiffel Tower")
+    >>> p.subject_tokens
+    ['▁Eiffel', '▁Tower']
+    >>> target_probs(model, [p.prompt], ["Paris"]).first  # doctest: +SKIP
+    tensor([0.7626])
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from tracer.model import model_device, unembed_positions
+
+
+@dataclass(frozen=True)
+class PromptTokens:
+    """A tokenized prompt with its subject located.
+
+    Attributes:
+        prompt: the prompt text, with the subject filled in.
+        ids: token ids as the model sees them (BOS first when the model prepends one).
+        subject: `(start, end)` token span of the subject, end exclusive, indexing `ids`.
+        tokens: the token strings, for display.
+    """
+
+    prompt: str
+    ids: tuple[int, ...]
+    subject: tuple[int, int]
+    tokens: tuple[str, ...]
+
+    @property
+    def last_subject(self) -> int:
+        """Index of the last subject token."""
+        return self.subject[1] - 1
+
+    @property
+    def subject_tokens(self) -> list[str]:
+        return list(self.tokens[self.subject[0] : self.subject[1]])
+
+    def tensor(self, device: torch.device | str | None = None) -> Int[Tensor, "1 pos"]:
+        return torch.tensor([self.ids], dtype=torch.long, device=device)
+
+
+def _tokenizer(model):
+    tok = getattr(model, "tokenizer", None)
+    if tok is None:
+        raise ValueError("model has no tokenizer; pass a model loaded with one (model.tokenizer is None)")
+    return tok
+
+
+def _bos(model) -> list[int]:
+    tok = _tokenizer(model)
+    if getattr(model.cfg, "default_prepend_bos", True) and tok.bos_token_id is not None:
+        return [tok.bos_token_id]
+    return []
+
+
+def _encode_with_offsets(tok, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    """Token ids of `text` (no special tokens) and each token's character span."""
+    try:
+        enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+    except (NotImplementedError, TypeError, ValueError):
+        pass
+    # Slow tokenizers have no offsets: derive them from growing decoded prefixes.
+    ids = list(tok(text, add_special_tokens=False)["input_ids"])
+    offsets, prev = [], 0
+    for i in range(len(ids)):
+        end = len(tok.decode(ids[: i + 1]))
+        offsets.append((prev, end))
+        prev = end
+    return ids, offsets
+
+
+def encode(model, text: str) -> list[int]:
+    """Token ids of `text` as the model sees them: BOS (if the model uses one) then the text."""
+    if not text:
+        raise ValueError("prompt '' is empty; expected a non-empty string")
+    return _bos(model) + _encode_with_offsets(_tokenizer(model), text)[0]
+
+
+def locate_subject(model, prompt: str, subject: str) -> PromptTokens:
+    """Tokenize `prompt` and find the token span of `subject` inside it.
+
+    `prompt` may be a template with a `{}` placeholder (CounterFact style), which is filled
+    with `subject` and located exactly there. Otherwise the subject is searched for as text;
+    when it occurs more than once, the **last** occurrence is used, since that is the one
+    closest to the prediction. The span covers every token that overlaps the subject's
+    characters, so a BPE token that carries the leading space (`" Eiffel"`, `"▁Eiffel"`)
+    is included and a subject at the very start of the prompt works.
+
+    Args:
+        model: a TransformerLens model with a tokenizer.
+        prompt: the prompt text, or a template containing `{}`.
+        subject: the subject string.
+
+    Returns:
+        A `PromptTokens` with ids, the subject span and token strings.
+
+    Example:
+        >>> locate_subject(model, "{} is located in", "Eiffel Tower").subject
+        (1, 3)
+    """
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError(f"prompt {prompt!r} is empty; expected a non-empty string")
+    if not isinstance(subject, str) or not subject.strip():
+        raise ValueError(f"subject {subject!r} is empty; expected a non-empty string")
+    if "{}" in prompt:
+        start_char = prompt.index("{}")
+        text = prompt.replace("{}", subject, 1)
+    else:
+        start_char = prompt.rfind(subject)
+        text = prompt
+        if start_char < 0:
+            raise ValueError(f"subject {subject!r} not found in prompt {prompt!r}")
+    end_char = start_char + len(subject)
+    tok = _tokenizer(model)
+    ids, offsets = _encode_with_offsets(tok, text)
+    hits = [i for i, (a, b) in enumerate(offsets) if a < end_char and b > start_char]
+    if not hits:
+        raise ValueError(f"subject {subject!r} covers no token of prompt {text!r}")
+    bos = _bos(model)
+    span = (hits[0] + len(bos), hits[-1] + 1 + len(bos))
+    all_ids = bos + ids
+    return PromptTokens(
+        prompt=text,
+        ids=tuple(all_ids),
+        subject=span,
+        tokens=tuple(tok.convert_ids_to_tokens(all_ids)),
+    )
+
+
+def target_ids(model, prompt: str, target: str | int | Sequence[int]) -> list[int]:
+    """Token ids that `target` adds when it follows `prompt`.
+
+    A string target without a leading space gets one when the prompt does not end in
+    whitespace ("Paris" after "... city of" is `" Paris"`). The ids are those that
+    tokenizing the joined text adds after the prompt's own tokens, which is right for BPE
+    and SentencePiece alike; multi-token targets return several ids. An int or a list of
+    ints is taken as token ids already.
+
+    Args:
+        model: a TransformerLens model with a tokenizer.
+        prompt: the filled prompt (no `{}`).
+        target: target text, or token id(s).
+
+    Returns:
+        A non-empty list of token ids.
+    """
+    if isinstance(target, int):
+        return [target]
+    if not isinstance(target, str):
+        ids = [int(t) for t in target]
+        if not ids:
+            raise ValueError("target token list is empty; expected at least one token id")
+        return ids
+    if not target.strip():
+        raise ValueError(f"target {target!r} is empty; expected a non-empty string")
+    tok = _tokenizer(model)
+    sep = "" if (target[0].isspace() or prompt[-1:].isspace()) else " "
+    before = _encode_with_offsets(tok, prompt)[0]
+    joined = _encode_with_offsets(tok, prompt + sep + target)[0]
+    if joined[: len(before)] == before and len(joined) > len(before):
+        return joined[len(before) :]
+    # The tokenizer merged across the boundary; tokenize the target on its own.
+    return _encode_with_offsets(tok, sep + target)[0]
+
+
+@dataclass(frozen=True)
+class TargetProbs:
+    """Probabilities of target continuations, one entry per (prompt, target) pair.
+
+    Attributes:
+        first: probability of the target's first token, `[n]`.
+        seq: probability of the whole target sequence (product over its tokens), `[n]`.
+        mean_nll: mean negative log-likelihood per target token, `[n]`. `exp(-mean_nll)`
+            is the per-token probability that the ROME/MEMIT CounterFact metrics compare.
+        n_tokens: number of target tokens, `[n]`.
+    """
+
+    first: Float[Tensor, " n"]
+    seq: Float[Tensor, " n"]
+    mean_nll: Float[Tensor, " n"]
+    n_tokens: Int[Tensor, " n"]
+
+
+@torch.no_grad()
+def target_probs(
+    model,
+    prompts: Sequence[str],
+    targets: Sequence[str | int | Sequence[int]],
+    *,
+    batch_size: int = 16,
+) -> TargetProbs:
+    """Score target continuations of prompts under the model (teacher forcing).
+
+    Only the positions that predict target tokens are unembedded, which matters for
+    large vocabularies (Gemma-3: 262k tokens). Sequences are right-padded, so a causal
+    model's scores do not depend on the batch they share.
+
+    Args:
+        model: a TransformerLens model with a tokenizer.
+        prompts: filled prompts.
+        targets: one target per prompt (text or token ids).
+        batch_size: pairs per forward pass.
+
+    Returns:
+        A `TargetProbs`.
+
+    Example:
+        >>> target_probs(model, ["The capital of France is"], ["Paris"]).first
+    """
+    if len(prompts) != len(targets):
+        raise ValueError(f"prompts and targets differ in length ({len(prompts)} vs {len(targets)})")
+    if batch_size < 1:
+        raise ValueError(f"batch_size {batch_size} must be >= 1")
+    device = model_device(model)
+    pairs = [(encode(model, p), target_ids(model, p, t)) for p, t in zip(prompts, targets)]
+    pad = _tokenizer(model).pad_token_id or 0
+    nll_sum, first_lp, counts = [], [], []
+    for b in range(0, len(pairs), batch_size):
+        chunk = pairs[b : b + batch_size]
+        seqs = [p + t for p, t in chunk]
+        width = max(len(s) for s in seqs)
+        tokens = torch.full((len(seqs), width), pad, dtype=torch.long, device=device)
+        rows, cols, want = [], [], []
+        for i, ((p, t), s) in enumerate(zip(chunk, seqs)):
+            tokens[i, : len(s)] = torch.tensor(s, device=device)
+            for j, tid in enumerate(t):
+                rows.append(i)
+                cols.append(len(p) - 1 + j)  # position predicting target token j
+                want.append(tid)
+        logits = unembed_positions(model, tokens, torch.tensor(rows), torch.tensor(cols))  # [m, vocab]
+        lp = logits.float().log_softmax(-1)[torch.arange(len(want)), torch.tensor(want, device=device)]
+        k = 0
+        for _, t in chunk:
+            seg = lp[k : k + len(t)]
+            nll_sum.append(-seg.sum())
+            first_lp.append(seg[0])
+            counts.append(len(t))
+            k += len(t)
+    nll = torch.stack(nll_sum).cpu()
+    n = torch.tensor(counts)
+    return TargetProbs(
+        first=torch.stack(first_lp).exp().cpu(),
+        seq=(-nll).exp(),
+        mean_nll=nll / n,
+        n_tokens=n,
+    )
