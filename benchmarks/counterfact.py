@@ -1,0 +1,243 @@
+"""CounterFact benchmark: efficacy, generalization, specificity, fluency and consistency of edits.
+
+Per record (see docs/benchmarks.md for how each matches the ROME/MEMIT papers), with
+`P(x) = exp(-mean token NLL of x)` after the prompt:
+
+- ES / EM: on the rewrite prompt, `[P(new) > P(true)]` / `P(new) - P(true)`;
+- PS / PM: the same, averaged over the paraphrase prompts;
+- NS / NM: on the neighborhood prompts, `[P(true) > P(new)]` / `P(true) - P(new)`;
+- GE: n-gram entropy of greedy generations from the generation prompts;
+- RS: TF-IDF cosine between the generations and reference text about `target_new`.
+
+Summary: means over records ×100 with 95% CIs, S = harmonic mean of ES, PS, NS.
+
+CLI:
+    python -m benchmarks.counterfact --model gemma-3-270m --method rome --n 100 --out results/rome
+
+Example:
+    >>> from benchmarks.counterfact import evaluate_counterfact
+    >>> row = evaluate_counterfact(model, records[0], gen_tokens=0)
+    >>> sorted(k for k in row if k.isupper() or len(k) == 2)
+    ['em', 'es', 'nm', 'ns', 'pm', 'ps']
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import dataclass
+from typing import Sequence
+
+from benchmarks import metrics as M
+from benchmarks.data import CounterFactRecord
+
+log = logging.getLogger(__name__)
+
+RS_FALLBACK = "RS (fallback, not comparable with published RS)"
+COLUMNS = ("S", "ES", "PS", "NS", "GE", "RS", "EM", "PM", "NM")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Reference:
+    """Reference texts and TF-IDF statistics for the consistency score RS.
+
+    Attributes:
+        tfidf: the TF-IDF statistics (ROME's idf.npy + tfidf_vocab.json, or fitted locally).
+        snippets: ROME's attribute snippets `{relation_id: {target_id: [texts]}}`; None means
+            the fallback reference: the record's attribute prompts completed with `target_new`.
+    """
+
+    tfidf: M.Tfidf
+    snippets: dict | None = None
+
+    @property
+    def fallback(self) -> bool:
+        return self.snippets is None or self.tfidf.label != "ROME idf.npy"
+
+    @property
+    def column(self) -> str:
+        return RS_FALLBACK if self.fallback else "RS"
+
+    def texts(self, record: CounterFactRecord) -> list[str]:
+        if self.snippets is not None:
+            return list(self.snippets.get(record.relation_id, {}).get(record.target_new_id, []))
+        return [f"{p} {record.target_new}" for p in record.attribute_prompts]
+
+
+def evaluate_counterfact(
+    model, record: CounterFactRecord, *, gen_tokens: int = 100, reference: Reference | None = None
+) -> dict:
+    """CounterFact metrics of one record on the model as it is now (edited or not).
+
+    Args:
+        model: a TransformerLens model.
+        record: the CounterFact record.
+        gen_tokens: tokens generated per generation prompt for GE/RS; 0 skips generation.
+        reference: RS reference; None skips RS.
+
+    Returns:
+        A JSON-ready dict: es, em, ps, pm, ns, nm (fractions / probability differences),
+        ge (bits), rs (cosine), the per-prompt NLLs and the generated texts.
+    """
+    from tracer import target_probs  # noqa: PLC0415
+
+    groups = {
+        "rewrite": [record.rewrite_prompt],
+        "paraphrase": list(record.paraphrase_prompts),
+        "neighborhood": list(record.neighborhood_prompts),
+    }
+    prompts = [p for ps in groups.values() for p in ps]
+    both = target_probs(
+        model,
+        prompts + prompts,
+        [record.target_new] * len(prompts) + [record.target_true] * len(prompts),
+    ).mean_nll.tolist()
+    new, true = both[: len(prompts)], both[len(prompts) :]
+    row: dict = {"nll": {}}
+    k = 0
+    for name, ps in groups.items():
+        row["nll"][name] = {"new": new[k : k + len(ps)], "true": true[k : k + len(ps)]}
+        k += len(ps)
+    nl = row["nll"]
+    row["es"] = M.success(nl["rewrite"]["new"], nl["rewrite"]["true"])[0]
+    row["em"] = M.magnitude(nl["rewrite"]["new"], nl["rewrite"]["true"])[0]
+    row["ps"] = M.mean(M.success(nl["paraphrase"]["new"], nl["paraphrase"]["true"]))
+    row["pm"] = M.mean(M.magnitude(nl["paraphrase"]["new"], nl["paraphrase"]["true"]))
+    row["ns"] = M.mean(M.success(nl["neighborhood"]["true"], nl["neighborhood"]["new"]))
+    row["nm"] = M.mean(M.magnitude(nl["neighborhood"]["true"], nl["neighborhood"]["new"]))
+    if gen_tokens > 0 and record.generation_prompts:
+        unique = list(dict.fromkeys(record.generation_prompts))  # greedy: duplicates give the same text
+        gen = dict(zip(unique, M.greedy_generate(model, unique, max_new_tokens=gen_tokens)))
+        texts = [gen[p] for p in record.generation_prompts]
+        row["ge"] = M.mean([M.ngram_entropy(t) for t in texts])
+        if reference is not None:
+            refs = reference.texts(record)
+            if refs:
+                row["rs"] = reference.tfidf.similarity(" ".join(texts), " ".join(refs))
+        row["text"] = [gen[p] for p in unique]
+    return row
+
+
+def summarize_counterfact(rows: Sequence[dict], *, rs_column: str = "RS") -> dict:
+    """Aggregate per-record rows into the papers' columns (×100) with 95% CI half-widths.
+
+    Returns:
+        `{column: {"mean": float, "ci95": float, "n": int}}` for S, ES, PS, NS, GE, RS
+        (named `rs_column`), EM, PM, NM; a column with no values is left out. S is the
+        harmonic mean of the ES, PS and NS means (no CI).
+
+    Example:
+        >>> summarize_counterfact([{"es": 1.0, "ps": 0.5, "ns": 1.0, "em": .2, "pm": .1, "nm": .0}])["S"]
+        {'mean': 75.0, 'ci95': None, 'n': 1}
+    """
+    ok = [r for r in rows if "error" not in r]
+    out: dict = {}
+    for col, key in [("ES", "es"), ("PS", "ps"), ("NS", "ns"), ("GE", "ge"), (rs_column, "rs"),
+                     ("EM", "em"), ("PM", "pm"), ("NM", "nm")]:
+        vals = [r[key] for r in ok if key in r]
+        if vals:
+            m, ci = M.mean_ci(vals, scale=100.0)
+            out[col] = {"mean": m, "ci95": ci, "n": len(vals)}
+    if all(c in out for c in ("ES", "PS", "NS")):
+        s = M.harmonic_mean([out[c]["mean"] for c in ("ES", "PS", "NS")])
+        out = {"S": {"mean": s, "ci95": None, "n": out["ES"]["n"]}, **out}
+    return out
+
+
+def build_reference(args) -> Reference | None:
+    """RS reference from the CLI options: ROME's files when given, else the labelled fallback."""
+    from benchmarks.data import load_text  # noqa: PLC0415
+
+    if args.idf or args.tfidf_vocab:
+        if not (args.idf and args.tfidf_vocab):
+            raise ValueError("--idf and --tfidf-vocab must be given together")
+        tfidf = M.Tfidf.from_files(args.idf, args.tfidf_vocab)
+    else:
+        tfidf = M.Tfidf.fit(M.wikitext_documents(load_text(args.wikitext)), label="WikiText-2 test")
+    snippets = M.load_attribute_snippets(args.snippets) if args.snippets else None
+    return Reference(tfidf=tfidf, snippets=snippets)
+
+
+def main(argv=None) -> dict:
+    """Entry point of `python -m benchmarks.counterfact`; returns the summary dict."""
+    from benchmarks import runner  # noqa: PLC0415
+    from benchmarks.data import load_counterfact  # noqa: PLC0415
+
+    parser = argparse.ArgumentParser(description="CounterFact benchmark (ROME/MEMIT metrics), resumable")
+    runner.add_common_args(parser)
+    parser.add_argument("--gen-tokens", type=int, default=100, help="greedy tokens per generation prompt (GE, RS)")
+    parser.add_argument("--no-generation", action="store_true", help="skip GE and RS")
+    parser.add_argument("--snippets", default=None, help="ROME attribute_snippets.json (RS references)")
+    parser.add_argument("--idf", default=None, help="ROME idf.npy (with --tfidf-vocab)")
+    parser.add_argument("--tfidf-vocab", default=None, help="ROME tfidf_vocab.json (with --idf)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    return _run(args, argv, parser_module="benchmarks.counterfact", load=load_counterfact)
+
+
+def _run(args, argv, *, parser_module, load) -> dict:
+    from benchmarks import runner  # noqa: PLC0415
+    from benchmarks.perplexity import wikitext_perplexity  # noqa: PLC0415
+    from tracer import TL_API, load_model, weights_hash  # noqa: PLC0415
+
+    records = load(args.data, n=args.n, start=args.start)
+    method = runner.get_method(args.method)
+    gen_tokens = 0 if args.no_generation else args.gen_tokens
+    reference = build_reference(args) if gen_tokens > 0 else None
+    model = load_model(args.model, device=args.device)
+    ppl = None
+    if args.ppl_tokens > 0:
+        def ppl(m):
+            return wikitext_perplexity(m, args.wikitext, max_tokens=args.ppl_tokens)
+    ppl_before = runner.perplexity_before(args.out, model, ppl) if ppl else None
+    before = weights_hash(model)
+    rows = runner.run_records(
+        model=model,
+        method=method,
+        records=records,
+        out_dir=args.out,
+        evaluate=lambda m, r: evaluate_counterfact(m, r, gen_tokens=gen_tokens, reference=reference),
+        batch=args.batch,
+        perplexity=ppl,
+        ppl_every=args.ppl_every,
+        desc=f"counterfact {args.method}",
+    )
+    restored = weights_hash(model) == before
+    if not restored:
+        log.error("the model's weights differ from before the run: an edit was not restored")
+    rs_column = reference.column if reference else "RS"
+    notes = [
+        "ES/PS/NS/S/EM/PM/NM/RS ×100; GE = n-gram entropy (bits) ×100; ± is a 95% CI half-width.",
+        f"perplexity: WikiText-2 test, first {args.ppl_tokens} tokens; 'after' is the mean over "
+        + ("each batch's edited model." if args.batch else f"every {args.ppl_every}-th record's edited model."),
+    ]
+    if reference is not None:
+        notes.append(f"RS reference: {'ROME attribute snippets' if reference.snippets else 'attribute prompts + target_new'}; "
+                     f"TF-IDF statistics: {reference.tfidf.label}.")
+    meta = {
+        "benchmark": "counterfact",
+        "model": args.model,
+        "method": args.method,
+        "batch": args.batch,
+        "gen_tokens": gen_tokens,
+        "data": str(args.data or "shared counterfact_dev.json"),
+        "transformer_lens_api": TL_API,
+        "model_restored": restored,
+        "command": runner.command_line(parser_module, argv),
+    }
+    summary = runner.write_summary(
+        out_dir=args.out,
+        rows=rows,
+        columns=summarize_counterfact(rows, rs_column=rs_column),
+        column_order=[rs_column if c == "RS" else c for c in COLUMNS],
+        meta=meta,
+        requested=len(records),
+        ppl_before=ppl_before,
+        notes=notes,
+    )
+    print(runner.markdown_table([summary], [rs_column if c == "RS" else c for c in COLUMNS]))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

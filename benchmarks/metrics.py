@@ -1,0 +1,278 @@
+"""Metric arithmetic for CounterFact and zsRE, plus the two model-level helpers they need.
+
+Pure functions (no model) are checked against hand-computed values in the tests:
+
+- `success` / `magnitude`: per-prompt comparisons of `P = exp(-mean token NLL)`;
+- `harmonic_mean`: the score S;
+- `ngram_entropy`: ROME's generation entropy (2/3 bigram + 4/3 trigram, averaged);
+- `Tfidf`: a small TF-IDF (sklearn `TfidfVectorizer` defaults) for reference scores;
+- `mean_ci`: mean and 95% confidence half-width.
+
+Model helpers: `greedy_generate` (last-position-only unembedding, so a 262k vocab is
+cheap) and `teacher_forced_correct` (zsRE token accuracy).
+
+Example:
+    >>> from benchmarks.metrics import ngram_entropy, harmonic_mean
+    >>> round(ngram_entropy("a b a b"), 4)  # bigrams {ab:2, ba:1}, trigrams {aba, bab}
+    0.9728
+    >>> harmonic_mean([1.0, 0.5, 0.5])
+    0.6
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+
+# --------------------------------------------------------------------------- probabilities
+
+
+def success(nll_a: Sequence[float], nll_b: Sequence[float]) -> list[float]:
+    """`[P(a) > P(b)]` per prompt, with `P = exp(-mean token NLL)`, i.e. `nll_a < nll_b`.
+
+    ES/PS use `a = target_new, b = target_true`; NS uses `a = target_true, b = target_new`.
+    """
+    if len(nll_a) != len(nll_b):
+        raise ValueError(f"nll_a and nll_b differ in length ({len(nll_a)} vs {len(nll_b)})")
+    return [float(a < b) for a, b in zip(nll_a, nll_b)]
+
+
+def magnitude(nll_a: Sequence[float], nll_b: Sequence[float]) -> list[float]:
+    """`P(a) - P(b)` per prompt, with `P = exp(-mean token NLL)` (EM, PM, NM)."""
+    if len(nll_a) != len(nll_b):
+        raise ValueError(f"nll_a and nll_b differ in length ({len(nll_a)} vs {len(nll_b)})")
+    return [math.exp(-a) - math.exp(-b) for a, b in zip(nll_a, nll_b)]
+
+
+def mean(values: Sequence[float]) -> float:
+    if len(values) == 0:
+        raise ValueError("values is empty; expected at least one value")
+    return float(sum(values) / len(values))
+
+
+def harmonic_mean(values: Sequence[float]) -> float:
+    """Harmonic mean; 0 when any value is 0 (as `scipy.stats.hmean` with zeros)."""
+    if len(values) == 0:
+        raise ValueError("values is empty; expected at least one value")
+    if any(v < 0 for v in values):
+        raise ValueError(f"values {list(values)} must be >= 0")
+    if any(v == 0 for v in values):
+        return 0.0
+    return float(len(values) / sum(1.0 / v for v in values))
+
+
+def mean_ci(values: Sequence[float], scale: float = 1.0) -> tuple[float, float]:
+    """Mean and 95% confidence half-width (normal approximation, `1.96 * sd / sqrt(n)`), both × scale."""
+    arr = np.asarray(values, dtype=float)
+    if arr.size == 0:
+        raise ValueError("values is empty; expected at least one value")
+    half = 1.96 * arr.std(ddof=1) / math.sqrt(arr.size) if arr.size > 1 else float("nan")
+    return float(arr.mean() * scale), float(half * scale)
+
+
+# --------------------------------------------------------------------------- generation entropy
+
+_WORD = re.compile(r"\w+(?:'\w+)?|[^\w\s]")
+
+
+def word_tokenize(text: str) -> list[str]:
+    """Words and punctuation marks (a dependency-free stand-in for `nltk.word_tokenize`)."""
+    return _WORD.findall(text)
+
+
+def ngram_entropy(text: str, ns: Sequence[int] = (2, 3), weights: Sequence[float] = (2 / 3, 4 / 3)) -> float:
+    """ROME's n-gram entropy of one text: mean over n of `weight_n * H(n-gram distribution)` in bits.
+
+    With the defaults this is `(2/3 * H2 + 4/3 * H3) / 2`. A text too short to have any
+    n-gram contributes 0 for that n.
+    """
+    if len(ns) != len(weights):
+        raise ValueError(f"ns {tuple(ns)} and weights {tuple(weights)} differ in length")
+    words = word_tokenize(text)
+    parts = []
+    for n, w in zip(ns, weights):
+        grams = Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
+        total = sum(grams.values())
+        h = -sum((c / total) * math.log2(c / total) for c in grams.values()) if total else 0.0
+        parts.append(w * h)
+    return float(np.mean(parts))
+
+
+# --------------------------------------------------------------------------- TF-IDF
+
+_TFIDF_TOKEN = re.compile(r"(?u)\b\w\w+\b")  # sklearn's default token_pattern
+
+
+@dataclass(frozen=True, kw_only=True)
+class Tfidf:
+    """A TF-IDF vectorizer with sklearn `TfidfVectorizer` defaults (lowercase, 2+ char words, l2).
+
+    Attributes:
+        vocab: word -> column.
+        idf: inverse document frequency per column.
+        label: where the statistics come from (reported next to RS).
+
+    Example:
+        >>> tf = Tfidf.fit(["paris is in france", "rome is in italy"])
+        >>> round(tf.similarity("paris france", "france paris"), 3)
+        1.0
+    """
+
+    vocab: dict
+    idf: np.ndarray
+    label: str = "fitted"
+
+    @classmethod
+    def fit(cls, documents: Iterable[str], label: str = "fitted") -> "Tfidf":
+        """Smoothed idf `ln((1 + n) / (1 + df)) + 1`, as sklearn computes it."""
+        df: Counter = Counter()
+        n = 0
+        for doc in documents:
+            n += 1
+            df.update(set(_TFIDF_TOKEN.findall(doc.lower())))
+        if n == 0:
+            raise ValueError("documents is empty; expected at least one document")
+        words = sorted(df)
+        idf = np.array([math.log((1 + n) / (1 + df[w])) + 1.0 for w in words])
+        return cls(vocab={w: i for i, w in enumerate(words)}, idf=idf, label=label)
+
+    @classmethod
+    def from_files(cls, idf_path: str | os.PathLike, vocab_path: str | os.PathLike) -> "Tfidf":
+        """ROME's `idf.npy` and `tfidf_vocab.json`."""
+        idf = np.load(idf_path)
+        with open(vocab_path, encoding="utf-8") as f:
+            vocab = json.load(f)
+        if len(vocab) != len(idf) or max(vocab.values()) >= len(idf):
+            raise ValueError(f"vocab_path {str(vocab_path)!r} does not match idf_path {str(idf_path)!r}")
+        return cls(vocab=vocab, idf=idf, label="ROME idf.npy")
+
+    def vector(self, text: str) -> np.ndarray:
+        v = np.zeros(len(self.idf))
+        for w in _TFIDF_TOKEN.findall(text.lower()):
+            j = self.vocab.get(w)
+            if j is not None:
+                v[j] += 1.0
+        v *= self.idf
+        norm = np.linalg.norm(v)
+        return v / norm if norm > 0 else v
+
+    def similarity(self, text_a: str, text_b: str) -> float:
+        """Cosine similarity of the two texts' TF-IDF vectors (0 when either has no known word)."""
+        return float(self.vector(text_a) @ self.vector(text_b))
+
+
+def load_attribute_snippets(path: str | os.PathLike) -> dict:
+    """ROME's `attribute_snippets.json` as `{relation_id: {target_id: [texts]}}`."""
+    with open(path, encoding="utf-8") as f:
+        raw = json.load(f)
+    out: dict = {}
+    for el in raw:
+        for key in ("relation_id", "target_id", "samples"):
+            if key not in el:
+                raise ValueError(f"attribute snippets {str(path)!r}: an entry is missing field {key!r}")
+        out.setdefault(el["relation_id"], {}).setdefault(el["target_id"], []).extend(
+            s["text"] for s in el["samples"]
+        )
+    return out
+
+
+def wikitext_documents(text: str) -> list[str]:
+    """Paragraphs of WikiText raw text (non-empty lines that are not `= Heading =` lines)."""
+    return [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("=")]
+
+
+# --------------------------------------------------------------------------- model helpers
+
+
+def _pad_id(model) -> int:
+    return model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
+
+
+@torch.no_grad()
+def greedy_generate(model, prompts: Sequence[str], max_new_tokens: int = 100) -> list[str]:
+    """Greedy continuations of `prompts`; returns prompt + continuation, decoded.
+
+    The prompts share one right-padded batch (a causal model's positions before the pad are
+    unaffected by it), and only each row's last position is unembedded, so a step costs one
+    forward pass. No KV cache: simple and identical on TransformerLens 3.x and 4.x.
+    Generation stops early only at the model's context length.
+
+    Example:
+        >>> greedy_generate(model, ["The Eiffel Tower is in"], max_new_tokens=5)
+    """
+    from tracer import encode  # noqa: PLC0415
+    from tracer.model import final_logits, final_resid, model_device  # noqa: PLC0415
+
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens {max_new_tokens} must be >= 0")
+    if not prompts:
+        return []
+    device = model_device(model)
+    seqs = [encode(model, p) for p in prompts]
+    n_ctx = int(getattr(model.cfg, "n_ctx", 2048) or 2048)
+    steps = max(0, min(max_new_tokens, n_ctx - max(len(s) for s in seqs)))
+    width = max(len(s) for s in seqs) + steps
+    tokens = torch.full((len(seqs), width), _pad_id(model), dtype=torch.long, device=device)
+    lens = torch.tensor([len(s) for s in seqs], device=device)
+    for i, s in enumerate(seqs):
+        tokens[i, : len(s)] = torch.tensor(s, device=device)
+    rows = torch.arange(len(seqs), device=device)
+    for _ in range(steps):
+        cur = int(lens.max())
+        resid = final_resid(model, tokens[:, :cur])  # [batch, cur, d_model]
+        logits = final_logits(model, resid[rows, lens - 1][:, None])[:, 0]  # [batch, vocab]
+        tokens[rows, lens] = logits.argmax(-1)
+        lens = lens + 1
+    # skip_special_tokens drops the BOS (and any EOS the model generated)
+    return [
+        model.tokenizer.decode(tokens[i, : int(lens[i])].tolist(), skip_special_tokens=True)
+        for i in range(len(seqs))
+    ]
+
+
+@torch.no_grad()
+def teacher_forced_correct(model, prompts: Sequence[str], targets: Sequence[str], *, batch_size: int = 16) -> list[list[bool]]:
+    """For each (prompt, target): per target token, is the argmax given prompt + previous target tokens that token?
+
+    This is ROME's zsRE token accuracy (`eval_utils_zsre`), computed in one pass per
+    pair instead of one prompt per prefix. Targets get a leading space as `tracer.target_ids` decides.
+
+    Example:
+        >>> teacher_forced_correct(model, ["The Eiffel Tower is in the city of"], ["Paris"])
+        [[True]]
+    """
+    from tracer import encode, target_ids  # noqa: PLC0415
+    from tracer.model import model_device, unembed_positions  # noqa: PLC0415
+
+    if len(prompts) != len(targets):
+        raise ValueError(f"prompts and targets differ in length ({len(prompts)} vs {len(targets)})")
+    device = model_device(model)
+    pairs = [(encode(model, p), target_ids(model, p, t)) for p, t in zip(prompts, targets)]
+    out: list[list[bool]] = []
+    for b in range(0, len(pairs), batch_size):
+        chunk = pairs[b : b + batch_size]
+        width = max(len(p) + len(t) for p, t in chunk)
+        tokens = torch.full((len(chunk), width), _pad_id(model), dtype=torch.long, device=device)
+        rows, cols, want = [], [], []
+        for i, (p, t) in enumerate(chunk):
+            tokens[i, : len(p) + len(t)] = torch.tensor(p + t, device=device)
+            for j, tid in enumerate(t):
+                rows.append(i)
+                cols.append(len(p) - 1 + j)
+                want.append(tid)
+        pred = unembed_positions(model, tokens, torch.tensor(rows), torch.tensor(cols)).argmax(-1).cpu()
+        hits = (pred == torch.tensor(want)).tolist()
+        k = 0
+        for _, t in chunk:
+            out.append([bool(h) for h in hits[k : k + len(t)]])
+            k += len(t)
+    return out

@@ -1,0 +1,400 @@
+"""The shared resumable runner: edit, evaluate, restore, one JSON line per record, then a summary.
+
+A run directory holds:
+
+- `records.jsonl`: one line per finished record, appended and flushed as it finishes;
+- `perplexity_before.json`: the unedited model's WikiText perplexity (computed once);
+- `summary.json`, `summary.md`: the aggregated table (rewritten at the end of every run);
+- `figure.html`: a plotly bar chart comparing this run with its sibling runs.
+
+Running again with the same directory resumes: records already in `records.jsonl` are
+skipped (never redone, never lost), and a truncated last line left by a kill is dropped
+and redone.
+
+Without `batch`, each record is edited alone, evaluated and restored, so records never
+affect each other. With `batch=K` (MEMIT-style), the records are cut into fixed chunks of K
+(by position in the full record list, so a resumed chunk is the same chunk), the K edits
+are applied at once, and each still-unfinished record of the chunk is evaluated on that
+edited model.
+
+Example:
+    >>> from benchmarks.runner import get_method, run_records
+    >>> rows = run_records(model=model, method=get_method("none"), records=records,
+    ...                    out_dir="results/none", evaluate=my_eval)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from tqdm.auto import tqdm
+
+log = logging.getLogger(__name__)
+
+RECORDS = "records.jsonl"
+PPL_BEFORE = "perplexity_before.json"
+
+
+# --------------------------------------------------------------------------- methods
+
+
+class _NoEditResult(contextlib.AbstractContextManager):
+    """The result of the `none` method: nothing to restore."""
+
+    def restore(self) -> None:
+        return None
+
+    def __exit__(self, *exc) -> None:
+        self.restore()
+
+
+class NoEdit:
+    """The unedited baseline: `edit_many` changes nothing.
+
+    Example:
+        >>> with NoEdit().edit_many(model, requests):
+        ...     pass
+    """
+
+    name = "none"
+
+    def edit_many(self, model, requests, hparams=None) -> _NoEditResult:
+        return _NoEditResult()
+
+
+def get_method(name: str):
+    """The editing method called `name`: `"none"`, or an entry of `editor.METHODS` (imported lazily).
+
+    Raises:
+        ValueError when the name is unknown or the editor package does not provide methods yet.
+    """
+    if name == "none":
+        return NoEdit()
+    try:
+        import editor  # noqa: PLC0415
+
+        methods = editor.METHODS
+    except (ImportError, AttributeError) as err:
+        raise ValueError(
+            f"method {name!r} needs editor.METHODS, which is not available ({type(err).__name__}: {err}); "
+            "only 'none' works without the editor"
+        ) from err
+    if name not in methods:
+        raise ValueError(f"method {name!r} is not one of {sorted(['none', *methods])}")
+    return methods[name]
+
+
+# --------------------------------------------------------------------------- files
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write `text` to `path` via a temporary file in the same folder, then rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def read_rows(path: str | os.PathLike, *, repair: bool = False) -> list[dict]:
+    """Rows of a JSONL file. A last line cut off mid-write is dropped (and cut from the file if `repair`).
+
+    Raises:
+        ValueError for a malformed line that is not the last one (the file is corrupt, not truncated).
+    """
+    path = Path(path)
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    rows, good_end, pos = [], 0, 0
+    lines = data.split(b"\n")
+    for i, line in enumerate(lines):
+        end = pos + len(line) + (1 if i < len(lines) - 1 else 0)
+        if line.strip():
+            try:
+                row = json.loads(line)
+                if i == len(lines) - 1:  # no newline after it: the write was cut after the JSON
+                    raise ValueError("unterminated line")
+                rows.append(row)
+                good_end = end
+            except ValueError:
+                if i < len(lines) - 1 and any(ln.strip() for ln in lines[i + 1 :]):
+                    raise ValueError(f"results {str(path)!r}: line {i + 1} is not valid JSON") from None
+                log.warning("%s: dropping a truncated last line (%d bytes); it will be redone", path, len(line))
+                break
+        else:
+            good_end = end
+    if repair and good_end < len(data):
+        with open(path, "r+b") as f:
+            f.truncate(good_end)
+    return rows
+
+
+# --------------------------------------------------------------------------- running
+
+
+def _chunks(items: Sequence[Any], size: int) -> list[list[Any]]:
+    return [list(items[i : i + size]) for i in range(0, len(items), size)]
+
+
+def _apply(method, model, requests, hparams):
+    if hparams is None:
+        return method.edit_many(model, requests)
+    return method.edit_many(model, requests, hparams=hparams)
+
+
+def perplexity_before(out_dir: str | os.PathLike, model, perplexity: Callable[[Any], float]) -> float:
+    """The unedited model's perplexity, computed once per run directory and stored."""
+    path = Path(out_dir) / PPL_BEFORE
+    if path.exists():
+        return float(json.loads(path.read_text())["perplexity"])
+    value = float(perplexity(model))
+    atomic_write_text(path, json.dumps({"perplexity": value}) + "\n")
+    return value
+
+
+def run_records(
+    *,
+    model,
+    method,
+    records: Sequence[Any],
+    out_dir: str | os.PathLike,
+    evaluate: Callable[[Any, Any], dict],
+    batch: int | None = None,
+    hparams=None,
+    perplexity: Callable[[Any], float] | None = None,
+    ppl_every: int = 25,
+    desc: str = "records",
+) -> list[dict]:
+    """Edit, evaluate and restore each record (or each batch), appending one JSON line per record.
+
+    Args:
+        model: the model; unchanged when this returns (each edit is restored).
+        method: an object with `edit_many(model, requests, hparams=None)` returning an
+            edit result that `.restore()`s and is a context manager.
+        records: records with `.case_id` and `.request()`.
+        out_dir: run directory; `records.jsonl` there is resumed.
+        evaluate: `evaluate(model, record) -> dict` of metrics on the (edited) model.
+        batch: None edits records one at a time; K applies K edits at once.
+        hparams: passed to `edit_many` when not None.
+        perplexity: `perplexity(model) -> float`; when given, measured after the edit on
+            every `ppl_every`-th record (per-record runs) or once per batch (batched runs)
+            and stored as `ppl_after` on that record's line.
+        ppl_every: sampling period for per-record runs.
+        desc: tqdm label.
+
+    Returns:
+        The rows for `records` in record order (resumed and new).
+    """
+    if batch is not None and batch < 1:
+        raise ValueError(f"batch {batch} must be >= 1 (or None for one edit at a time)")
+    if ppl_every < 1:
+        raise ValueError(f"ppl_every {ppl_every} must be >= 1")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / RECORDS
+    done = {row["case_id"]: row for row in read_rows(path, repair=True)}
+    wanted = {r.case_id for r in records}
+    todo = [r for r in records if r.case_id not in done]
+    log.info("%s: %d records done already, %d to run", out_dir, len(wanted & done.keys()), len(todo))
+    groups = _chunks(list(records), batch) if batch else [[r] for r in records]
+    bar = tqdm(total=len(todo), desc=desc, unit="rec", dynamic_ncols=True)
+    start = time.perf_counter()
+    with open(path, "a", encoding="utf-8") as f:
+
+        def write(row: dict) -> None:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+            done[row["case_id"]] = row
+            bar.update(1)
+            minutes = (time.perf_counter() - start) / 60
+            bar.set_postfix(rec_per_min=f"{bar.n / minutes:.2f}" if minutes > 0 else "-")
+
+        for gi, group in enumerate(groups):
+            pending = [r for r in group if r.case_id not in done]
+            if not pending:
+                continue
+            t0 = time.perf_counter()
+            try:
+                edit = _apply(method, model, [r.request() for r in group], hparams)
+            except Exception as err:  # a failed edit is recorded, not fatal
+                log.warning("edit failed for case_ids %s: %s: %s", [r.case_id for r in group], type(err).__name__, err)
+                for r in pending:
+                    write({"case_id": r.case_id, "error": f"{type(err).__name__}: {err}"})
+                continue
+            edit_s = (time.perf_counter() - t0) / len(group)
+            with edit:
+                ppl_after = None
+                position = gi * (batch or 1)
+                if perplexity is not None and (batch or position % ppl_every == 0):
+                    ppl_after = float(perplexity(model))
+                for j, r in enumerate(pending):
+                    t1 = time.perf_counter()
+                    row = {"case_id": r.case_id, **evaluate(model, r)}
+                    row["seconds"] = edit_s + (time.perf_counter() - t1)
+                    if ppl_after is not None and j == 0:
+                        row["ppl_after"] = ppl_after
+                    write(row)
+    bar.close()
+    return [done[r.case_id] for r in records if r.case_id in done]
+
+
+# --------------------------------------------------------------------------- summaries
+
+
+def throughput(rows: Sequence[dict]) -> float:
+    """Records per minute over the rows' own timings (edit share + evaluation)."""
+    secs = sum(r.get("seconds", 0.0) for r in rows if "error" not in r)
+    n = sum(1 for r in rows if "error" not in r)
+    return 60.0 * n / secs if secs > 0 else float("nan")
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, dict) and "mean" in v:
+        m, ci = v["mean"], v.get("ci95")
+        if ci is None or (isinstance(ci, float) and math.isnan(ci)):
+            return f"{m:.1f}"
+        return f"{m:.1f} ± {ci:.1f}"
+    if isinstance(v, float):
+        return f"{v:.2f}"
+    return str(v)
+
+
+def markdown_table(summaries: Sequence[dict], columns: Sequence[str]) -> str:
+    """One markdown table, a row per summary (run), `columns` then perplexity and throughput."""
+    extra = ["ppl before", "ppl after", "records", "failed", "rec/min"]
+    head = ["run", "method", *columns, *extra]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for s in summaries:
+        cells = [s.get("run", ""), s.get("method", "")]
+        cells += [_fmt(s["columns"].get(c, "")) for c in columns]
+        ppl = s.get("perplexity", {})
+        cells += [
+            _fmt(ppl.get("before", "")),
+            _fmt(ppl.get("after", "")),
+            str(s.get("records_evaluated", "")),
+            str(s.get("records_failed", "")),
+            _fmt(s.get("records_per_min", "")),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def load_summaries(run_dirs: Sequence[str | os.PathLike]) -> list[dict]:
+    out = []
+    for d in run_dirs:
+        p = Path(d) / "summary.json"
+        if not p.exists():
+            raise ValueError(f"run {str(d)!r} has no summary.json; run the benchmark there first")
+        out.append(json.loads(p.read_text()))
+    return out
+
+
+def comparison_figure(summaries: Sequence[dict], columns: Sequence[str]):
+    """A plotly grouped bar chart: one bar group per metric, one bar per run, with 95% CIs."""
+    import plotly.graph_objects as go  # noqa: PLC0415
+
+    fig = go.Figure()
+    for s in summaries:
+        cols = [c for c in columns if isinstance(s["columns"].get(c), dict)]
+        ys = [s["columns"][c]["mean"] for c in cols]
+        errs = [s["columns"][c].get("ci95") or 0.0 for c in cols]
+        errs = [0.0 if (e is None or math.isnan(e)) else e for e in errs]
+        fig.add_bar(name=f"{s.get('method')} ({s.get('run')})", x=cols, y=ys, error_y={"type": "data", "array": errs})
+    title = f"{summaries[0].get('benchmark', '')} on {summaries[0].get('model', '')}" if summaries else ""
+    fig.update_layout(barmode="group", title=title, yaxis_title="score (×100; GE: entropy ×100)")
+    return fig
+
+
+def write_summary(
+    *,
+    out_dir: str | os.PathLike,
+    rows: Sequence[dict],
+    columns: dict,
+    column_order: Sequence[str],
+    meta: dict,
+    requested: int,
+    ppl_before: float | None = None,
+    notes: Sequence[str] = (),
+) -> dict:
+    """Write `summary.json`, `summary.md` and `figure.html` (this run and its sibling runs) atomically."""
+    out_dir = Path(out_dir)
+    ok = [r for r in rows if "error" not in r]
+    afters = [r["ppl_after"] for r in ok if "ppl_after" in r]
+    summary = {
+        **meta,
+        "run": out_dir.name,
+        "columns": columns,
+        "records_requested": requested,
+        "records_evaluated": len(ok),
+        "records_failed": len(rows) - len(ok),
+        "records_missing": requested - len(rows),
+        "records_per_min": throughput(rows),
+        "perplexity": {
+            "before": ppl_before,
+            "after": (sum(afters) / len(afters)) if afters else None,
+            "after_samples": len(afters),
+        },
+        "notes": list(notes),
+    }
+    atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=1) + "\n")
+    md = [f"# {meta.get('benchmark', '')}: {meta.get('method', '')} on {meta.get('model', '')}", ""]
+    md.append(f"Command: `{meta.get('command', '')}`")
+    md.append("")
+    md.append(markdown_table([summary], column_order))
+    md += [f"- {n}" for n in notes]
+    atomic_write_text(out_dir / "summary.md", "\n".join(md) + "\n")
+    siblings = []
+    for p in sorted(out_dir.parent.glob("*/summary.json")):
+        with contextlib.suppress(ValueError, OSError):
+            s = json.loads(p.read_text())
+            if s.get("benchmark") == meta.get("benchmark") and s.get("model") == meta.get("model"):
+                siblings.append(s)
+    try:
+        html = comparison_figure(siblings or [summary], column_order).to_html(include_plotlyjs="cdn")
+        atomic_write_text(out_dir / "figure.html", html)
+    except ImportError:  # pragma: no cover - plotly is a dependency
+        log.warning("plotly not installed; no figure written")
+    return summary
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def add_common_args(parser) -> None:
+    """The options `benchmarks.counterfact` and `benchmarks.zsre` share."""
+    parser.add_argument("--model", default="gemma-3-270m", help="model name for tracer.load_model")
+    parser.add_argument("--method", default="none", help="none, or a name in editor.METHODS (rome, memit, ft-l)")
+    parser.add_argument("--n", type=int, default=100, help="number of records (from --start)")
+    parser.add_argument("--start", type=int, default=0, help="index of the first record")
+    parser.add_argument("--out", required=True, help="run directory (resumed if it exists)")
+    parser.add_argument("--data", default=None, help="records JSON (default: $ROMELENS_DATA or ../shared/data)")
+    parser.add_argument("--batch", type=int, default=None, help="apply K edits at once (MEMIT); default one at a time")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--ppl-tokens", type=int, default=4096, help="WikiText-2 tokens for perplexity; 0 disables")
+    parser.add_argument("--ppl-every", type=int, default=25, help="per-record runs: perplexity after every k-th edit")
+    parser.add_argument("--wikitext", default=None, help="WikiText-2 raw test text (default: shared data)")
+
+
+def command_line(module: str, argv) -> str:
+    """The command that started this run, for the summary (`python -m module args...`)."""
+    import shlex  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    args = sys.argv[1:] if argv is None else list(argv)
+    return " ".join(shlex.quote(a) for a in ["python", "-m", module, *args])
