@@ -1,0 +1,156 @@
+"""The resumable runner with a fake method on the tiny model: restore, resume, batching, failures."""
+
+import json
+
+import pytest
+import torch
+
+from benchmarks import runner
+from benchmarks.counterfact import evaluate_counterfact, summarize_counterfact
+from benchmarks.data import load_counterfact
+from tests.benchmarks.fakes import RankOneMethod
+from tests.conftest import FIXTURES
+from tracer import weights_hash
+
+
+@pytest.fixture
+def records():
+    return load_counterfact(FIXTURES / "counterfact_tiny.json")
+
+
+def evaluate(model, record):
+    return evaluate_counterfact(model, record, gen_tokens=0)
+
+
+def test_no_edit_method_and_registry():
+    method = runner.get_method("none")
+    with method.edit_many(None, []) as e:
+        assert e.restore() is None
+    with pytest.raises(ValueError, match="method 'nonsense'"):
+        runner.get_method("nonsense")
+
+
+def test_run_edits_evaluates_and_restores(tiny_model, records, tmp_path):
+    before = weights_hash(tiny_model)
+    base = [evaluate(tiny_model, r) for r in records]
+    method = RankOneMethod()
+    rows = runner.run_records(model=tiny_model, method=method, records=records, out_dir=tmp_path, evaluate=evaluate)
+    assert weights_hash(tiny_model) == before
+    assert [r["case_id"] for r in rows] == [101, 102, 103]
+    assert method.calls == [["The Colosseum"], ["Michael Jordan"], ["Danielle Darrieux"]]
+    # the edit was in place while evaluating: scores differ from the unedited model's
+    assert any(r["nll"] != b["nll"] for r, b in zip(rows, base))
+    lines = (tmp_path / runner.RECORDS).read_text().splitlines()
+    assert [json.loads(x)["case_id"] for x in lines] == [101, 102, 103]
+    assert all(r["seconds"] > 0 for r in rows)
+
+
+def test_records_do_not_affect_each_other(tiny_model, records, tmp_path):
+    method = RankOneMethod()
+    alone = runner.run_records(model=tiny_model, method=method, records=records[2:], out_dir=tmp_path / "a",
+                               evaluate=evaluate)
+    together = runner.run_records(model=tiny_model, method=method, records=records, out_dir=tmp_path / "b",
+                                  evaluate=evaluate)
+    assert alone[0]["nll"] == together[2]["nll"]
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_after_interruption_gives_same_summary(tiny_model, records, tmp_path):
+    full = runner.run_records(model=tiny_model, method=RankOneMethod(), records=records, out_dir=tmp_path / "full",
+                              evaluate=evaluate)
+    seen = []
+
+    def flaky(model, record):
+        if record.case_id == 102:
+            raise Interrupt  # e.g. the job was killed while evaluating the second record
+        seen.append(record.case_id)
+        return evaluate(model, record)
+
+    before = weights_hash(tiny_model)
+    with pytest.raises(Interrupt):
+        runner.run_records(model=tiny_model, method=RankOneMethod(), records=records, out_dir=tmp_path / "r",
+                           evaluate=flaky)
+    assert weights_hash(tiny_model) == before  # the context manager restored the edit
+    assert seen == [101]
+
+    # simulate a kill in the middle of writing a line
+    with open(tmp_path / "r" / runner.RECORDS, "a") as f:
+        f.write('{"case_id": 102, "es": 1.0, "nl')
+
+    again = []
+
+    def counting(model, record):
+        again.append(record.case_id)
+        return evaluate(model, record)
+
+    method = RankOneMethod()
+    resumed = runner.run_records(model=tiny_model, method=method, records=records, out_dir=tmp_path / "r",
+                                 evaluate=counting)
+    assert again == [102, 103]  # 101 was not redone; the truncated 102 was
+    assert method.calls == [["Michael Jordan"], ["Danielle Darrieux"]]
+    lines = (tmp_path / "r" / runner.RECORDS).read_text().splitlines()
+    assert [json.loads(x)["case_id"] for x in lines] == [101, 102, 103]
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert strip(resumed) == strip(full)
+    assert summarize_counterfact(resumed) == summarize_counterfact(full)
+
+    # a third run has nothing left to do
+    nothing = []
+    runner.run_records(model=tiny_model, method=method, records=records, out_dir=tmp_path / "r",
+                       evaluate=lambda m, r: nothing.append(r) or {})
+    assert nothing == []
+
+
+def test_corrupt_middle_line_is_an_error(tmp_path):
+    path = tmp_path / runner.RECORDS
+    path.write_text('{"case_id": 1}\nnot json\n{"case_id": 3}\n')
+    with pytest.raises(ValueError, match="line 2 is not valid JSON"):
+        runner.read_rows(path)
+
+
+def test_batch_applies_k_edits_at_once(tiny_model, records, tmp_path):
+    method = RankOneMethod()
+    ppl_calls = []
+
+    def ppl(model):
+        ppl_calls.append(1)
+        return 12.5
+
+    rows = runner.run_records(model=tiny_model, method=method, records=records, out_dir=tmp_path, evaluate=evaluate,
+                              batch=2, perplexity=ppl)
+    assert method.calls == [["The Colosseum", "Michael Jordan"], ["Danielle Darrieux"]]
+    assert len(ppl_calls) == 2 and [("ppl_after" in r) for r in rows] == [True, False, True]
+    # a resumed batch re-applies the whole batch but evaluates only what is missing
+    lines = (tmp_path / runner.RECORDS).read_text().splitlines()
+    (tmp_path / runner.RECORDS).write_text(lines[0] + "\n")
+    method2 = RankOneMethod()
+    rows2 = runner.run_records(model=tiny_model, method=method2, records=records, out_dir=tmp_path,
+                               evaluate=evaluate, batch=2)
+    assert method2.calls == method.calls
+    assert rows2[1]["nll"] == rows[1]["nll"]
+
+
+def test_failed_edit_is_recorded_not_fatal(tiny_model, records, tmp_path):
+    rows = runner.run_records(model=tiny_model, method=RankOneMethod(fail_on="Michael Jordan"), records=records,
+                              out_dir=tmp_path, evaluate=evaluate)
+    assert "error" in rows[1] and "cannot be edited" in rows[1]["error"]
+    assert "es" in rows[0] and "es" in rows[2]
+    s = runner.write_summary(out_dir=tmp_path, rows=rows, columns=summarize_counterfact(rows),
+                             column_order=["S", "ES"], meta={"benchmark": "counterfact", "method": "fake"},
+                             requested=3)
+    assert s["records_failed"] == 1 and s["records_evaluated"] == 2
+
+
+def test_bad_arguments(tiny_model, records, tmp_path):
+    with pytest.raises(ValueError, match="batch 0"):
+        runner.run_records(model=tiny_model, method=RankOneMethod(), records=records, out_dir=tmp_path,
+                           evaluate=evaluate, batch=0)
+
+
+def test_atomic_write_leaves_no_temp_files(tmp_path):
+    runner.atomic_write_text(tmp_path / "a.json", "{}\n")
+    assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
+    assert torch.tensor(1)  # torch imported for the fixture models
