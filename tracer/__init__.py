@@ -47,3 +47,23 @@ __all__ = [
     "w_out",
     "weights_hash",
 ]
+
+# Causal tracing (tracer/trace.py and friends).
+from tracer.dataset import DatasetTraceResult, trace_dataset  # noqa: E402
+from tracer.layer import LayerChoice, choose_edit_layer  # noqa: E402
+from tracer.noise import NoiseCache, NoiseScale  # noqa: E402
+from tracer.result import TraceResult, plot_traces  # noqa: E402
+from tracer.trace import trace_all, trace_prompt  # noqa: E402
+
+__all__ += [
+    "DatasetTraceResult",
+    "LayerChoice",
+    "NoiseCache",
+    "NoiseScale",
+    "TraceResult",
+    "choose_edit_layer",
+    "plot_traces",
+    "trace_all",
+    "trace_dataset",
+    "trace_prompt",
+]

@@ -1,0 +1,473 @@
+"""Causal tracing over a set of known facts: average indirect effects by token group (paper, Fig. 2).
+
+For each fact the model gets right (its clean top-1 next token is the first token of the
+known attribute), every requested kind is traced and its indirect effect `scores - low` is
+averaged inside six token groups, as in the paper's notebook:
+
+- "first_subject": the first subject token;
+- "middle_subject": subject tokens strictly between the first and the last;
+- "last_subject": the last subject token;
+- "first_subsequent": the first token after the subject;
+- "further": tokens after that, up to but excluding the last token;
+- "last": the last token of the prompt.
+
+As in the paper, the groups may overlap (a one-token subject is both first and last subject
+token; a subject ending right before the last token makes "first_subsequent" the last
+token). An empty group (e.g. "middle_subject" for a two-token subject) is left out of that
+fact's average. Each fact weighs equally: a group's per-fact value is the mean over its
+tokens, then `mean` and a 95% confidence interval (`1.96 * std / sqrt(n)`) are taken over
+facts.
+
+One JSON line per fact is appended to `<out>/traces.jsonl` as soon as it finishes (facts the
+model gets wrong are recorded too, as dropped), so a rerun with the same settings resumes.
+
+Example:
+    >>> from tracer import load_model
+    >>> from tracer.dataset import trace_dataset
+    >>> model = load_model("gemma-3-270m")
+    >>> ds = trace_dataset(model, "../shared/data/known_1000.json", n=20, out="runs/known20")
+    >>> mean, ci = ds.curve("mlp", "last_subject")
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from tracer.hooks import KINDS
+from tracer.model import final_logits, final_resid, model_device, model_name
+from tracer.noise import NoiseCache, NoiseScale, resolve_noise
+from tracer.prompts import encode, target_ids
+from tracer.result import TraceResult, atomic_write_text, save_figure
+from tracer.trace import prepare_runs, restore_scores
+
+log = logging.getLogger(__name__)
+
+GROUPS: tuple[str, ...] = ("first_subject", "middle_subject", "last_subject", "first_subsequent", "further", "last")
+GROUP_LABELS = {
+    "first_subject": "First subject token",
+    "middle_subject": "Middle subject tokens",
+    "last_subject": "Last subject token",
+    "first_subsequent": "First subsequent token",
+    "further": "Further tokens",
+    "last": "Last token",
+}
+
+
+def default_data_dir() -> Path:
+    """`$ROMELENS_DATA`, else `../shared/data` next to the repository root."""
+    if os.environ.get("ROMELENS_DATA"):
+        return Path(os.environ["ROMELENS_DATA"])
+    return Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Fact:
+    """One known fact.
+
+    Attributes:
+        prompt: the prompt, subject included (or a `{}` template).
+        subject: the subject string.
+        attribute: the true answer; None to accept whatever the model predicts.
+        known_id: a stable id, used to resume.
+    """
+
+    prompt: str
+    subject: str
+    attribute: str | None = None
+    known_id: int | str = 0
+
+
+def load_facts(facts: str | os.PathLike | Iterable) -> list[Fact]:
+    """Facts from a known_1000.json path, or from dicts/objects with prompt, subject, attribute.
+
+    Example:
+        >>> load_facts([{"prompt": "The Eiffel Tower is in", "subject": "Eiffel Tower", "attribute": "Paris"}])
+    """
+    if isinstance(facts, (str, os.PathLike)):
+        p = Path(facts)
+        if not p.is_file():
+            raise ValueError(f"facts {str(facts)!r} is not a file; expected a known_1000.json path")
+        facts = json.loads(p.read_text())
+    out = []
+    for i, f in enumerate(facts):
+        if isinstance(f, Fact):
+            out.append(f)
+            continue
+        get = f.get if isinstance(f, Mapping) else (lambda k, d=None, f=f: getattr(f, k, d))
+        prompt, subject = get("prompt"), get("subject")
+        if not isinstance(prompt, str) or not isinstance(subject, str):
+            raise ValueError(f"fact {i} {f!r} needs string 'prompt' and 'subject'")
+        attr = get("attribute", None)
+        if attr is None:
+            attr = get("prediction", None)
+        out.append(Fact(prompt=prompt, subject=subject, attribute=attr, known_id=get("known_id", i)))
+    return out
+
+
+@torch.no_grad()
+def known_mask(model, facts: Sequence[Fact], *, batch_size: int = 32) -> list[bool]:
+    """Whether the model's clean top-1 next token is the first token of each fact's attribute.
+
+    Example:
+        >>> sum(known_mask(model, load_facts("known_1000.json")))
+    """
+    device = model_device(model)
+    pad = getattr(model.tokenizer, "pad_token_id", None) or 0
+    out = []
+    for b in range(0, len(facts), batch_size):
+        chunk = facts[b : b + batch_size]
+        seqs = [encode(model, f.prompt.replace("{}", f.subject)) for f in chunk]
+        tokens = torch.full((len(seqs), max(map(len, seqs))), pad, dtype=torch.long, device=device)
+        for i, s in enumerate(seqs):
+            tokens[i, : len(s)] = torch.tensor(s, device=device)  # right-padded: causal, so exact
+        last = torch.tensor([len(s) - 1 for s in seqs], device=device)
+        resid = final_resid(model, tokens)[torch.arange(len(seqs), device=device), last]
+        top = final_logits(model, resid).argmax(-1).tolist()
+        for f, t in zip(chunk, top):
+            if f.attribute is None:
+                out.append(True)
+            else:
+                out.append(t == target_ids(model, f.prompt.replace("{}", f.subject), f.attribute)[0])
+    return out
+
+
+def group_effects(res: TraceResult) -> torch.Tensor:
+    """`[len(GROUPS), n_layers]` mean indirect effect per token group (NaN for an empty group)."""
+    ie = res.indirect_effect().float()
+    a, b = res.subject
+    last = ie.shape[0] - 1
+    idx = {
+        "first_subject": [a],
+        "middle_subject": list(range(a + 1, b - 1)),
+        "last_subject": [b - 1],
+        "first_subsequent": [b] if b <= last else [],
+        "further": list(range(b + 1, last)),
+        "last": [last],
+    }
+    rows = [ie[idx[g]].mean(0) if idx[g] else torch.full((ie.shape[1],), float("nan")) for g in GROUPS]
+    return torch.stack(rows)
+
+
+def mean_ci(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mean, 95% CI half-width and count over dim 0, ignoring NaNs."""
+    ok = ~torch.isnan(x)
+    n = ok.sum(0)
+    z = torch.where(ok, x, torch.zeros_like(x))
+    mean = z.sum(0) / n.clamp(min=1)
+    var = (torch.where(ok, x - mean, torch.zeros_like(x)) ** 2).sum(0) / (n - 1).clamp(min=1)
+    ci = 1.96 * var.sqrt() / n.clamp(min=1).sqrt()
+    mean = torch.where(n > 0, mean, torch.full_like(mean, float("nan")))
+    ci = torch.where(n > 1, ci, torch.full_like(ci, float("nan")))
+    return mean, ci, n
+
+
+@dataclass(frozen=True, kw_only=True)
+class DatasetTraceResult:
+    """Average indirect effects over facts, per kind, token group and layer.
+
+    Attributes:
+        model_name: the traced model.
+        kinds: traced kinds.
+        effects: per kind, `[n_facts, len(GROUPS), n_layers]` per-fact group indirect effects.
+        high: clean target probability per kept fact, `[n_facts]`.
+        low: per kind, corrupted probability per kept fact, `[n_facts]` (equal across kinds).
+        known_ids: ids of the kept facts, in order.
+        n_tried: facts checked; `n_facts + n_dropped`.
+        n_dropped: facts the model got wrong (not traced).
+        window: mlp/attn window.
+        samples: noise samples.
+        noise_std: noise std in hook_embed units.
+    """
+
+    model_name: str
+    kinds: tuple[str, ...]
+    effects: dict = field(repr=False)
+    high: torch.Tensor = field(repr=False)
+    low: torch.Tensor = field(repr=False)
+    known_ids: tuple = field(repr=False)
+    n_tried: int
+    n_dropped: int
+    window: int
+    samples: int
+    noise_std: float
+
+    @property
+    def n_facts(self) -> int:
+        return len(self.known_ids)
+
+    def mean(self, kind: str) -> torch.Tensor:
+        """`[len(GROUPS), n_layers]` average indirect effect."""
+        return mean_ci(self._effects(kind))[0]
+
+    def ci(self, kind: str) -> torch.Tensor:
+        """`[len(GROUPS), n_layers]` 95% CI half-widths."""
+        return mean_ci(self._effects(kind))[1]
+
+    def curve(self, kind: str, group: str = "last_subject") -> tuple[torch.Tensor, torch.Tensor]:
+        """`(mean, ci)` over layers for one kind and token group."""
+        if group not in GROUPS:
+            raise ValueError(f"group {group!r} is unknown; expected one of {GROUPS}")
+        g = GROUPS.index(group)
+        return self.mean(kind)[g], self.ci(kind)[g]
+
+    def _effects(self, kind):
+        if kind not in self.effects:
+            raise ValueError(f"kind {kind!r} was not traced; traced kinds are {self.kinds}")
+        if self.n_facts == 0:
+            raise ValueError("no fact was kept (the model got none right); nothing to average")
+        return self.effects[kind]
+
+    def summary(self) -> dict:
+        """JSON-able summary: counts, average total effect, and mean/CI tables per kind."""
+        out = {
+            "model_name": self.model_name,
+            "n_tried": self.n_tried,
+            "n_facts": self.n_facts,
+            "n_dropped": self.n_dropped,
+            "window": self.window,
+            "samples": self.samples,
+            "noise_std": self.noise_std,
+            "groups": list(GROUPS),
+        }
+        if self.n_facts:
+            out["avg_high"] = float(self.high.mean())
+            out["avg_low"] = float(self.low.mean())
+            for k in self.kinds:
+                m, c, n = mean_ci(self.effects[k])
+                out[k] = {"mean": _nan_list(m), "ci": _nan_list(c), "n": n[:, 0].tolist()}
+        return out
+
+    def plot_heatmaps(self):
+        """Average indirect effect per token group x layer, one heatmap per kind (paper, Fig. 2 top)."""
+        import plotly.graph_objects as go  # noqa: PLC0415
+        from plotly.subplots import make_subplots  # noqa: PLC0415
+
+        from tracer.result import COLORSCALES  # noqa: PLC0415
+
+        k = len(self.kinds)
+        fig = make_subplots(rows=1, cols=k, subplot_titles=[f"Average indirect effect: {_kind_name(x)}" for x in self.kinds], horizontal_spacing=0.18)
+        for i, kind in enumerate(self.kinds, start=1):
+            m, c = self.mean(kind), self.ci(kind)
+            n_layers = m.shape[1]
+            dom = fig.layout[f"xaxis{'' if i == 1 else i}"].domain
+            custom = [[[GROUP_LABELS[g], float(c[gi, l])] for l in range(n_layers)] for gi, g in enumerate(GROUPS)]
+            fig.add_trace(
+                go.Heatmap(
+                    z=_nan_list(m),
+                    x=list(range(n_layers)),
+                    y=list(range(len(GROUPS))),
+                    colorscale=COLORSCALES[kind],
+                    customdata=custom,
+                    colorbar=dict(x=dom[1] + 0.01, len=0.9),
+                    hovertemplate="%{customdata[0]}<br>layer %{x}<br>AIE %{z:.4f} ± %{customdata[1]:.4f}<extra></extra>",
+                ),
+                row=1,
+                col=i,
+            )
+            fig.update_yaxes(tickvals=list(range(len(GROUPS))), ticktext=[GROUP_LABELS[g] for g in GROUPS], autorange="reversed", row=1, col=i)
+            fig.update_xaxes(title_text="layer", row=1, col=i)
+        fig.update_layout(
+            title=f"{self.model_name}: {self.n_facts} known facts (window {self.window})",
+            width=430 * k,
+            height=380,
+            template="simple_white",
+        )
+        return fig
+
+    def plot_lines(self, groups: Sequence[str] = ("last_subject", "last")):
+        """Average indirect effect by layer with 95% CI bands, one panel per kind (paper, Fig. 2 bottom)."""
+        import plotly.graph_objects as go  # noqa: PLC0415
+        from plotly.subplots import make_subplots  # noqa: PLC0415
+
+        colours = {
+            "first_subject": "#9ecae1", "middle_subject": "#6baed6", "last_subject": "#d62728",
+            "first_subsequent": "#bcbd22", "further": "#7f7f7f", "last": "#1f77b4",
+        }
+        k = len(self.kinds)
+        fig = make_subplots(rows=1, cols=k, subplot_titles=[_kind_name(x) for x in self.kinds])
+        for i, kind in enumerate(self.kinds, start=1):
+            for g in groups:
+                m, c = self.curve(kind, g)
+                x = list(range(len(m)))
+                lo, hi = _nan_list(m - c), _nan_list(m + c)
+                fig.add_trace(go.Scatter(x=x + x[::-1], y=hi + lo[::-1], fill="toself", fillcolor=colours[g], opacity=0.2, line=dict(width=0), hoverinfo="skip", showlegend=False), row=1, col=i)
+                fig.add_trace(go.Scatter(x=x, y=_nan_list(m), mode="lines+markers", line=dict(color=colours[g]), name=GROUP_LABELS[g], legendgroup=g, showlegend=i == 1), row=1, col=i)
+            fig.update_xaxes(title_text="layer", row=1, col=i)
+        fig.update_yaxes(title_text="average indirect effect", row=1, col=1)
+        fig.update_layout(title=f"{self.model_name}: average indirect effect, {self.n_facts} facts", width=420 * k, height=380, template="simple_white")
+        return fig
+
+    def save(self, folder: str | os.PathLike) -> Path:
+        """Write `summary.json`, `heatmaps.html` and `lines.html` into `folder`."""
+        folder = Path(folder)
+        atomic_write_text(folder / "summary.json", json.dumps(self.summary(), indent=1))
+        if self.n_facts:
+            save_figure(self.plot_heatmaps(), folder / "heatmaps.html")
+            save_figure(self.plot_lines(), folder / "lines.html")
+        return folder
+
+
+def _kind_name(kind):
+    return {"resid": "hidden state", "mlp": "MLP", "attn": "Attention"}[kind]
+
+
+def _nan_list(t: torch.Tensor):
+    """Nested list with NaN as None (valid JSON, plotly gaps)."""
+    return [_nan_list(x) for x in t] if t.ndim else (None if math.isnan(float(t)) else float(t))
+
+
+def _read_records(path: Path) -> dict:
+    records = {}
+    if not path.exists():
+        return records
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f):
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                log.warning("skipping unreadable line %d of %s (interrupted write?)", i + 1, path)
+                continue
+            records[str(rec["known_id"])] = rec
+    return records
+
+
+def trace_dataset(
+    model,
+    facts,
+    *,
+    kinds: Sequence[str] = KINDS,
+    n: int | None = None,
+    out: str | os.PathLike | None = None,
+    window: int = 10,
+    samples: int = 10,
+    noise: float | NoiseScale = 3.0,
+    seed: int = 0,
+    batch_size: int = 128,
+    noise_reference: str | os.PathLike | None = None,
+    noise_cache: NoiseCache | None = None,
+    progress: bool = True,
+) -> DatasetTraceResult:
+    """Trace many facts and average the indirect effects by token group (paper, Fig. 2).
+
+    Args:
+        model: a TransformerLens model with a tokenizer.
+        facts: a known_1000.json path, or a list of dicts/objects with prompt, subject and
+            attribute (or prediction), optionally known_id.
+        kinds: kinds to trace.
+        n: stop after this many facts the model gets right (None: all).
+        out: folder for `traces.jsonl` (one line per fact, for resuming) and `config.json`.
+        window, samples, noise, seed, batch_size: as in `trace_prompt`.
+        noise_reference: subjects setting the noise std; None uses `facts` when it is a path,
+            else the built-in list.
+        noise_cache: a `NoiseCache` to reuse.
+        progress: show a tqdm bar.
+
+    Returns:
+        A `DatasetTraceResult`.
+
+    Example:
+        >>> ds = trace_dataset(model, "known_1000.json", kinds=("mlp",), n=20)
+        >>> ds.n_facts, ds.n_dropped
+    """
+    kinds = tuple(kinds)
+    if not kinds or any(k not in KINDS for k in kinds):
+        raise ValueError(f"kinds {kinds!r} must be a non-empty subset of {KINDS}")
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise ValueError(f"n {n!r} must be None or an integer >= 1")
+    if noise_reference is None and isinstance(facts, (str, os.PathLike)):
+        noise_reference = facts
+    facts = load_facts(facts)
+    noise_std = resolve_noise(model, noise, reference=noise_reference, cache=noise_cache)
+    config = {"model": model_name(model), "kinds": list(kinds), "window": window, "samples": samples, "noise_std": noise_std, "seed": seed}
+    records: dict = {}
+    jsonl = None
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        cfg_path = out / "config.json"
+        if cfg_path.exists():
+            old = json.loads(cfg_path.read_text())
+            if {k: old.get(k) for k in config if k != "noise_std"} != {k: v for k, v in config.items() if k != "noise_std"} or not math.isclose(old.get("noise_std", -1), noise_std, rel_tol=1e-6):
+                raise ValueError(f"out {str(out)!r} holds a run with other settings {old}; expected {config}. Use a fresh folder.")
+        else:
+            atomic_write_text(cfg_path, json.dumps(config, indent=1))
+        jsonl = out / "traces.jsonl"
+        records = _read_records(jsonl)
+        if records:
+            log.info("resuming: %d facts already in %s", len(records), jsonl)
+    kept = [r for r in records.values() if r["correct"]]
+    bar = tqdm(total=n if n is not None else len(facts), disable=not progress, desc="causal traces", unit="fact")
+    bar.update(min(len(kept), bar.total))
+    results: dict = dict(records)
+    n_kept = len(kept)
+    for fact in facts:
+        if n is not None and n_kept >= n:
+            break
+        key = str(fact.known_id)
+        if key in results:
+            if n is None and not results[key]["correct"]:
+                bar.update(1)
+            continue
+        prompt = fact.prompt.replace("{}", fact.subject)
+        runs = prepare_runs(model, prompt, fact.subject, samples=samples, noise=NoiseScale(value=noise_std), seed=seed)
+        correct = fact.attribute is None or runs.target_id == target_ids(model, prompt, fact.attribute)[0]
+        rec = {"known_id": fact.known_id, "prompt": prompt, "subject": fact.subject, "attribute": fact.attribute, "correct": bool(correct), "predicted": model.tokenizer.decode([runs.target_id])}
+        if correct:
+            rec["subject_span"] = list(runs.prompt.subject)
+            rec["tokens"] = list(runs.prompt.tokens)
+            rec["high"], rec["low"] = runs.high, runs.low
+            rec["scores"] = {k: restore_scores(model, runs, kind=k, window=window, batch_size=batch_size).tolist() for k in kinds}
+            n_kept += 1
+            bar.update(1)
+        elif n is None:
+            bar.update(1)
+        results[key] = rec
+        if jsonl is not None:
+            with open(jsonl, "a", encoding="utf-8") as f:
+                f.write(json.dumps(rec) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+    bar.close()
+    order = {str(f.known_id): i for i, f in enumerate(facts)}
+    recs = sorted((r for r in results.values() if str(r["known_id"]) in order), key=lambda r: order[str(r["known_id"])])
+    good = [r for r in recs if r["correct"]]
+    if n is not None:
+        good = good[:n]
+        last = order[str(good[-1]["known_id"])] if len(good) == n else len(facts)
+        recs = [r for r in recs if order[str(r["known_id"])] <= last]
+    effects = {}
+    for k in kinds:
+        per = []
+        for r in good:
+            res = TraceResult(
+                scores=torch.tensor(r["scores"][k]), low=r["low"], high=r["high"], prompt=r["prompt"],
+                tokens=tuple(r["tokens"]), subject=tuple(r["subject_span"]), target=r["predicted"], target_id=-1,
+                kind=k, window=window, samples=samples, noise_std=noise_std,
+            )
+            per.append(group_effects(res))
+        n_layers = model.cfg.n_layers
+        effects[k] = torch.stack(per) if per else torch.zeros(0, len(GROUPS), n_layers)
+    dropped = sum(1 for r in recs if not r["correct"])
+    log.info("kept %d facts the model gets right, dropped %d", len(good), dropped)
+    return DatasetTraceResult(
+        model_name=model_name(model),
+        kinds=kinds,
+        effects=effects,
+        high=torch.tensor([r["high"] for r in good]),
+        low=torch.tensor([r["low"] for r in good]),
+        known_ids=tuple(r["known_id"] for r in good),
+        n_tried=len(good) + dropped,
+        n_dropped=dropped,
+        window=window,
+        samples=samples,
+        noise_std=noise_std,
+    )
