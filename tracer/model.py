@@ -278,3 +278,19 @@ def mlp_output_delta(model, layer: int, fn: Callable[[Tensor], Tensor]):
         yield
     finally:
         handle.remove()
+
+
+def mlp_post_norm(model, layer: int) -> Callable[[Tensor], Tensor] | None:
+    """The norm applied to block `layer`'s raw MLP output before it joins the residual, or None.
+
+    Gemma-2/3 normalise the MLP output (`ln2_post`) on both APIs; GPT-2-style models add
+    the raw output to the residual directly and get None. Editors that reason in residual
+    space (MEMIT) use it to turn a wanted residual change into a raw-output change.
+    """
+    block = model.blocks[layer]
+    norm = getattr(block, "ln2_post", None)
+    if norm is None or not callable(norm):
+        return None
+    if isinstance(norm, torch.nn.Identity):
+        return None
+    return norm

@@ -1,0 +1,121 @@
+"""Context templates: short prefixes the model writes itself, used to average keys and losses.
+
+ROME and MEMIT compute the key `k*` and optimise the value `v*` over the edit prompt
+preceded by several generic prefixes, so that the edit holds in varied contexts rather
+than only right after BOS. The prefixes are sampled from the model (top-k sampling with a
+fixed seed) from a few short openers, cleaned of braces, and end with `". {}"` so the
+request prompt follows. The bare `"{}"` always comes first.
+
+Templates are deterministic for a given model, seed and lengths, and are cached on disk
+as JSON under `<cache_dir>/context/<model>/<weights hash[:16]>.json` (an atomic write).
+
+Example:
+    >>> from editor.context import context_templates
+    >>> context_templates(model, n=4, length=10)[:2]
+    ['{}', 'The first time I saw the movie, I was. {}']
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import torch
+
+from tracer.model import final_logits, final_resid, model_device, model_name, weights_hash
+from tracer.offline import cache_dir as default_cache_dir
+
+log = logging.getLogger(__name__)
+
+OPENERS: tuple[str, ...] = ("The", "Therefore", "Because", "I", "You")
+
+
+@torch.no_grad()
+def generate_templates(model, *, n: int = 10, length: int = 10, seed: int = 0, top_k: int = 5) -> list[str]:
+    """Sample `n` prefixes of `length` tokens (top-k sampling, seeded) and make templates."""
+    tok = model.tokenizer
+    device = model_device(model)
+    bos = [tok.bos_token_id] if getattr(model.cfg, "default_prepend_bos", True) and tok.bos_token_id is not None else []
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    openers = [OPENERS[i % len(OPENERS)] for i in range(n)]
+    seqs = [bos + tok(o, add_special_tokens=False)["input_ids"] for o in openers]
+    starts = [len(s) for s in seqs]
+    for _ in range(length):
+        width = max(len(s) for s in seqs)
+        pad = tok.pad_token_id or 0
+        tokens = torch.full((len(seqs), width), pad, dtype=torch.long, device=device)
+        for i, s in enumerate(seqs):
+            tokens[i, : len(s)] = torch.tensor(s, device=device)
+        resid = final_resid(model, tokens)  # [n, pos, d_model]
+        last = torch.tensor([len(s) - 1 for s in seqs], device=device)
+        logits = final_logits(model, resid[torch.arange(len(seqs), device=device), last]).float().cpu()
+        top = logits.topk(top_k, dim=-1)
+        probs = top.values.softmax(-1)
+        pick = torch.multinomial(probs, 1, generator=gen)[:, 0]
+        for i, s in enumerate(seqs):
+            s.append(int(top.indices[i, pick[i]]))
+    out = ["{}"]
+    for s, start in zip(seqs, starts):
+        text = tok.decode(s[len(bos) :], skip_special_tokens=True)
+        text = re.sub(r"\s+", " ", text.replace("{", " ").replace("}", " ")).strip()
+        out.append(text + ". {}")
+    return out
+
+
+def context_templates(
+    model,
+    *,
+    n: int = 10,
+    length: int = 10,
+    seed: int = 0,
+    cache_dir: str | os.PathLike | None = None,
+    model_hash: str | None = None,
+) -> list[str]:
+    """`["{}"]` plus `n` self-generated templates `"<prefix>. {}"`, cached on disk.
+
+    Args:
+        model: a TransformerLens model with a tokenizer.
+        n: generated templates (0 gives only the bare `"{}"`).
+        length: tokens sampled per prefix.
+        seed: sampling seed.
+        cache_dir: cache root (default `tracer.offline.cache_dir()`); `"none"` disables.
+        model_hash: weights hash keying the cache (default: computed).
+
+    Returns:
+        A list of `n + 1` templates, each with one `{}`.
+    """
+    if n == 0:
+        return ["{}"]
+    whash = model_hash or weights_hash(model)
+    use_cache = str(cache_dir).lower() != "none"
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "-", model_name(model))
+    path = default_cache_dir(cache_dir if use_cache else None) / "context" / safe / f"{whash[:16]}.json"
+    key = f"n={n},length={length},seed={seed}"
+    table: dict = {}
+    if use_cache and path.exists():
+        try:
+            table = json.loads(path.read_text())
+            if table.get("weights_hash") != whash:
+                log.warning("context cache %s is for other weights; regenerating", path)
+                table = {}
+            elif key in table.get("templates", {}):
+                got = table["templates"][key]
+                if isinstance(got, list) and len(got) == n + 1 and all(t.count("{}") == 1 for t in got):
+                    return got
+                log.warning("context cache %s entry %s is malformed; regenerating", path, key)
+        except (OSError, ValueError) as err:
+            log.warning("context cache %s is unreadable (%s); regenerating", path, err)
+            table = {}
+    templates = generate_templates(model, n=n, length=length, seed=seed)
+    if use_cache:
+        table = {"weights_hash": whash, "model": model_name(model), "templates": {**table.get("templates", {}), key: templates}}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(table, f, indent=1)
+        os.replace(tmp, path)
+    return templates

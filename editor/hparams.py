@@ -1,0 +1,201 @@
+"""Hyperparameters for ROME, MEMIT and FT-L, with presets by model name.
+
+Presets reproduce the papers' settings for GPT-2 medium / large / XL and GPT-J (from
+kmeng01/rome `hparams/ROME/*.json` and kmeng01/memit `hparams/MEMIT/*.json`), plus a
+preset for the offline default Gemma-3-270m. Any other TransformerLens model gets the
+papers' defaults with the edit layer picked by `tracer.choose_edit_layer` (causal
+tracing), imported lazily. Use `dataclasses.replace` for sweeps.
+
+The papers' `v_loss_layer` is always the last layer, so our loss is read at the model's
+output and there is no such field. The statistics corpus and token count are not part of
+the algorithm's hyperparameters except for `mom2_n_tokens`; the corpus is an argument.
+
+Example:
+    >>> from dataclasses import replace
+    >>> hp = rome_hparams("gpt2-xl"); hp.layer
+    17
+    >>> replace(hp, v_lr=0.1).v_lr
+    0.1
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Literal
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ROMEHParams:
+    """ROME (Meng et al. 2022, Sec. 3 and App. E).
+
+    Attributes:
+        layer: block whose `W_out` is edited.
+        v_num_grad_steps: Adam steps optimising the value delta.
+        v_lr: Adam learning rate for the value delta.
+        v_weight_decay: weight on `||δ|| / ||v||²`, which keeps the delta small.
+        clamp_norm_factor: `||δ||` is clamped to this times the norm of the original value.
+        kl_factor: weight of the KL term on the `kl_prompts` ("essence drift").
+        kl_prompts: prompts with `{}` for the subject whose next-token distribution is kept.
+        early_stop_nll: stop once the mean NLL of the new target falls below this.
+        context_lengths: `(length, n)` pairs: `n` self-generated prefixes of `length` tokens
+            each; `k*` and the loss are averaged over them and the bare prompt.
+        mom2_n_tokens: tokens of text for the key covariance `C`.
+        mom2_adjustment: use `C⁻¹ k*` as the update direction (False: `k*` itself).
+        key: key in the update's denominator: "r-rome" (the averaged `k*`, Gupta et al.
+            2024) or "original" (the bare prompt's key, as kmeng01/rome did).
+    """
+
+    layer: int
+    v_num_grad_steps: int = 20
+    v_lr: float = 0.5
+    v_weight_decay: float = 0.5
+    clamp_norm_factor: float = 4.0
+    kl_factor: float = 0.0625
+    kl_prompts: tuple[str, ...] = ("{} is a",)
+    early_stop_nll: float = 0.05
+    context_lengths: tuple[tuple[int, int], ...] = ((5, 10), (10, 10))
+    mom2_n_tokens: int = 100_000
+    mom2_adjustment: bool = True
+    key: Literal["r-rome", "original"] = "r-rome"
+
+    def __post_init__(self):
+        if self.key not in ("r-rome", "original"):
+            raise ValueError(f"key {self.key!r} must be 'r-rome' or 'original'")
+        if self.layer < 0:
+            raise ValueError(f"layer {self.layer} must be >= 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class MEMITHParams:
+    """MEMIT (Meng et al. 2022b).
+
+    Attributes:
+        layers: the edited blocks, a contiguous range; the target `z` lives at the last.
+        v_num_grad_steps, v_lr, v_weight_decay, kl_factor, kl_prompts, early_stop_nll,
+            context_lengths: as in `ROMEHParams`, for optimising `z`.
+        clamp_norm_factor: `||δ||` clamped to this times the norm of the residual at the
+            last layer.
+        mom2_update_weight: λ in `Δ = R Kᵀ (λC + K Kᵀ)⁻¹`.
+        mom2_n_tokens: tokens of text for `C`.
+        z_batch_size: requests whose `z` are optimised together in one batch.
+    """
+
+    layers: tuple[int, ...]
+    v_num_grad_steps: int = 20
+    v_lr: float = 0.5
+    v_weight_decay: float = 0.5
+    clamp_norm_factor: float = 0.75
+    kl_factor: float = 0.0625
+    kl_prompts: tuple[str, ...] = ("{} is a",)
+    early_stop_nll: float = 0.05
+    context_lengths: tuple[tuple[int, int], ...] = ((10, 5),)
+    mom2_update_weight: float = 15000.0
+    mom2_n_tokens: int = 100_000
+    z_batch_size: int = 8
+
+    def __post_init__(self):
+        if not self.layers or list(self.layers) != sorted(set(self.layers)):
+            raise ValueError(f"layers {self.layers} must be a non-empty increasing tuple")
+
+
+@dataclass(frozen=True, kw_only=True)
+class FTHParams:
+    """Constrained fine-tuning of one `W_out` (FT-L, Zhu et al. 2020, as in ROME's baseline).
+
+    Attributes:
+        layer: block whose `W_out` is fine-tuned.
+        num_steps: Adam steps.
+        lr: Adam learning rate.
+        norm_constraint: L∞ bound on every entry of the delta (clamped after each step).
+        early_stop_nll: stop once the NLL of the new target falls below this.
+    """
+
+    layer: int
+    num_steps: int = 25
+    lr: float = 5e-4
+    norm_constraint: float = 5e-4
+    early_stop_nll: float = 0.01
+
+
+def _norm(name: str) -> str:
+    return name.split("/")[-1].lower()
+
+
+# The papers' settings (kmeng01/rome hparams/ROME, kmeng01/memit hparams/MEMIT).
+ROME_PRESETS: dict[str, ROMEHParams] = {
+    "gpt2-medium": ROMEHParams(layer=8, clamp_norm_factor=3.0),
+    "gpt2-large": ROMEHParams(layer=12),
+    "gpt2-xl": ROMEHParams(layer=17),
+    "gpt-j-6b": ROMEHParams(layer=5),
+    # Gemma-3-270m (18 layers): layer 4, from the sweep in docs/editing.md ("Choosing the
+    # Gemma layer"): ROME efficacy / paraphrase / neighbourhood on CounterFact dev facts
+    # for layers 2..9. Steps and lr raised so that CPU edits converge in < 30 s.
+    "gemma-3-270m": ROMEHParams(
+        layer=4, v_num_grad_steps=25, v_lr=0.5, context_lengths=((10, 10),), mom2_n_tokens=100_000
+    ),
+}
+
+MEMIT_PRESETS: dict[str, MEMITHParams] = {
+    "gpt2-xl": MEMITHParams(layers=(13, 14, 15, 16, 17), v_lr=0.8, v_weight_decay=0.1, mom2_update_weight=20000.0),
+    "gpt-j-6b": MEMITHParams(layers=(3, 4, 5, 6, 7, 8), v_num_grad_steps=25),
+    # Gemma-3-270m: five layers ending one past the ROME layer, as gpt2-xl's 13-17 ends at 17.
+    "gemma-3-270m": MEMITHParams(layers=(2, 3, 4, 5, 6), v_num_grad_steps=25, mom2_n_tokens=100_000),
+}
+
+FT_PRESETS: dict[str, FTHParams] = {
+    "gpt2-xl": FTHParams(layer=0),
+    "gpt-j-6b": FTHParams(layer=21),
+    "gemma-3-270m": FTHParams(layer=4, norm_constraint=5e-3, lr=5e-3),
+}
+
+
+def default_layer(model) -> int:
+    """The edit layer for a model without a preset: `tracer.choose_edit_layer` (lazy import).
+
+    Falls back to the paper's relative depth (GPT-2 XL: 17 of 48 layers) when causal
+    tracing is unavailable (no `tracer.layer`, or no known-facts data).
+    """
+    n = model.cfg.n_layers
+    try:
+        from tracer.layer import choose_edit_layer  # noqa: PLC0415  (heavy, only when needed)
+
+        choice = choose_edit_layer(model)
+        return int(choice.layer)
+    except Exception as err:  # noqa: BLE001  (any failure -> documented fallback)
+        layer = max(0, min(n - 1, round(n * 17 / 48)))
+        log.warning("choose_edit_layer unavailable (%s); using layer %d (17/48 of depth)", err, layer)
+        return layer
+
+
+def rome_hparams(model_or_name) -> ROMEHParams:
+    """Preset for a model (or model name); other models: paper defaults at `default_layer`."""
+    name = model_or_name if isinstance(model_or_name, str) else str(getattr(model_or_name.cfg, "model_name", ""))
+    if _norm(name) in ROME_PRESETS:
+        return ROME_PRESETS[_norm(name)]
+    if isinstance(model_or_name, str):
+        raise ValueError(f"model {name!r} has no ROME preset ({sorted(ROME_PRESETS)}); pass the model instead")
+    return ROMEHParams(layer=default_layer(model_or_name))
+
+
+def memit_hparams(model_or_name) -> MEMITHParams:
+    """Preset for a model; other models: five layers ending at `default_layer`."""
+    name = model_or_name if isinstance(model_or_name, str) else str(getattr(model_or_name.cfg, "model_name", ""))
+    if _norm(name) in MEMIT_PRESETS:
+        return MEMIT_PRESETS[_norm(name)]
+    if isinstance(model_or_name, str):
+        raise ValueError(f"model {name!r} has no MEMIT preset ({sorted(MEMIT_PRESETS)}); pass the model instead")
+    top = default_layer(model_or_name)
+    return MEMITHParams(layers=tuple(range(max(0, top - 4), top + 1)))
+
+
+def ft_hparams(model_or_name) -> FTHParams:
+    """Preset for a model; other models: FT-L at `default_layer`."""
+    name = model_or_name if isinstance(model_or_name, str) else str(getattr(model_or_name.cfg, "model_name", ""))
+    if _norm(name) in FT_PRESETS:
+        return FT_PRESETS[_norm(name)]
+    if isinstance(model_or_name, str):
+        raise ValueError(f"model {name!r} has no FT-L preset ({sorted(FT_PRESETS)}); pass the model instead")
+    return FTHParams(layer=default_layer(model_or_name))

@@ -1,0 +1,212 @@
+"""MEMIT: Mass-Editing Memory in a Transformer (Meng et al. 2022b).
+
+For a batch of requests, over a range of blocks `layers = (l_1 .. L)`:
+
+1. `z_i`: the residual after block `L` at request i's last subject token that makes the
+   model say `target_new`. We optimise a delta `δ_i` on block `L`'s raw MLP output
+   (`tracer.mlp_output_delta`, as the paper's `compute_z` adds it at that layer) and read
+   `z_i` = `blocks.L.hook_resid_post` with `δ_i` applied. For GPT-style models this is
+   `h_L + δ_i`; for Gemma, whose MLP output is normalised (`ln2_post`) before it joins the
+   residual, it is the exact residual the raw delta produces.
+2. For each layer `l` in order: keys `K` (`[d_mlp, n]`, averaged over context templates),
+   the current residual `h_L` (bare prompts, with the earlier layers already updated),
+   `R = (z - h_L) / (layers left)`, and the least-squares update of the paper,
+   `Δ = R Kᵀ (λC + K Kᵀ)⁻¹`, which in our `[d_mlp, d_model]` orientation is
+   `ΔW_out = (λC + K Kᵀ)⁻¹ K Rᵀ` (stored as factors `A = (λC + KKᵀ)⁻¹K`, `B = Rᵀ`).
+   When block `l` has a post-MLP norm, the residual change `R` is turned into the raw-output
+   change that produces it (a few Gauss-Newton steps through the norm).
+   The update is applied before the next layer's keys and residuals are computed.
+3. All updates are undone, then applied together as one `EditResult`.
+
+Example:
+    >>> from editor import memit
+    >>> e = memit.edit_many(model, requests)     # hundreds of requests are fine
+    >>> e.restore()
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import asdict
+from typing import Sequence
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from editor.hparams import MEMITHParams, memit_hparams
+from editor.optimize import block_values, optimize_values, subject_keys
+from editor.requests import EditRequest, as_requests
+from editor.result import EditResult, LayerDelta, apply_deltas, edit_stack
+from editor.rome import base_hash, probe, templates_for
+from editor.stats import layer_stats
+from tracer.model import mlp_post_norm, model_device, w_out, weights_hash
+
+log = logging.getLogger(__name__)
+
+HParams = MEMITHParams
+
+
+def _raw_change(norm, raw: Tensor, resid: Tensor, iters: int = 4) -> Tensor:
+    """Raw-output change `r` with `norm(raw + r) ≈ norm(raw) + resid` (Gauss-Newton, least norm).
+
+    `raw`, `resid`: `[n, d_model]`. Returns `[n, d_model]`.
+    """
+    raw = raw.detach().float()
+    want = norm(raw).detach() + resid
+    r = torch.zeros_like(raw)
+    for _ in range(iters):
+        x = (raw + r).detach().requires_grad_(True)
+        # rows are independent, so the Jacobian of the row-sum gives each row's block
+        jac = torch.autograd.functional.jacobian(lambda t: norm(t).sum(0), x)  # [d, n, d]
+        jac = jac.permute(1, 0, 2)  # [n, d_out, d_in]
+        err = (want - norm(x).detach()).unsqueeze(-1)  # [n, d, 1]
+        step = torch.linalg.pinv(jac, rtol=1e-6) @ err
+        r = r + step[..., 0]
+    return r
+
+
+def compute_zs(model, requests: Sequence[EditRequest], hp: MEMITHParams, templates: Sequence[str]):
+    """Target residuals `z [n, d_model]` at the last layer, and the NLL curves."""
+    top = hp.layers[-1]
+    zs, curves = [], []
+    chunks = range(0, len(requests), hp.z_batch_size)
+    for b in tqdm(chunks, desc="MEMIT z", disable=len(chunks) < 2):
+        chunk = list(requests[b : b + hp.z_batch_size])
+        h = block_values(model, chunk, top, "resid")  # residual norm: the paper's clamp reference
+        delta, curve = optimize_values(
+            model,
+            chunk,
+            layer=top,
+            templates=templates,
+            kl_prompts=hp.kl_prompts,
+            ref_norm=h.norm(dim=-1),
+            steps=hp.v_num_grad_steps,
+            lr=hp.v_lr,
+            weight_decay=hp.v_weight_decay,
+            clamp_norm_factor=hp.clamp_norm_factor,
+            kl_factor=hp.kl_factor,
+            early_stop_nll=hp.early_stop_nll,
+        )
+        zs.append(_resid_with(model, chunk, top, delta))
+        curves += [[c[i] for c in curve] for i in range(len(chunk))]
+    return torch.cat(zs), curves
+
+
+@torch.no_grad()
+def _resid_with(model, requests, layer: int, delta: Tensor) -> Tensor:
+    """Residual after `layer` at the last subject token with `delta` added to the raw MLP output."""
+    from editor.optimize import _pad  # noqa: PLC0415
+    from tracer.hooks import hook_name  # noqa: PLC0415
+    from tracer.model import mlp_output_delta  # noqa: PLC0415
+    from tracer.prompts import locate_subject  # noqa: PLC0415
+
+    device = model_device(model)
+    ps = [locate_subject(model, r.prompt, r.subject) for r in requests]
+    tokens = _pad(model, [p.ids for p in ps], device)
+    pos = torch.tensor([p.last_subject for p in ps], device=device)
+    rows = torch.arange(len(ps), device=device)
+    seen = {}
+
+    def grab(act, hook):
+        seen["h"] = act[rows, pos].float()
+        raise StopIteration
+
+    try:
+        with mlp_output_delta(model, layer, lambda o: o.index_put((rows, pos), delta.to(o.dtype), accumulate=True)):
+            with model.hooks(fwd_hooks=[(hook_name("resid", layer), grab)]):
+                model(tokens)
+    except StopIteration:
+        pass
+    return seen["h"]
+
+
+def edit_many(
+    model,
+    requests,
+    hparams: MEMITHParams | None = None,
+    *,
+    stats: dict[int, Tensor] | None = None,
+    corpus: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    device=None,
+) -> EditResult:
+    """Apply MEMIT to a batch of requests.
+
+    Args:
+        model: a TransformerLens model.
+        requests: `EditRequest`s (or CounterFact records / dicts).
+        hparams: `MEMITHParams`; default the preset for the model.
+        stats: `{layer: C}` for every edited layer; default loaded or computed over `corpus`.
+        corpus: text for the statistics (default WikiText-2 test in `../shared/data`).
+        cache_dir: cache root for statistics and context templates.
+        device: where to compute; default the model's device.
+
+    Returns:
+        An applied `EditResult` with low-rank factors per layer.
+
+    Example:
+        >>> e = memit.edit_many(model, [EditRequest.from_counterfact(r) for r in records[:100]])
+    """
+    requests = as_requests(requests)
+    hp = hparams or memit_hparams(model)
+    if not isinstance(hp, MEMITHParams):
+        raise ValueError(f"hparams {hp!r} is not a MEMITHParams")
+    if hp.layers[-1] >= model.cfg.n_layers:
+        raise ValueError(f"hparams.layers {hp.layers} out of range for a {model.cfg.n_layers}-layer model")
+    if device is not None and torch.device(device) != model_device(model):
+        raise ValueError(f"device {device!r} differs from the model's {model_device(model)}; move the model first")
+    dev = model_device(model)
+    bh = base_hash(model)
+    now_hash = weights_hash(model) if edit_stack(model) else bh
+    if stats is None:
+        stats = layer_stats(model, list(hp.layers), corpus=corpus, n_tokens=hp.mom2_n_tokens, cache_dir=cache_dir, model_hash=bh)
+    missing = [l for l in hp.layers if l not in stats]
+    if missing:
+        raise ValueError(f"stats has no entry for layers {missing}")
+    templates = templates_for(model, hp.context_lengths, cache_dir=cache_dir, model_hash=bh)
+    before = probe(model, requests)
+    top = hp.layers[-1]
+    originals = {l: w_out(model, l).detach().clone() for l in hp.layers}
+    deltas: dict[int, LayerDelta] = {}
+    layer_info = []
+    try:
+        zs, curves = compute_zs(model, requests, hp, templates)  # [n, d_model]
+        for i, l in enumerate(hp.layers):
+            K = subject_keys(model, requests, templates, l).mean(1)  # [n, d_mlp], averaged k
+            h = block_values(model, requests, top, "resid")  # current residual at L, [n, d_model]
+            R = (zs - h) / (len(hp.layers) - i)  # residual change wanted from layer l
+            norm = mlp_post_norm(model, l)
+            if norm is not None:
+                raw = K @ w_out(model, l).float()  # raw MLP output of the averaged key
+                b_out = getattr(model.blocks[l].mlp, "b_out", None)
+                if isinstance(b_out, Tensor):
+                    raw = raw + b_out.float()
+                R = _raw_change(norm, raw, R)
+            C = stats[l].to(dev).double()
+            Kd = K.double().T  # [d_mlp, n]
+            A = torch.linalg.solve(hp.mom2_update_weight * C + Kd @ Kd.T, Kd).float()  # [d_mlp, n]
+            d = LayerDelta(u=A, v=R.float())  # ΔW_out = A @ R, [d_mlp, d_model]
+            deltas[l] = d
+            with torch.no_grad():
+                w = w_out(model, l)
+                w.add_(d.matrix().to(w.dtype))
+            layer_info.append({"layer": l, "resid_norm": float((zs - h).norm(dim=-1).mean()), "update_norm": float(d.matrix().norm())})
+            log.info("MEMIT layer %d: mean |z - h| %.3f, |Δ| %.4f", l, layer_info[-1]["resid_norm"], layer_info[-1]["update_norm"])
+    finally:
+        with torch.no_grad():
+            for l, orig in originals.items():
+                w_out(model, l).copy_(orig)  # unchanged at the end of delta computation
+    diag = {"before": before, "nll_curves": curves, "layers": layer_info, "templates": templates}
+    res = apply_deltas(model, deltas, method="memit", requests=requests, diagnostics=diag, hparams=asdict(hp), model_hash=now_hash)
+    diag["after"] = probe(model, requests)
+    return res
+
+
+def edit(model, request, hparams: MEMITHParams | None = None, **kw) -> EditResult:
+    """MEMIT on a single request; see `edit_many`."""
+    reqs = as_requests(request)
+    if len(reqs) != 1:
+        raise ValueError(f"request must be one EditRequest, got {len(reqs)}; use edit_many")
+    return edit_many(model, reqs, hparams, **kw)

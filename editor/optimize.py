@@ -1,0 +1,257 @@
+"""Shared machinery of ROME and MEMIT: keys over context templates, and value optimisation.
+
+- `subject_keys`: the key `k` (`blocks.{l}.mlp.hook_post`) at the last subject token of each
+  request's prompt under each context template; batched.
+- `optimize_values`: for each request, the delta `δ` added to the raw MLP output of a
+  block (`W_out @ k + b_out`, via `tracer.mlp_output_delta`) at the last subject token that
+  makes the model say `target_new` (ROME's `v*`, MEMIT's `z`). Requests in one batch are
+  independent (per-request losses are summed and Adam is per-element; a request that has
+  converged has its gradient masked).
+
+Example:
+    >>> keys = subject_keys(model, requests, ["{}"], layer=4)   # [n, templates, d_mlp]
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from editor.requests import EditRequest
+from tracer.hooks import hook_name
+from tracer.model import final_logits, final_resid, mlp_output_delta, model_device
+from tracer.prompts import locate_subject, target_ids
+
+log = logging.getLogger(__name__)
+
+
+class _Stop(Exception):
+    pass
+
+
+def _pad(model, seqs: Sequence[Sequence[int]], device) -> Tensor:
+    pad = model.tokenizer.pad_token_id or 0
+    width = max(len(s) for s in seqs)
+    tokens = torch.full((len(seqs), width), pad, dtype=torch.long, device=device)
+    for i, s in enumerate(seqs):
+        tokens[i, : len(s)] = torch.tensor(list(s), device=device)
+    return tokens
+
+
+def _fill(template: str, prompt: str) -> str:
+    """Put a request prompt (with its `{}`) into a context template (with its `{}`)."""
+    return template.replace("{}", prompt, 1)
+
+
+@torch.no_grad()
+def subject_keys(
+    model, requests: Sequence[EditRequest], templates: Sequence[str], layer: int, *, batch_size: int = 64
+) -> Tensor:
+    """Keys at the last subject token, `[n_requests, n_templates, d_mlp]`."""
+    device = model_device(model)
+    items = []
+    for r in requests:
+        for t in templates:
+            p = locate_subject(model, _fill(t, r.prompt), r.subject)
+            items.append((p.ids, p.last_subject))
+    out = []
+    for b in range(0, len(items), batch_size):
+        chunk = items[b : b + batch_size]
+        tokens = _pad(model, [c[0] for c in chunk], device)
+        seen = {}
+
+        def grab(act, hook):
+            seen["k"] = act
+            raise _Stop
+
+        try:
+            with model.hooks(fwd_hooks=[(hook_name("key", layer), grab)]):
+                model(tokens)
+        except _Stop:
+            pass
+        pos = torch.tensor([c[1] for c in chunk], device=device)
+        out.append(seen["k"][torch.arange(len(chunk), device=device), pos].float())
+    return torch.cat(out).reshape(len(requests), len(templates), -1)
+
+
+@torch.no_grad()
+def block_values(model, requests: Sequence[EditRequest], layer: int, kind: str, *, batch_size: int = 64) -> Tensor:
+    """`[n, d_model]` at the last subject token of each bare prompt: the raw MLP output
+    (`kind="raw"`) or the residual after the block (`kind="resid"`)."""
+    device = model_device(model)
+    items = [locate_subject(model, r.prompt, r.subject) for r in requests]
+    out = []
+    for b in range(0, len(items), batch_size):
+        chunk = items[b : b + batch_size]
+        tokens = _pad(model, [c.ids for c in chunk], device)
+        seen = {}
+        if kind == "raw":
+
+            def keep(o):
+                seen["v"] = o
+                raise _Stop
+
+            ctx = mlp_output_delta(model, layer, keep)
+        else:
+
+            def grab(act, hook):
+                seen["v"] = act
+                raise _Stop
+
+            ctx = model.hooks(fwd_hooks=[(hook_name("resid", layer), grab)])
+        try:
+            with ctx:
+                model(tokens)
+        except _Stop:
+            pass
+        pos = torch.tensor([c.last_subject for c in chunk], device=device)
+        out.append(seen["v"][torch.arange(len(chunk), device=device), pos].float())
+    return torch.cat(out)
+
+
+@dataclass
+class _Batch:
+    tokens: Tensor  # [rows, pos]
+    row_req: Tensor  # [rows] request index of each row
+    row_pos: Tensor  # [rows] last subject token of each row
+    lg_rows: Tensor  # [m] rows of scored positions
+    lg_cols: Tensor  # [m] their positions
+    tgt: Tensor  # [m_nll] target token ids for the NLL positions (first m_nll of m)
+    nll_row: Tensor  # [m_nll] row of each NLL position
+    n_nll_rows: int  # rewrite rows come first
+    kl_rows: Tensor  # [n_kl_rows] row indices of KL rows
+    kl_req: Tensor  # [n_kl_rows]
+
+
+def _build(model, requests, templates, kl_prompts, device) -> _Batch:
+    seqs, row_req, row_pos = [], [], []
+    lg_rows, lg_cols, tgt, nll_row = [], [], [], []
+    for i, r in enumerate(requests):
+        tids = target_ids(model, r.filled, r.target_new)
+        for t in templates:
+            p = locate_subject(model, _fill(t, r.prompt), r.subject)
+            row = len(seqs)
+            seqs.append(list(p.ids) + tids[:-1])
+            row_req.append(i)
+            row_pos.append(p.last_subject)
+            for j, tid in enumerate(tids):
+                lg_rows.append(row)
+                lg_cols.append(len(p.ids) - 1 + j)
+                tgt.append(tid)
+                nll_row.append(row)
+    n_nll_rows = len(seqs)
+    kl_rows, kl_req = [], []
+    for i, r in enumerate(requests):
+        for kp in kl_prompts:
+            p = locate_subject(model, kp, r.subject)
+            row = len(seqs)
+            seqs.append(list(p.ids))
+            row_req.append(i)
+            row_pos.append(p.last_subject)
+            kl_rows.append(row)
+            kl_req.append(i)
+            lg_rows.append(row)
+            lg_cols.append(len(p.ids) - 1)
+    t = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
+    return _Batch(
+        tokens=_pad(model, seqs, device),
+        row_req=t(row_req),
+        row_pos=t(row_pos),
+        lg_rows=t(lg_rows),
+        lg_cols=t(lg_cols),
+        tgt=t(tgt),
+        nll_row=t(nll_row),
+        n_nll_rows=n_nll_rows,
+        kl_rows=t(kl_rows),
+        kl_req=t(kl_req),
+    )
+
+
+def _logits(model, batch: _Batch, layer: int, delta: Tensor) -> Tensor:
+    """Log-probs at the scored positions with `delta[req]` added at each row's subject token."""
+    add = delta[batch.row_req]  # [rows, d_model]
+    idx = (torch.arange(len(batch.row_req), device=delta.device), batch.row_pos)
+
+    def shift(out):
+        return out.index_put(idx, add.to(out.dtype), accumulate=True)
+
+    with mlp_output_delta(model, layer, shift):
+        resid = final_resid(model, batch.tokens)  # [rows, pos, d_model]
+    logits = final_logits(model, resid[batch.lg_rows, batch.lg_cols][:, None])[:, 0]
+    return logits.float().log_softmax(-1)  # [m, vocab]
+
+
+def optimize_values(
+    model,
+    requests: Sequence[EditRequest],
+    *,
+    layer: int,
+    templates: Sequence[str],
+    kl_prompts: Sequence[str],
+    ref_norm: Tensor,
+    steps: int,
+    lr: float,
+    weight_decay: float,
+    clamp_norm_factor: float,
+    kl_factor: float,
+    early_stop_nll: float,
+) -> tuple[Tensor, list[list[float]]]:
+    """Optimise `δ [n, d_model]` on the raw MLP output of `layer` at the last subject token.
+
+    Loss per request: mean over templates of the per-token NLL of `target_new`, plus
+    `kl_factor · KL(new ‖ unedited)` on the `kl_prompts`, plus
+    `weight_decay · ‖δ‖ / ‖ref‖²`; after each step `‖δ‖ ≤ clamp_norm_factor · ‖ref‖`.
+
+    Args:
+        ref_norm: `[n]` norm of the reference vector (the original value) per request.
+
+    Returns:
+        `(δ [n, d_model], curve)` where `curve[s]` lists each request's NLL at step `s`.
+    """
+    device = model_device(model)
+    n = len(requests)
+    batch = _build(model, requests, templates, kl_prompts, device)
+    n_t = len(templates)
+    n_kl = len(kl_prompts)
+    m_nll = len(batch.tgt)
+    tok_per_row = torch.bincount(batch.nll_row, minlength=batch.n_nll_rows).float()  # [rows]
+    ref_norm = ref_norm.to(device).float()
+    delta = torch.zeros(n, model.cfg.d_model, device=device, requires_grad=True)
+    opt = torch.optim.Adam([delta], lr=lr)
+    with torch.no_grad():
+        lp0 = _logits(model, batch, layer, torch.zeros_like(delta))
+        kl_init = lp0[m_nll:] if n_kl else None  # [n_kl_rows, vocab]
+    curve: list[list[float]] = []
+    done = torch.zeros(n, dtype=torch.bool, device=device)
+    for step in range(steps):
+        opt.zero_grad()
+        lp = _logits(model, batch, layer, delta)
+        tok_nll = -lp[torch.arange(m_nll, device=device), batch.tgt]  # [m_nll]
+        row_nll = torch.zeros(batch.n_nll_rows, device=device).index_add(0, batch.nll_row, tok_nll) / tok_per_row
+        req_nll = row_nll.reshape(n, n_t).mean(1)  # [n]
+        loss = req_nll
+        if n_kl and kl_factor:
+            new = lp[m_nll:]
+            kl = (new.exp() * (new - kl_init)).sum(-1)  # KL(new || unedited), [n_kl_rows]
+            req_kl = torch.zeros(n, device=device).index_add(0, batch.kl_req, kl) / n_kl
+            loss = loss + kl_factor * req_kl
+        loss = loss + weight_decay * delta.norm(dim=-1) / ref_norm**2
+        curve.append([round(float(x), 5) for x in req_nll.detach().cpu()])
+        done = done | (req_nll.detach() < early_stop_nll)
+        log.debug("step %d nll %s", step, curve[-1])
+        if bool(done.all()) or step == steps - 1:
+            break
+        loss.sum().backward()
+        frozen = delta.detach()[done].clone()  # converged requests keep their delta
+        opt.step()
+        with torch.no_grad():
+            delta[done] = frozen
+            cap = clamp_norm_factor * ref_norm  # [n]
+            norm = delta.norm(dim=-1)
+            scale = torch.where(norm > cap, cap / norm.clamp_min(1e-12), torch.ones_like(norm))
+            delta.mul_(scale[:, None])
+    return delta.detach(), curve

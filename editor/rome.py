@@ -1,0 +1,207 @@
+"""ROME: Rank-One Model Editing (Meng et al. 2022, Sec. 3, App. E).
+
+One fact `(subject, relation) -> target_new` is written into `W_out` of one block as
+
+    W_out += outer(u, v),   u = C⁻¹k* / ‖C⁻¹k*‖ ∈ R^{d_mlp},   v = δ / (k·u) ∈ R^{d_model}
+
+in our `[d_mlp, d_model]` orientation (`out = k @ W_out`), which is the paper's
+`Ŵ = W + Λ (C⁻¹k*)ᵀ` transposed. Here
+
+- `k*` is the key (`blocks.{l}.mlp.hook_post`) at the last subject token, averaged over
+  self-generated context templates (`editor.context`) and the bare prompt;
+- `C = E[k kᵀ]` over text (`editor.stats`);
+- `δ` is the change of the raw MLP output at that token found by gradient descent
+  (`editor.optimize.optimize_values`), so `v* = W k + δ`;
+- `k` in the denominator is `k*` (`key="r-rome"`, default) or the bare prompt's key
+  (`key="original"`). With "r-rome" the edited layer maps exactly `k*` to `W k* + δ`:
+  the key the direction `u` was built from is the key the value was solved for, which
+  Gupta et al. (2024, "Rebuilding ROME") show removes the norm blow-up and model
+  collapse seen in sequential edits with the original mix of keys.
+
+The model is unchanged while deltas are computed (sequential edits in `edit_many` are
+applied temporarily and undone in a `finally`), then the deltas are applied together.
+
+Example:
+    >>> from editor import rome, EditRequest
+    >>> req = EditRequest(prompt="{} is located in the city of", subject="Eiffel Tower", target_new="Rome")
+    >>> with rome.edit(model, req) as e:
+    ...     print(e.diagnostics["after"]["new_first"])
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import asdict
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from editor.context import context_templates
+from editor.hparams import ROMEHParams, rome_hparams
+from editor.optimize import block_values, optimize_values, subject_keys
+from editor.requests import EditRequest, as_requests
+from editor.result import EditResult, LayerDelta, apply_deltas, edit_stack
+from editor.stats import layer_stats
+from tracer.model import model_device, w_out, weights_hash
+from tracer.prompts import target_probs
+
+log = logging.getLogger(__name__)
+
+HParams = ROMEHParams
+
+
+def templates_for(model, lengths, *, cache_dir, model_hash) -> list[str]:
+    """`"{}"` plus the self-generated templates for each `(length, n)` pair."""
+    out = ["{}"]
+    for i, (length, n) in enumerate(lengths):
+        out += context_templates(model, n=n, length=length, seed=i, cache_dir=cache_dir, model_hash=model_hash)[1:]
+    return out
+
+
+def probe(model, requests: Sequence[EditRequest]) -> dict[str, Tensor]:
+    """Probabilities of the new and true targets on each bare edit prompt."""
+    prompts = [r.filled for r in requests]
+    new = target_probs(model, prompts, [r.target_new for r in requests])
+    out = {"new_first": new.first, "new_seq": new.seq}
+    has_true = [r for r in requests if r.target_true]
+    if len(has_true) == len(requests):
+        true = target_probs(model, prompts, [r.target_true for r in requests])
+        out |= {"true_first": true.first, "true_seq": true.seq}
+    return out
+
+
+def base_hash(model) -> str:
+    """Weights hash of the model before any romelens edit now applied (stats describe it)."""
+    stack = edit_stack(model)
+    return stack[0].model_hash if stack else weights_hash(model)
+
+
+def compute_delta(
+    model,
+    request: EditRequest,
+    hp: ROMEHParams,
+    *,
+    C: Tensor,
+    templates: Sequence[str],
+) -> tuple[Tensor, Tensor, dict]:
+    """The rank-one factors `(u [d_mlp], v [d_model])` for one request; the model is not changed."""
+    layer = hp.layer
+    keys = subject_keys(model, [request], templates, layer)[0]  # [templates, d_mlp]
+    k_star = keys.mean(0)  # averaged key k*
+    k_bare = keys[0]  # templates[0] is the bare "{}"
+    if hp.mom2_adjustment:
+        u = torch.linalg.solve(C.double(), k_star.double()).float()  # C⁻¹ k*
+    else:
+        u = k_star.clone()
+    u = u / u.norm()
+    ref = block_values(model, [request], layer, "raw")  # original value at the bare prompt
+    delta, curve = optimize_values(
+        model,
+        [request],
+        layer=layer,
+        templates=templates,
+        kl_prompts=hp.kl_prompts,
+        ref_norm=ref.norm(dim=-1),
+        steps=hp.v_num_grad_steps,
+        lr=hp.v_lr,
+        weight_decay=hp.v_weight_decay,
+        clamp_norm_factor=hp.clamp_norm_factor,
+        kl_factor=hp.kl_factor,
+        early_stop_nll=hp.early_stop_nll,
+    )
+    k_den = k_star if hp.key == "r-rome" else k_bare
+    v = delta[0] / (k_den @ u)  # W_out += outer(u, v) maps k_den to W k_den + δ
+    info = {
+        "nll_curve": [c[0] for c in curve],
+        "delta_norm": float(delta[0].norm()),
+        "value_norm": float(ref[0].norm()),
+        "key_dot": float(k_den @ u),
+    }
+    return u, v, info
+
+
+def edit_many(
+    model,
+    requests,
+    hparams: ROMEHParams | None = None,
+    *,
+    stats: Tensor | None = None,
+    corpus: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    device=None,
+) -> EditResult:
+    """Apply ROME to each request in turn (each computed on the model edited by the previous
+    ones), returning one `EditResult` that restores all of them at once.
+
+    Args:
+        model: a TransformerLens model.
+        requests: `EditRequest`s (or CounterFact records / dicts).
+        hparams: `ROMEHParams`; default the preset for the model (`rome_hparams`).
+        stats: `C = E[k kᵀ]` at the edit layer, `[d_mlp, d_mlp]`; default loaded from the cache
+            or computed over `corpus`.
+        corpus: text for the statistics (default WikiText-2 test in `../shared/data`).
+        cache_dir: cache root for statistics and context templates.
+        device: where to compute; default the model's device.
+
+    Returns:
+        An applied `EditResult` (rank-r factors at the edit layer).
+    """
+    requests = as_requests(requests)
+    hp = hparams or rome_hparams(model)
+    if not isinstance(hp, ROMEHParams):
+        raise ValueError(f"hparams {hp!r} is not a ROMEHParams")
+    if hp.layer >= model.cfg.n_layers:
+        raise ValueError(f"hparams.layer {hp.layer} is out of range for a {model.cfg.n_layers}-layer model")
+    if device is not None and torch.device(device) != model_device(model):
+        raise ValueError(f"device {device!r} differs from the model's {model_device(model)}; move the model first")
+    bh = base_hash(model)
+    now_hash = weights_hash(model) if edit_stack(model) else bh
+    if stats is None:
+        C = layer_stats(model, hp.layer, corpus=corpus, n_tokens=hp.mom2_n_tokens, cache_dir=cache_dir, model_hash=bh)
+    else:
+        C = stats
+        if tuple(C.shape) != (model.cfg.d_mlp, model.cfg.d_mlp):
+            raise ValueError(f"stats shape {tuple(C.shape)} is not [d_mlp, d_mlp] = {model.cfg.d_mlp}")
+    C = C.to(model_device(model))
+    templates = templates_for(model, hp.context_lengths, cache_dir=cache_dir, model_hash=bh)
+    before = probe(model, requests)
+    w = w_out(model, hp.layer)
+    original = w.detach().clone()
+    us, vs, infos = [], [], []
+    try:
+        for r in requests:
+            u, v, info = compute_delta(model, r, hp, C=C, templates=templates)
+            us.append(u)
+            vs.append(v)
+            infos.append(info)
+            if len(requests) > 1:
+                with torch.no_grad():
+                    w.add_(torch.outer(u, v).to(w.dtype))  # later requests see this edit
+            log.info("ROME %s -> %r: nll %s", r.subject, r.target_new, info["nll_curve"][-1])
+    finally:
+        with torch.no_grad():
+            w.copy_(original)  # the model is unchanged at the end of delta computation
+    delta = LayerDelta(u=torch.stack(us, 1), v=torch.stack(vs, 0))  # [d_mlp, r], [r, d_model]
+    diag = {"before": before, "steps": infos, "templates": templates}
+    res = apply_deltas(
+        model, {hp.layer: delta}, method="rome", requests=requests, diagnostics=diag,
+        hparams=asdict(hp), model_hash=now_hash,
+    )
+    diag["after"] = probe(model, requests)
+    return res
+
+
+def edit(model, request, hparams: ROMEHParams | None = None, **kw) -> EditResult:
+    """Apply one ROME edit; see `edit_many` for the arguments.
+
+    Example:
+        >>> e = rome.edit(model, EditRequest(prompt="{} is located in the city of",
+        ...                                  subject="Eiffel Tower", target_new="Rome"))
+        >>> e.restore()
+    """
+    reqs = as_requests(request)
+    if len(reqs) != 1:
+        raise ValueError(f"request must be one EditRequest, got {len(reqs)}; use edit_many")
+    return edit_many(model, reqs, hparams, **kw)

@@ -1,0 +1,333 @@
+"""Second-moment statistics of MLP keys, C = E[k kᵀ], cached on disk.
+
+ROME's update is `Λ (C⁻¹ k*)ᵀ` and MEMIT's is `R Kᵀ (λC + K Kᵀ)⁻¹`; both need the
+uncentred second moment `C` of the keys `k` that `W_out` of a layer reads
+(`blocks.{l}.mlp.hook_post`, `[d_mlp]`) over generic text. This module streams a corpus
+through the model, stops each forward pass just after the deepest requested layer,
+accumulates `Σ k kᵀ` in float64 and divides by the token count.
+
+Corpora: a local text file (offline, e.g. WikiText-2 raw test) or, when online, a Hugging
+Face dataset given as `"hf:wikitext/wikitext-103-raw-v1:train"` (the paper used Wikipedia /
+WikiText-103). The text is tokenized, concatenated and cut into rows of `seq_len` tokens,
+each prefixed with the model's BOS token; the BOS position is left out of the statistics
+(it is an attention sink with outlier activations, and never a subject token).
+
+Cache: `<cache_dir>/stats/<model>/<weights hash[:16]>/layer<l>_<corpus id>_<tokens>.safetensors`
+holds `C` (float32 by default) and metadata: model id and full weights hash, layer, corpus id
+and sha256, token count, dtype. A file whose metadata does not match the request, or which
+cannot be read, is recomputed with a warning, never used.
+
+Example:
+    >>> from editor.stats import layer_stats
+    >>> C = layer_stats(model, 6, corpus="../shared/data/wikitext-2-raw-test.txt", n_tokens=50_000)
+    >>> C.shape
+    torch.Size([2048, 2048])
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from tracer.hooks import hook_name
+from tracer.model import model_device, model_name, weights_hash
+from tracer.offline import cache_dir as default_cache_dir
+
+log = logging.getLogger(__name__)
+
+STATS_VERSION = "1"
+
+
+class _StopForward(Exception):
+    """Raised in a hook once the deepest needed layer has run."""
+
+
+def _default_corpus() -> str:
+    root = Path(os.environ.get("ROMELENS_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+    return str(root / "wikitext-2-raw-test.txt")
+
+
+def _corpus_text(corpus: str) -> tuple[str, str, str]:
+    """Return (text, corpus id, sha256) for a file path or an `hf:name/config:split` spec."""
+    if corpus.startswith("hf:"):
+        spec = corpus[3:]
+        name, _, split = spec.partition(":")
+        path, _, config = name.partition("/")
+        from datasets import load_dataset  # noqa: PLC0415  (only when asked for)
+
+        ds = load_dataset(path, config or None, split=split or "train")
+        text = "\n".join(t for t in ds["text"] if t.strip())
+        cid = re.sub(r"[^A-Za-z0-9._-]+", "-", spec)
+    else:
+        p = Path(corpus)
+        if not p.is_file():
+            raise ValueError(
+                f"corpus {corpus!r} is not a file; pass a text file (e.g. wikitext-2-raw-test.txt) "
+                "or 'hf:wikitext/wikitext-103-raw-v1:train' when online"
+            )
+        text = p.read_text(encoding="utf-8")
+        cid = re.sub(r"[^A-Za-z0-9._-]+", "-", p.stem)
+    return text, cid, hashlib.sha256(text.encode()).hexdigest()
+
+
+def _rows(model, text: str, seq_len: int) -> Iterator[list[int]]:
+    """Token rows of `seq_len` text tokens (BOS prepended when the model uses one)."""
+    tok = model.tokenizer
+    bos = [tok.bos_token_id] if getattr(model.cfg, "default_prepend_bos", True) and tok.bos_token_id is not None else []
+    paragraphs = [p for p in text.split("\n") if p.strip()]
+    buf: list[int] = []
+    step = 256
+    for i in range(0, len(paragraphs), step):
+        buf.extend(tok("\n".join(paragraphs[i : i + step]) + "\n", add_special_tokens=False)["input_ids"])
+        while len(buf) >= seq_len:
+            yield bos + buf[:seq_len]
+            buf = buf[seq_len:]
+    if len(buf) > 8:
+        yield bos + buf
+
+
+@torch.no_grad()
+def compute_stats(
+    model,
+    layers: Sequence[int],
+    *,
+    corpus: str | None = None,
+    n_tokens: int = 100_000,
+    seq_len: int = 256,
+    batch_size: int = 8,
+    early_stop: bool = True,
+    progress: bool = True,
+) -> tuple[dict[int, Tensor], int]:
+    """Accumulate `E[k kᵀ]` of the keys at each of `layers` over a corpus, without a cache.
+
+    Args:
+        model: a TransformerLens model with a tokenizer.
+        layers: block indices.
+        corpus: text file path or `hf:` spec; default `../shared/data/wikitext-2-raw-test.txt`.
+        n_tokens: stop after this many (non-BOS) tokens; the whole corpus if smaller.
+        seq_len: tokens per row.
+        batch_size: rows per forward pass.
+        early_stop: end each forward pass after the deepest layer (False runs the full
+            model, kept for the speed benchmark).
+        progress: show a tqdm bar.
+
+    Returns:
+        `({layer: C [d_mlp, d_mlp] float64}, tokens counted)`.
+    """
+    layers = sorted(set(int(l) for l in layers))
+    if not layers or layers[0] < 0 or layers[-1] >= model.cfg.n_layers:
+        raise ValueError(f"layers {layers} must be in [0, {model.cfg.n_layers})")
+    if n_tokens < 1:
+        raise ValueError(f"n_tokens {n_tokens} must be >= 1")
+    text, _, _ = _corpus_text(corpus or _default_corpus())
+    has_bos = getattr(model.cfg, "default_prepend_bos", True) and model.tokenizer.bos_token_id is not None
+    seq_len = min(seq_len, model.cfg.n_ctx - int(has_bos))  # rows must fit the context window
+    device = model_device(model)
+    d = model.cfg.d_mlp
+    sums = {l: torch.zeros(d, d, dtype=torch.float64, device=device) for l in layers}
+    pad = model.tokenizer.pad_token_id or 0
+    count = 0
+    state: dict = {}
+
+    def grab(act, hook):
+        layer = int(hook.name.split(".")[1])
+        k = act[:, int(has_bos) :].float()  # drop BOS: [batch, pos, d_mlp]
+        k = k[state["mask"]]  # [tokens, d_mlp], padding removed
+        sums[layer].add_((k.T @ k).double())  # per-batch product in fp32, running sum in fp64
+        if early_stop and layer == layers[-1]:
+            raise _StopForward
+
+    hooks = [(hook_name("key", l), grab) for l in layers]
+    bar = tqdm(total=n_tokens, desc=f"key stats L{layers}", unit="tok", disable=not progress)
+    rows = _rows(model, text, seq_len)
+    done = False
+    while not done:
+        batch = []
+        for r in rows:
+            batch.append(r)
+            if len(batch) == batch_size:
+                break
+        if not batch:
+            break
+        # keep only what is needed to reach n_tokens
+        lens = [len(r) - int(has_bos) for r in batch]
+        budget = n_tokens - count
+        keep, used = [], 0
+        for r, n in zip(batch, lens):
+            if used >= budget:
+                break
+            take = min(n, budget - used)
+            keep.append(r[: take + int(has_bos)])
+            used += take
+        width = max(len(r) for r in keep)
+        tokens = torch.full((len(keep), width), pad, dtype=torch.long, device=device)
+        mask = torch.zeros(len(keep), width - int(has_bos), dtype=torch.bool, device=device)
+        for i, r in enumerate(keep):
+            tokens[i, : len(r)] = torch.tensor(r, device=device)
+            mask[i, : len(r) - int(has_bos)] = True
+        state["mask"] = mask
+        try:
+            with model.hooks(fwd_hooks=hooks):
+                model(tokens)
+        except _StopForward:
+            pass
+        count += used
+        bar.update(used)
+        done = count >= n_tokens or len(batch) < batch_size
+    bar.close()
+    if count == 0:
+        raise ValueError(f"corpus {corpus!r} gave no tokens")
+    if count < n_tokens:
+        log.info("corpus ended after %d tokens (asked for %d)", count, n_tokens)
+    return {l: s / count for l, s in sums.items()}, count
+
+
+def _path(root: Path, name: str, whash: str, layer: int, cid: str, n_tokens: int, dtype: torch.dtype) -> Path:
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "-", name)
+    dt = str(dtype).replace("torch.", "")
+    return root / "stats" / safe / whash[:16] / f"layer{layer}_{cid}_{n_tokens}_{dt}.safetensors"
+
+
+def _atomic_save(tensors: dict[str, Tensor], meta: dict[str, str], path: Path) -> None:
+    from safetensors.torch import save_file  # noqa: PLC0415
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=meta)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _load_checked(path: Path, expect: dict[str, str]) -> Tensor | None:
+    """The cached C if the file reads and its metadata matches `expect`, else None (warned)."""
+    if not path.exists():
+        return None
+    from safetensors import safe_open  # noqa: PLC0415
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            bad = {k: (meta.get(k), v) for k, v in expect.items() if meta.get(k) != v}
+            if bad:
+                log.warning("stats cache %s has mismatched metadata %s; recomputing", path, bad)
+                return None
+            C = f.get_tensor("mom2")
+    except Exception as err:  # corrupt / truncated file
+        log.warning("stats cache %s is unreadable (%s); recomputing", path, err)
+        return None
+    d = int(expect["d_mlp"])
+    if C.shape != (d, d) or not torch.isfinite(C).all():
+        log.warning("stats cache %s holds a bad matrix %s; recomputing", path, tuple(C.shape))
+        return None
+    return C
+
+
+def layer_stats(
+    model,
+    layers: int | Sequence[int],
+    *,
+    corpus: str | None = None,
+    n_tokens: int = 100_000,
+    cache_dir: str | os.PathLike | None = None,
+    dtype: torch.dtype = torch.float32,
+    model_hash: str | None = None,
+    seq_len: int = 256,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> Tensor | dict[int, Tensor]:
+    """`C = E[k kᵀ]` at one layer (a Tensor) or several (a dict), from the cache or computed.
+
+    Layers missing from the cache are computed together in one pass over the corpus.
+
+    Args:
+        model: a TransformerLens model with a tokenizer.
+        layers: a block index or a list of them.
+        corpus: text file or `hf:` spec (default: `../shared/data/wikitext-2-raw-test.txt`).
+        n_tokens: tokens to accumulate.
+        cache_dir: cache root (default `tracer.offline.cache_dir()`); `"none"` disables caching.
+        dtype: dtype stored and returned.
+        model_hash: weights hash of the model the statistics describe (default: computed).
+            Editors pass the hash of the unedited model so that stats survive edits.
+        seq_len, batch_size, progress: see `compute_stats`.
+
+    Returns:
+        `[d_mlp, d_mlp]` on the model's device, or `{layer: C}` when `layers` is a list.
+
+    Example:
+        >>> C = layer_stats(model, 6, n_tokens=20_000, cache_dir="/tmp/romelens")
+    """
+    single = isinstance(layers, int)
+    wanted = [layers] if single else sorted(set(int(l) for l in layers))
+    corpus = corpus or _default_corpus()
+    _, cid, chash = _corpus_text(corpus)
+    whash = model_hash or weights_hash(model)
+    name = model_name(model)
+    use_cache = str(cache_dir).lower() != "none"
+    root = default_cache_dir(cache_dir if use_cache and cache_dir not in ("",) else None)
+    device = model_device(model)
+    out: dict[int, Tensor] = {}
+    missing = []
+    for l in wanted:
+        expect = {
+            "version": STATS_VERSION,
+            "model": name,
+            "weights_hash": whash,
+            "layer": str(l),
+            "corpus": cid,
+            "corpus_sha256": chash,
+            "n_tokens_requested": str(n_tokens),
+            "seq_len": str(seq_len),
+            "dtype": str(dtype),
+            "d_mlp": str(model.cfg.d_mlp),
+        }
+        C = _load_checked(_path(root, name, whash, l, cid, n_tokens, dtype), expect) if use_cache else None
+        if C is None:
+            missing.append(l)
+        else:
+            out[l] = C.to(device=device, dtype=dtype)
+    if missing:
+        computed, count = compute_stats(
+            model, missing, corpus=corpus, n_tokens=n_tokens, seq_len=seq_len, batch_size=batch_size, progress=progress
+        )
+        for l, C in computed.items():
+            out[l] = C.to(dtype)
+            if use_cache:
+                meta = {
+                    "version": STATS_VERSION,
+                    "model": name,
+                    "weights_hash": whash,
+                    "layer": str(l),
+                    "corpus": cid,
+                    "corpus_sha256": chash,
+                    "n_tokens_requested": str(n_tokens),
+                    "n_tokens": str(count),
+                    "seq_len": str(seq_len),
+                    "dtype": str(dtype),
+                    "d_mlp": str(model.cfg.d_mlp),
+                }
+                path = _path(root, name, whash, l, cid, n_tokens, dtype)
+                _atomic_save({"mom2": out[l]}, meta, path)
+                log.info("saved key stats for layer %d (%d tokens) to %s", l, count, path)
+    return out[wanted[0]] if single else {l: out[l] for l in wanted}
+
+
+def stats_path(model, layer: int, *, corpus: str | None = None, n_tokens: int = 100_000,
+               cache_dir: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32,
+               model_hash: str | None = None) -> Path:
+    """Where `layer_stats` caches layer `layer` (for inspection and tests)."""
+    _, cid, _ = _corpus_text(corpus or _default_corpus())
+    root = default_cache_dir(cache_dir)
+    return _path(root, model_name(model), model_hash or weights_hash(model), layer, cid, n_tokens, dtype)

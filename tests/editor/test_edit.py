@@ -1,0 +1,177 @@
+"""ROME, MEMIT and FT-L on a tiny random model: edits move the target, undo is exact."""
+
+import pytest
+import torch
+
+from editor import METHODS, EditOrderError, EditRequest, FTHParams, MEMITHParams, ROMEHParams, apply_saved, edit_stack
+from editor import ft, memit, rome
+from tracer.model import w_out
+
+REQ = EditRequest(prompt="{} is located in the city of", subject="The Eiffel Tower", target_new="Rome", target_true="Paris")
+SUBJECTS = ["The Louvre", "Berlin", "Tokyo", "Apple", "Michael Jordan", "Toko Yasuda", "Danielle Darrieux",
+            "The Colosseum", "France", "London"]
+TARGETS = ["Rome", "Paris", "Tokyo", "Berlin", "London", "Japan", "Italy", "France", "Germany", "California"]
+
+# Random tiny models need large, unregularised value moves to change their predictions.
+ROME_HP = ROMEHParams(layer=1, v_lr=1.0, v_num_grad_steps=15, clamp_norm_factor=50.0, v_weight_decay=0.0,
+                      kl_factor=0.0, context_lengths=((4, 2),))
+MEMIT_HP = MEMITHParams(layers=(0, 1), v_lr=1.0, v_num_grad_steps=15, clamp_norm_factor=50.0, v_weight_decay=0.0,
+                        kl_factor=0.0, context_lengths=((4, 2),), mom2_update_weight=1.0)
+
+
+@pytest.fixture
+def kw(tiny_model, tmp_path):
+    eye = torch.eye(tiny_model.cfg.d_mlp)
+    return {"cache_dir": tmp_path, "stats": eye}
+
+
+def weights(model):
+    return [w_out(model, l).detach().clone() for l in range(model.cfg.n_layers)]
+
+
+def same(a, b):
+    return all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_rome_raises_target_and_restores_bit_exact(tiny_model, kw):
+    w0 = weights(tiny_model)
+    e = rome.edit(tiny_model, REQ, ROME_HP, **kw)
+    assert e.diagnostics["after"]["new_first"][0] > 1.5 * e.diagnostics["before"]["new_first"][0]
+    assert not torch.equal(w_out(tiny_model, 1), w0[1])
+    assert same(weights(tiny_model)[:1], w0[:1]) and same(weights(tiny_model)[2:], w0[2:])  # only the edit layer
+    assert e.deltas[1].rank == 1
+    e.restore()
+    assert same(weights(tiny_model), w0)
+    assert edit_stack(tiny_model) == []
+    with pytest.raises(EditOrderError, match="not applied"):
+        e.restore()
+
+
+@pytest.mark.parametrize("key", ["r-rome", "original"])
+def test_rome_key_options_both_edit(tiny_model, kw, key):
+    from dataclasses import replace
+
+    with rome.edit(tiny_model, REQ, replace(ROME_HP, key=key), **kw) as e:
+        assert e.diagnostics["after"]["new_first"][0] > e.diagnostics["before"]["new_first"][0]
+
+
+def test_context_manager_restores_on_exception(tiny_model, kw):
+    w0 = weights(tiny_model)
+    with pytest.raises(RuntimeError, match="boom"):
+        with rome.edit(tiny_model, REQ, ROME_HP, **kw):
+            assert not same(weights(tiny_model), w0)
+            raise RuntimeError("boom")
+    assert same(weights(tiny_model), w0)
+
+
+def test_out_of_order_restore_is_refused(tiny_model, kw):
+    w0 = weights(tiny_model)
+    e1 = rome.edit(tiny_model, REQ, ROME_HP, **kw)
+    w1 = weights(tiny_model)
+    e2 = rome.edit(tiny_model, EditRequest(prompt="{} is located in the city of", subject="The Louvre", target_new="Tokyo"),
+                   ROME_HP, **kw)
+    with pytest.raises(EditOrderError, match="last-in first-out"):
+        e1.restore()
+    assert e1.applied and e2.applied
+    e2.restore()
+    assert same(weights(tiny_model), w1)
+    e1.restore()
+    assert same(weights(tiny_model), w0)
+
+
+def test_edit_many_rome_is_one_restorable_result(tiny_model, kw):
+    w0 = weights(tiny_model)
+    reqs = [EditRequest(prompt="{} is located in the city of", subject=s, target_new=t) for s, t in zip(SUBJECTS[:3], TARGETS[:3])]
+    with rome.edit_many(tiny_model, reqs, ROME_HP, **kw) as e:
+        assert e.deltas[1].rank == 3
+        # the last edit is computed on the model with the others applied; with C = I on a random
+        # model earlier edits may be overwritten, so only the last is required to hold
+        assert e.diagnostics["after"]["new_first"][-1] > e.diagnostics["before"]["new_first"][-1]
+    assert same(weights(tiny_model), w0)
+
+
+def test_memit_ten_requests_raise_every_target(tiny_model, kw):
+    w0 = weights(tiny_model)
+    reqs = [EditRequest(prompt="{} is located in the city of", subject=s, target_new=t) for s, t in zip(SUBJECTS, TARGETS)]
+    stats = {l: kw["stats"] for l in (0, 1)}
+    e = memit.edit_many(tiny_model, reqs, MEMIT_HP, stats=stats, cache_dir=kw["cache_dir"])
+    before, after = e.diagnostics["before"]["new_seq"], e.diagnostics["after"]["new_seq"]
+    assert (after > before).all(), (before, after)
+    assert set(e.layers) == {0, 1}
+    e.restore()
+    assert same(weights(tiny_model), w0)
+
+
+def test_ft_l_raises_target_and_respects_bound(tiny_model):
+    w0 = weights(tiny_model)
+    hp = FTHParams(layer=1, lr=1e-2, norm_constraint=0.05, num_steps=10)
+    with ft.edit(tiny_model, REQ, hp) as e:
+        assert e.diagnostics["after"]["new_first"][0] > e.diagnostics["before"]["new_first"][0]
+        assert e.deltas[1].dense.abs().max() <= 0.05 + 1e-7
+        grads = e.diagnostics["grad_norms"]
+        assert len(grads) == tiny_model.cfg.n_layers and all(g > 0 for g in grads)
+    assert same(weights(tiny_model), w0)
+
+
+def test_save_then_apply_saved_reproduces_weights(tiny_model, kw, tmp_path):
+    w0 = weights(tiny_model)
+    e = rome.edit(tiny_model, REQ, ROME_HP, **kw)
+    edited = weights(tiny_model)
+    path = e.save(tmp_path / "edit.safetensors")
+    e.restore()
+    e2 = apply_saved(tiny_model, path)
+    assert same(weights(tiny_model), edited)
+    assert e2.requests == (REQ,)
+    with pytest.raises(ValueError, match="weights hash"):
+        apply_saved(tiny_model, path)  # the model is now edited: a different model
+    e2.restore()
+    assert same(weights(tiny_model), w0)
+
+
+def test_memit_save_apply(tiny_model, kw, tmp_path):
+    reqs = [EditRequest(prompt="{} is located in the city of", subject=s, target_new=t) for s, t in zip(SUBJECTS[:4], TARGETS[:4])]
+    stats = {l: kw["stats"] for l in (0, 1)}
+    e = memit.edit_many(tiny_model, reqs, MEMIT_HP, stats=stats, cache_dir=kw["cache_dir"])
+    edited = weights(tiny_model)
+    path = e.save(tmp_path / "m.safetensors")
+    e.restore()
+    with apply_saved(tiny_model, path):
+        assert same(weights(tiny_model), edited)
+
+
+def test_registry_uniform_signature(tiny_model, kw):
+    assert set(METHODS) == {"rome", "memit", "ft-l"}
+    hps = {"rome": ROME_HP, "memit": MEMIT_HP, "ft-l": FTHParams(layer=1, num_steps=2)}
+    w0 = weights(tiny_model)
+    for name, m in METHODS.items():
+        assert isinstance(hps[name], m.HParams)
+        extra = {"memit": {"stats": {0: kw["stats"], 1: kw["stats"]}}}.get(name, {"stats": kw["stats"]})
+        with m.edit_many(tiny_model, [REQ], hps[name], cache_dir=kw["cache_dir"], **extra) as e:
+            assert e.method == name
+    assert same(weights(tiny_model), w0)
+
+
+def test_bad_inputs(tiny_model, kw):
+    with pytest.raises(ValueError, match="layer"):
+        rome.edit(tiny_model, REQ, ROMEHParams(layer=9), **kw)
+    with pytest.raises(ValueError, match="stats shape"):
+        rome.edit(tiny_model, REQ, ROME_HP, stats=torch.eye(3), cache_dir=kw["cache_dir"])
+    with pytest.raises(ValueError, match="one EditRequest"):
+        rome.edit(tiny_model, [REQ, REQ], ROME_HP, **kw)
+    with pytest.raises(ValueError, match="key"):
+        ROMEHParams(layer=1, key="new")
+    with pytest.raises(ValueError, match="not found"):
+        rome.edit(tiny_model, EditRequest(prompt="{} is in", subject="Zzqx", target_new="Rome"), ROME_HP, **kw) if False else \
+            __import__("tracer").locate_subject(tiny_model, "The Louvre is in", "Eiffel")
+
+
+def test_stats_from_cache_dir(tiny_model, tmp_path):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("The Eiffel Tower is located in the city of Paris.\n" * 50)
+    from dataclasses import replace
+
+    hp = replace(ROME_HP, mom2_n_tokens=300)
+    with rome.edit(tiny_model, REQ, hp, corpus=str(corpus), cache_dir=tmp_path / "cache") as e:
+        assert e.diagnostics["after"]["new_first"][0] > e.diagnostics["before"]["new_first"][0]
+    assert list((tmp_path / "cache" / "stats").rglob("*.safetensors"))
+    assert list((tmp_path / "cache" / "context").rglob("*.json"))

@@ -1,0 +1,83 @@
+"""Key statistics: correctness against a direct computation, cache round-trip, corruption."""
+
+import logging
+
+import pytest
+import torch
+
+from editor.stats import compute_stats, layer_stats, stats_path
+from tracer.hooks import hook_name
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    p = tmp_path / "corpus.txt"
+    p.write_text("\n".join(["The Eiffel Tower is located in the city of Paris and the Louvre too."] * 40))
+    return str(p)
+
+
+def test_stats_match_direct_computation(tiny_model, corpus):
+    C, n = compute_stats(tiny_model, [1], corpus=corpus, n_tokens=200, seq_len=20, batch_size=3, progress=False)
+    assert n == 200
+    # direct: same rows, full forward, keys without the BOS position
+    from editor.stats import _rows
+
+    rows = []
+    for r in _rows(tiny_model, open(corpus).read(), 20):
+        rows.append(r)
+    keys, total = [], 0
+    for r in rows:
+        _, cache = tiny_model.run_with_cache(torch.tensor([r]), names_filter=hook_name("key", 1))
+        k = cache[hook_name("key", 1)][0, 1:].double()
+        k = k[: 200 - total]
+        keys.append(k)
+        total += len(k)
+        if total >= 200:
+            break
+    K = torch.cat(keys)
+    assert torch.allclose(C[1], K.T @ K / len(K), rtol=1e-5, atol=1e-7)
+
+
+def test_several_layers_one_pass_and_early_stop_equal(tiny_model, corpus):
+    a, _ = compute_stats(tiny_model, [0, 2], corpus=corpus, n_tokens=100, progress=False)
+    b, _ = compute_stats(tiny_model, [0, 2], corpus=corpus, n_tokens=100, early_stop=False, progress=False)
+    for l in (0, 2):
+        assert torch.allclose(a[l], b[l])
+    assert not torch.allclose(a[0], a[2])
+
+
+def test_cache_round_trip_and_corruption(tiny_model, corpus, tmp_path, caplog):
+    cache = tmp_path / "cache"
+    C1 = layer_stats(tiny_model, 1, corpus=corpus, n_tokens=150, cache_dir=cache, progress=False)
+    path = stats_path(tiny_model, 1, corpus=corpus, n_tokens=150, cache_dir=cache)
+    assert path.exists()
+    mtime = path.stat().st_mtime_ns
+    C2 = layer_stats(tiny_model, 1, corpus=corpus, n_tokens=150, cache_dir=cache, progress=False)
+    assert torch.equal(C1, C2)
+    assert path.stat().st_mtime_ns == mtime  # read, not recomputed
+    path.write_bytes(path.read_bytes()[:100])  # truncate: corrupt
+    with caplog.at_level(logging.WARNING, logger="editor.stats"):
+        C3 = layer_stats(tiny_model, 1, corpus=corpus, n_tokens=150, cache_dir=cache, progress=False)
+    assert "unreadable" in caplog.text
+    assert torch.equal(C1, C3)
+    assert path.stat().st_size > 1000  # rewritten
+
+
+def test_cache_metadata_mismatch_is_recomputed(tiny_model, corpus, tmp_path, caplog):
+    from safetensors.torch import save_file
+
+    cache = tmp_path / "cache"
+    C1 = layer_stats(tiny_model, 1, corpus=corpus, n_tokens=150, cache_dir=cache, progress=False)
+    path = stats_path(tiny_model, 1, corpus=corpus, n_tokens=150, cache_dir=cache)
+    save_file({"mom2": torch.zeros_like(C1)}, str(path), metadata={"layer": "1"})  # wrong metadata
+    with caplog.at_level(logging.WARNING, logger="editor.stats"):
+        C2 = layer_stats(tiny_model, 1, corpus=corpus, n_tokens=150, cache_dir=cache, progress=False)
+    assert "mismatched" in caplog.text
+    assert torch.equal(C1, C2)
+
+
+def test_bad_arguments(tiny_model, corpus):
+    with pytest.raises(ValueError, match="corpus"):
+        compute_stats(tiny_model, [0], corpus="/no/such/file.txt", progress=False)
+    with pytest.raises(ValueError, match="layers"):
+        compute_stats(tiny_model, [7], corpus=corpus, progress=False)
