@@ -1,0 +1,105 @@
+"""Command line: causal trace of one prompt, or of a fact set with the edit-layer choice.
+
+Examples:
+    python -m tracer --model gemma-3-270m --prompt "The Eiffel Tower is located in the city of" \\
+        --subject "Eiffel Tower" --kind all --out trace.html
+    python -m tracer --model gemma-3-270m --facts ../shared/data/known_1000.json --n 50 --out runs/known50
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from tracer.hooks import KINDS
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m tracer", description="Causal tracing (Meng et al. 2022) on TransformerLens models.")
+    p.add_argument("--model", default="gemma-3-270m", help="model name (default: the offline gemma-3-270m)")
+    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    one = p.add_argument_group("single prompt")
+    one.add_argument("--prompt", help="the prompt, subject included")
+    one.add_argument("--subject", help="the subject to corrupt")
+    one.add_argument("--target", help="answer to score (default: the clean top-1 token)")
+    one.add_argument("--kind", default="all", choices=(*KINDS, "all"), help="state to restore (default: all)")
+    one.add_argument("--severed", choices=("mlp", "attn"), help="freeze this sublayer at later layers (kind resid)")
+    one.add_argument("--corrupted-prompt", help="run this prompt (same token length) instead of adding noise")
+    ds = p.add_argument_group("dataset")
+    ds.add_argument("--facts", help="known_1000.json path: trace the facts the model gets right")
+    ds.add_argument("--n", type=int, default=None, help="number of known facts to trace (default: all)")
+    ds.add_argument("--kinds", default="resid,mlp,attn", help="comma-separated kinds for --facts")
+    p.add_argument("--window", type=int, default=10, help="layers per mlp/attn window (default: 10)")
+    p.add_argument("--samples", type=int, default=10, help="noise samples (default: 10)")
+    p.add_argument("--noise", type=float, default=3.0, help="noise std as a multiple of the embedding std (default: 3)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=128, help="restored runs per forward pass")
+    p.add_argument("--noise-reference", help="known_1000.json whose subjects set the embedding std (default: built-in list)")
+    p.add_argument("--out", help="single prompt: .html/.png/.json file; dataset: output folder")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or info logs")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.facts is None and (args.prompt is None or args.subject is None):
+        _parser().error("give --prompt and --subject, or --facts")
+    from tracer.model import load_model  # noqa: PLC0415
+
+    model = load_model(args.model, device=args.device)
+    common = dict(window=args.window, samples=args.samples, noise=args.noise, seed=args.seed, batch_size=args.batch_size)
+    if args.facts is not None:
+        from tracer.dataset import trace_dataset  # noqa: PLC0415
+        from tracer.layer import choose_from_result  # noqa: PLC0415
+
+        kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
+        ref = args.noise_reference or args.facts
+        res = trace_dataset(model, args.facts, kinds=kinds, n=args.n, out=args.out, noise_reference=ref, progress=not args.quiet, **common)
+        print(f"facts checked {res.n_tried}: kept {res.n_facts} the model gets right, dropped {res.n_dropped}")
+        if res.n_facts:
+            print(f"average high {float(res.high.mean()):.4f}, average low {float(res.low.mean()):.4f}")
+            for k in kinds:
+                m, c = res.curve(k, "last_subject")
+                best = int(m.argmax())
+                print(f"{k:5s} last subject token: peak AIE {float(m[best]):.4f} ± {float(c[best]):.4f} at layer {best}")
+            if "mlp" in kinds:
+                ch = choose_from_result(res)
+                print(f"chosen edit layer: {ch.layer} (MLP AIE at last subject token {ch.curve[ch.layer]:.4f} ± {ch.ci[ch.layer]:.4f}, runner-up layer {ch.runner_up}, margin {ch.margin:.4f}, {ch.n_facts} facts)")
+        if args.out:
+            res.save(args.out)
+            print(f"wrote {Path(args.out) / 'summary.json'}, heatmaps.html, lines.html, traces.jsonl")
+        return 0
+
+    from tracer.result import plot_traces, save_figure  # noqa: PLC0415
+    from tracer.trace import trace_all, trace_prompt  # noqa: PLC0415
+
+    opts = dict(target=args.target, corrupted_prompt=args.corrupted_prompt, noise_reference=args.noise_reference, **common)
+    if args.kind == "all":
+        if args.severed:
+            _parser().error("--severed needs --kind resid")
+        results = list(trace_all(model, args.prompt, args.subject, **opts).values())
+    else:
+        results = [trace_prompt(model, args.prompt, args.subject, kind=args.kind, severed=args.severed, **opts)]
+    r0 = results[0]
+    print(f"target {r0.target!r}: high (clean) {r0.high:.4f}, low (corrupted) {r0.low:.4f}")
+    for r in results:
+        ie = r.indirect_effect()
+        t, layer = divmod(int(ie.argmax()), ie.shape[1])
+        print(f"{r.kind:5s}: max indirect effect {float(ie.max()):+.4f} at token {r.labels()[t]!r} layer {layer}")
+    if args.out:
+        if args.out.endswith(".json"):
+            from tracer.result import atomic_write_text  # noqa: PLC0415
+
+            atomic_write_text(args.out, json.dumps([r.to_dict() for r in results]))
+        else:
+            save_figure(plot_traces(results) if len(results) > 1 else results[0].plot(), args.out)
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
