@@ -180,6 +180,10 @@ def _run(args, argv, *, parser_module, load) -> dict:
     from benchmarks.perplexity import wikitext_perplexity  # noqa: PLC0415
     from tracer import TL_API, load_model, weights_hash  # noqa: PLC0415
 
+    import torch  # noqa: PLC0415
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     records = load(args.data, n=args.n, start=args.start)
     method = runner.get_method(args.method)
     gen_tokens = 0 if args.no_generation else args.gen_tokens
@@ -200,6 +204,7 @@ def _run(args, argv, *, parser_module, load) -> dict:
         batch=args.batch,
         perplexity=ppl,
         ppl_every=args.ppl_every,
+        max_minutes=args.max_minutes,
         desc=f"counterfact {args.method}",
     )
     restored = weights_hash(model) == before

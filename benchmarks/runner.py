@@ -178,6 +178,7 @@ def run_records(
     hparams=None,
     perplexity: Callable[[Any], float] | None = None,
     ppl_every: int = 25,
+    max_minutes: float | None = None,
     desc: str = "records",
 ) -> list[dict]:
     """Edit, evaluate and restore each record (or each batch), appending one JSON line per record.
@@ -195,6 +196,8 @@ def run_records(
             every `ppl_every`-th record (per-record runs) or once per batch (batched runs)
             and stored as `ppl_after` on that record's line.
         ppl_every: sampling period for per-record runs.
+        max_minutes: stop starting new records (or batches) after this many minutes; the
+            rows so far are returned and a later run resumes from there.
         desc: tqdm label.
 
     Returns:
@@ -229,6 +232,9 @@ def run_records(
             pending = [r for r in group if r.case_id not in done]
             if not pending:
                 continue
+            if max_minutes is not None and time.perf_counter() - start > 60 * max_minutes:
+                log.warning("stopping after %.1f minutes (--max-minutes); rerun to resume", max_minutes)
+                break
             t0 = time.perf_counter()
             try:
                 edit = _apply(method, model, [r.request() for r in group], hparams)
@@ -386,9 +392,12 @@ def add_common_args(parser) -> None:
     parser.add_argument("--data", default=None, help="records JSON (default: $ROMELENS_DATA or ../shared/data)")
     parser.add_argument("--batch", type=int, default=None, help="apply K edits at once (MEMIT); default one at a time")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--ppl-tokens", type=int, default=4096, help="WikiText-2 tokens for perplexity; 0 disables")
+    parser.add_argument("--ppl-tokens", type=int, default=2048, help="WikiText-2 tokens for perplexity; 0 disables")
     parser.add_argument("--ppl-every", type=int, default=25, help="per-record runs: perplexity after every k-th edit")
     parser.add_argument("--wikitext", default=None, help="WikiText-2 raw test text (default: shared data)")
+    parser.add_argument("--max-minutes", type=float, default=None, help="stop after this long, summarize, resume later")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (1 avoids oversubscription on shared CPUs)")
 
 
 def command_line(module: str, argv) -> str:

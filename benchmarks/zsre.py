@@ -79,6 +79,10 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
+    import torch  # noqa: PLC0415
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     records = load_zsre(args.data, n=args.n, start=args.start)
     method = runner.get_method(args.method)
     model = load_model(args.model, device=args.device)
@@ -97,6 +101,7 @@ def main(argv=None) -> dict:
         batch=args.batch,
         perplexity=ppl,
         ppl_every=args.ppl_every,
+        max_minutes=args.max_minutes,
         desc=f"zsre {args.method}",
     )
     restored = weights_hash(model) == before

@@ -1,0 +1,88 @@
+"""CounterFact evaluation on the tiny model, and the CLI end to end (resume included)."""
+
+import json
+
+import pytest
+import torch
+
+import tracer
+from benchmarks import counterfact, metrics, runner
+from benchmarks.counterfact import RS_FALLBACK, Reference, evaluate_counterfact
+from benchmarks.data import load_counterfact
+from tests.conftest import FIXTURES
+from tracer import encode, target_probs
+
+
+@pytest.fixture
+def records():
+    return load_counterfact(FIXTURES / "counterfact_tiny.json")
+
+
+def test_evaluate_matches_target_probs(tiny_model, records):
+    r = records[0]
+    row = evaluate_counterfact(tiny_model, r, gen_tokens=0)
+    new = target_probs(tiny_model, [r.rewrite_prompt], [r.target_new]).mean_nll.item()
+    true = target_probs(tiny_model, [r.rewrite_prompt], [r.target_true]).mean_nll.item()
+    assert row["nll"]["rewrite"]["new"][0] == pytest.approx(new, abs=1e-5)
+    assert row["es"] == float(new < true)
+    ns = [float(t < n) for n, t in zip(row["nll"]["neighborhood"]["new"], row["nll"]["neighborhood"]["true"])]
+    assert row["ns"] == pytest.approx(sum(ns) / len(ns))
+    assert "ge" not in row and "rs" not in row
+
+
+def _slow_greedy(model, prompt, steps):
+    ids = encode(model, prompt)
+    for _ in range(steps):
+        logits = model(torch.tensor([ids]))
+        ids.append(int(logits[0, -1].argmax()))
+    return model.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def test_greedy_generate_matches_full_forward(tiny_model):
+    prompts = ["The Eiffel Tower is", "Tokyo is the capital of Japan and"]
+    fast = metrics.greedy_generate(tiny_model, prompts, max_new_tokens=4)
+    assert fast == [_slow_greedy(tiny_model, p, 4) for p in prompts]
+    assert fast[0].startswith("The Eiffel Tower is")
+
+
+def test_generation_metrics_and_fallback_reference(tiny_model, records):
+    ref = Reference(tfidf=metrics.Tfidf.fit(["the city of paris", "rome italy", "the colosseum"]))
+    assert ref.fallback and ref.column == RS_FALLBACK
+    row = evaluate_counterfact(tiny_model, records[0], gen_tokens=3, reference=ref)
+    assert len(row["text"]) == 2  # three generation prompts, two distinct
+    texts = [row["text"][0], row["text"][0], row["text"][1]]
+    assert row["ge"] == pytest.approx(sum(metrics.ngram_entropy(t) for t in texts) / 3)
+    refs = " ".join(p + " Paris" for p in records[0].attribute_prompts)
+    assert row["rs"] == pytest.approx(ref.tfidf.similarity(" ".join(texts), refs))
+
+
+def test_cli_end_to_end_and_resume(tiny_model, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(tracer, "load_model", lambda *a, **k: tiny_model)
+    wiki = tmp_path / "wiki.txt"
+    wiki.write_text("= Heading =\n The Eiffel Tower is located in the city of Paris .\n Tokyo is the capital of Japan .\n" * 5)
+    out = tmp_path / "run"
+    argv = ["--method", "none", "--n", "2", "--out", str(out), "--data", str(FIXTURES / "counterfact_tiny.json"),
+            "--gen-tokens", "3", "--wikitext", str(wiki), "--ppl-tokens", "40", "--ppl-every", "1"]
+    s1 = counterfact.main(argv)
+    printed = capsys.readouterr().out
+    assert "| S | ES | PS | NS | GE |" in printed and RS_FALLBACK in printed
+    for col in ("S", "ES", "PS", "NS", "GE", RS_FALLBACK, "EM", "PM", "NM"):
+        assert col in s1["columns"], col
+    assert s1["records_evaluated"] == 2 and s1["model_restored"]
+    assert s1["perplexity"]["before"] == pytest.approx(s1["perplexity"]["after"])  # 'none' changes nothing
+    assert (out / "summary.md").exists() and (out / "figure.html").exists()
+    lines = (out / runner.RECORDS).read_text().splitlines()
+    assert len(lines) == 2
+    # rerun with one more record: the first two are not redone
+    calls = []
+    real = counterfact.evaluate_counterfact
+    monkeypatch.setattr(counterfact, "evaluate_counterfact", lambda m, r, **k: calls.append(r.case_id) or real(m, r, **k))
+    s2 = counterfact.main([*argv[:3], "3", *argv[4:]])
+    assert calls == [103]
+    assert s2["records_evaluated"] == 3
+    assert json.loads((out / "summary.json").read_text())["records_requested"] == 3
+
+
+def test_cli_unknown_method(tmp_path):
+    with pytest.raises(ValueError, match="method 'bogus'"):
+        counterfact.main(["--method", "bogus", "--out", str(tmp_path), "--data", str(FIXTURES / "counterfact_tiny.json")])
