@@ -140,12 +140,11 @@ def known_mask(model, facts: Sequence[Fact], *, batch_size: int = 32) -> list[bo
     return out
 
 
-def group_effects(res: TraceResult) -> torch.Tensor:
-    """`[len(GROUPS), n_layers]` mean indirect effect per token group (NaN for an empty group)."""
-    ie = res.indirect_effect().float()
-    a, b = res.subject
-    last = ie.shape[0] - 1
-    idx = {
+def group_tokens(subject: tuple[int, int], n_pos: int) -> dict[str, list[int]]:
+    """Token positions of each group for a prompt of `n_pos` tokens with subject span `subject`."""
+    a, b = subject
+    last = n_pos - 1
+    return {
         "first_subject": [a],
         "middle_subject": list(range(a + 1, b - 1)),
         "last_subject": [b - 1],
@@ -153,6 +152,12 @@ def group_effects(res: TraceResult) -> torch.Tensor:
         "further": list(range(b + 1, last)),
         "last": [last],
     }
+
+
+def group_effects(res: TraceResult) -> torch.Tensor:
+    """`[len(GROUPS), n_layers]` mean indirect effect per token group (NaN for an empty or untraced group)."""
+    ie = res.indirect_effect().float()
+    idx = group_tokens(res.subject, ie.shape[0])
     rows = [ie[idx[g]].mean(0) if idx[g] else torch.full((ie.shape[1],), float("nan")) for g in GROUPS]
     return torch.stack(rows)
 
@@ -325,6 +330,11 @@ def _nan_list(t: torch.Tensor):
     return [_nan_list(x) for x in t] if t.ndim else (None if math.isnan(float(t)) else float(t))
 
 
+def _tensor(rows) -> torch.Tensor:
+    """Inverse of `_nan_list`: None back to NaN."""
+    return torch.tensor([[float("nan") if x is None else x for x in row] for row in rows], dtype=torch.float32)
+
+
 def _read_records(path: Path) -> dict:
     records = {}
     if not path.exists():
@@ -347,6 +357,7 @@ def trace_dataset(
     kinds: Sequence[str] = KINDS,
     n: int | None = None,
     out: str | os.PathLike | None = None,
+    groups: Sequence[str] | None = None,
     window: int = 10,
     samples: int = 10,
     noise: float | NoiseScale = 3.0,
@@ -365,6 +376,8 @@ def trace_dataset(
         kinds: kinds to trace.
         n: stop after this many facts the model gets right (None: all).
         out: folder for `traces.jsonl` (one line per fact, for resuming) and `config.json`.
+        groups: token groups to trace (None: all of `GROUPS`); tracing only "last_subject"
+            is about `n_tokens` times cheaper and is all `choose_edit_layer` needs.
         window, samples, noise, seed, batch_size: as in `trace_prompt`.
         noise_reference: subjects setting the noise std; None uses `facts` when it is a path,
             else the built-in list.
@@ -383,11 +396,14 @@ def trace_dataset(
         raise ValueError(f"kinds {kinds!r} must be a non-empty subset of {KINDS}")
     if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
         raise ValueError(f"n {n!r} must be None or an integer >= 1")
+    groups = tuple(GROUPS if groups is None else groups)
+    if not groups or any(g not in GROUPS for g in groups):
+        raise ValueError(f"groups {groups!r} must be a non-empty subset of {GROUPS}")
     if noise_reference is None and isinstance(facts, (str, os.PathLike)):
         noise_reference = facts
     facts = load_facts(facts)
     noise_std = resolve_noise(model, noise, reference=noise_reference, cache=noise_cache)
-    config = {"model": model_name(model), "kinds": list(kinds), "window": window, "samples": samples, "noise_std": noise_std, "seed": seed}
+    config = {"model": model_name(model), "kinds": list(kinds), "groups": list(groups), "window": window, "samples": samples, "noise_std": noise_std, "seed": seed}
     records: dict = {}
     jsonl = None
     if out is not None:
@@ -425,7 +441,12 @@ def trace_dataset(
             rec["subject_span"] = list(runs.prompt.subject)
             rec["tokens"] = list(runs.prompt.tokens)
             rec["high"], rec["low"] = runs.high, runs.low
-            rec["scores"] = {k: restore_scores(model, runs, kind=k, window=window, batch_size=batch_size).tolist() for k in kinds}
+            where = group_tokens(runs.prompt.subject, len(runs.prompt.ids))
+            todo = None if set(groups) == set(GROUPS) else sorted({t for g in groups for t in where[g]})
+            rec["scores"] = {
+                k: _nan_list(restore_scores(model, runs, kind=k, window=window, batch_size=batch_size, tokens=todo))
+                for k in kinds
+            }
             n_kept += 1
             bar.update(1)
         elif n is None:
@@ -449,7 +470,7 @@ def trace_dataset(
         per = []
         for r in good:
             res = TraceResult(
-                scores=torch.tensor(r["scores"][k]), low=r["low"], high=r["high"], prompt=r["prompt"],
+                scores=_tensor(r["scores"][k]), low=r["low"], high=r["high"], prompt=r["prompt"],
                 tokens=tuple(r["tokens"]), subject=tuple(r["subject_span"]), target=r["predicted"], target_id=-1,
                 kind=k, window=window, samples=samples, noise_std=noise_std,
             )

@@ -226,9 +226,10 @@ class _Cond:
     stop: Tensor  # [m] first layer no longer restored (mlp/attn windows)
 
 
-def _conditions(kind: str, n_pos: int, n_layers: int, first: int, window: int) -> list[_Cond]:
+def _conditions(kind: str, n_pos: int, n_layers: int, first: int, window: int, tokens=None) -> list[_Cond]:
     groups: dict[int, list[tuple[int, int, int]]] = {}
-    for t in range(first, n_pos):
+    todo = range(first, n_pos) if tokens is None else sorted({t for t in tokens if t >= first})
+    for t in todo:
         for l in range(n_layers):
             if kind == "resid":
                 start, stop = l + 1, l + 1
@@ -252,6 +253,7 @@ def restore_scores(
     window: int = 10,
     severed: str | None = None,
     batch_size: int = 128,
+    tokens=None,
 ) -> Float[Tensor, "pos layer"]:
     """Scores of every (token, layer) restoration, batched and resumed from cached states.
 
@@ -262,6 +264,7 @@ def restore_scores(
         window: layers per mlp/attn window.
         severed: None, or "mlp"/"attn" to freeze that sublayer at later layers (resid only).
         batch_size: most restored runs (rows) per forward pass.
+        tokens: token positions to trace (None: all); rows of other tokens are NaN.
 
     Returns:
         `[pos, layer]` target probabilities averaged over noise samples.
@@ -281,9 +284,18 @@ def restore_scores(
     device = runs.corrupt_pre.device
     sums = torch.zeros(n_pos * n, dtype=torch.float64)
     first = runs.first_changed
+    if tokens is not None:
+        tokens = [int(t) for t in tokens]
+        bad = [t for t in tokens if not 0 <= t < n_pos]
+        if bad:
+            raise ValueError(f"tokens {bad} are outside the prompt's 0..{n_pos - 1}")
+        skip = torch.ones(n_pos, dtype=torch.bool)
+        skip[tokens] = False
     sums.view(n_pos, n)[:first] = runs.low * samples  # restoring an unchanged state is a no-op
+    if tokens is not None:
+        sums.view(n_pos, n)[skip] = float("nan")
     patch_kind = None if kind == "resid" else kind
-    for cond in _conditions(kind, n_pos, n, first, window):
+    for cond in _conditions(kind, n_pos, n, first, window, tokens):
         m = len(cond.tok)
         # every condition is repeated for each noise sample: row r -> (condition r // S, sample r % S)
         tok_all = cond.tok.repeat_interleave(samples)

@@ -119,7 +119,20 @@ def test_choose_edit_layer_takes_the_mlp_peak_at_the_last_subject_token(tiny_mod
     assert choice.n_facts == 3 and len(choice.curve) == tiny_model.cfg.n_layers
     assert choice.margin >= 0 and choice.runner_up != choice.layer
     direct = choose_edit_layer(tiny_model, FACTS, samples=2, noise=NOISE, window=1, progress=False)
-    assert direct == choose_from_result(res)
+    expect = choose_from_result(res)
+    assert direct.layer == expect.layer and direct.n_facts == expect.n_facts
+    assert torch.allclose(torch.tensor(direct.curve), torch.tensor(expect.curve), atol=1e-6)
+
+
+def test_trace_dataset_groups_restrict_tokens(tiny_model):
+    res = trace_dataset(tiny_model, FACTS, kinds=("mlp",), groups=("last_subject",), samples=1, noise=NOISE, window=2, progress=False)
+    mean = res.mean("mlp")
+    assert torch.isfinite(mean[GROUPS.index("last_subject")]).all()
+    assert torch.isnan(mean[GROUPS.index("last")]).all()
+    full = trace_dataset(tiny_model, FACTS, kinds=("mlp",), samples=1, noise=NOISE, window=2, progress=False)
+    assert torch.allclose(full.curve("mlp")[0], res.curve("mlp")[0], atol=1e-6)
+    with pytest.raises(ValueError, match="groups"):
+        trace_dataset(tiny_model, FACTS, groups=("subject",), noise=NOISE)
 
 
 def test_choose_edit_layer_without_inputs_raises():
@@ -136,7 +149,10 @@ def test_trace_dataset_bad_kinds_raise(tiny_model):
 
 @pytest.mark.integration
 def test_gemma_trace_dataset_on_20_known_facts(gemma, shared_data, tmp_path):
-    res = trace_dataset(gemma, shared_data / "known_1000.json", kinds=("mlp",), n=20, samples=2, out=tmp_path, progress=False)
+    res = trace_dataset(
+        gemma, shared_data / "known_1000.json", kinds=("mlp",), n=20, samples=2, out=tmp_path, progress=False,
+        groups=("last_subject", "first_subsequent"),  # two token rows per fact keep this test short on a CPU
+    )
     assert res.n_facts == 20 and res.n_tried >= 20
     mean, ci = res.curve("mlp", "last_subject")
     assert mean.shape == (gemma.cfg.n_layers,) and torch.isfinite(ci).all() and (ci > 0).all()

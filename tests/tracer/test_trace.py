@@ -73,6 +73,18 @@ def test_batch_size_does_not_change_scores(tiny_model, runs):
     assert (a - b).abs().max() < 1e-6
 
 
+def test_restricting_tokens_traces_only_those(tiny_model, runs):
+    full = restore_scores(tiny_model, runs, kind="attn", window=2)
+    last_subject = runs.prompt.subject[1] - 1
+    part = restore_scores(tiny_model, runs, kind="attn", window=2, tokens=[0, last_subject])
+    assert torch.allclose(part[last_subject], full[last_subject], atol=1e-7)
+    assert torch.allclose(part[0], full[0])  # before the subject: low, without running
+    others = [t for t in range(full.shape[0]) if t not in (0, last_subject)]
+    assert torch.isnan(part[others]).all()
+    with pytest.raises(ValueError, match="tokens"):
+        restore_scores(tiny_model, runs, tokens=[99])
+
+
 def test_window_larger_than_model_covers_all_layers(tiny_model, runs):
     n = tiny_model.cfg.n_layers
     for layer in range(n):

@@ -1,0 +1,181 @@
+"""Causal-tracing speed: the paper's straightforward method vs `tracer.trace_prompt` (a script, not a test).
+
+The reference below is written out plainly, like `trace_with_patch` in the paper's code:
+for every (token, layer, kind) it runs one batch of `samples + 1` copies of the prompt
+(row 0 clean, rows 1.. corrupted by the same seeded noise), copies the clean state into the
+corrupted rows with hooks, computes full `[batch, pos, vocab]` logits and averages the
+softmax probability of the target at the last position. `trace_prompt` must give the same
+scores within 1e-4.
+
+Run:
+    python -m benchmarks.trace_speed                       # Gemma-3-270m, ~10-token prompt
+    python -m benchmarks.trace_speed --facts ../shared/data/known_1000.json   # + projection
+
+Prints wall time per method and kind, speedup, restored runs per second, estimated FLOPs
+against the measured matmul throughput of this machine, peak memory, and a projected time
+for tracing the whole known_1000 set with all three kinds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import time
+
+import torch
+
+from tracer import load_model, locate_subject
+from tracer.hooks import EMBED, KINDS, hook_name
+from tracer.noise import NoiseCache, NoiseScale, resolve_noise
+from tracer.trace import _conditions, prepare_runs, restore_scores, window_layers
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+@torch.no_grad()
+def reference_trace(model, prompt, subject, *, kind, noise_std, samples, seed, window, target_id):
+    """The paper's method: one forward pass with full logits per (token, layer)."""
+    pt = locate_subject(model, prompt, subject)
+    a, b = pt.subject
+    n, n_pos = model.cfg.n_layers, len(pt.ids)
+    gen = torch.Generator().manual_seed(seed)
+    noise = noise_std * torch.randn(samples, b - a, model.cfg.d_model, generator=gen)
+    tokens = pt.tensor().repeat(samples + 1, 1)  # row 0 clean, rows 1.. corrupted
+
+    def corrupt(x, hook):
+        x = x.clone()
+        x[1:, a:b] += noise
+        return x
+
+    def restore(t):
+        def hook(x, hook):
+            x[1:, t] = x[0, t]
+            return x
+
+        return hook
+
+    table = torch.zeros(n_pos, n)
+    for t in range(n_pos):
+        for layer in range(n):
+            layers = [layer] if kind == "resid" else list(window_layers(layer, window, n))
+            hooks = [(EMBED, corrupt)] + [(hook_name(kind, L), restore(t)) for L in layers]
+            with model.hooks(fwd_hooks=hooks):
+                logits = model(tokens)  # [samples + 1, pos, vocab]: the full unembedding
+            table[t, layer] = logits[1:, -1].float().softmax(-1)[:, target_id].mean()
+    return table
+
+
+def layer_flops(cfg, n_tokens: int) -> float:
+    """Forward FLOPs of one block over `n_tokens` tokens (matmuls only, 2 per multiply-add)."""
+    d, h, dh = cfg.d_model, cfg.n_heads, cfg.d_head
+    kv = getattr(cfg, "n_key_value_heads", None) or h
+    attn = 2 * d * h * dh * 2 + 2 * d * kv * dh * 2 + 2 * 2 * n_tokens * h * dh
+    mlp = 2 * d * cfg.d_mlp * (3 if getattr(cfg, "gated_mlp", False) else 2)
+    return n_tokens * (attn + mlp)
+
+
+def matmul_gflops(size: int = 1024, reps: int = 10) -> float:
+    x, y = torch.randn(size, size), torch.randn(size, size)
+    x @ y
+    t = time.perf_counter()
+    for _ in range(reps):
+        x @ y
+    return 2 * size**3 * reps / (time.perf_counter() - t) / 1e9
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="gemma-3-270m")
+    p.add_argument("--prompt", default="The Eiffel Tower is located in the city of")
+    p.add_argument("--subject", default="Eiffel Tower")
+    p.add_argument("--samples", type=int, default=10)
+    p.add_argument("--window", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--kinds", default="resid,mlp,attn")
+    p.add_argument("--facts", help="known_1000.json: count the facts the model knows and project the full run")
+    p.add_argument("--json", help="also write the numbers to this JSON file")
+    args = p.parse_args(argv)
+    kinds = [k for k in args.kinds.split(",") if k]
+    torch.set_grad_enabled(False)
+
+    t0 = time.perf_counter()
+    model = load_model(args.model)
+    print(f"model {args.model}: loaded in {time.perf_counter() - t0:.1f} s, torch threads {torch.get_num_threads()}")
+    noise_std = resolve_noise(model, 3.0, reference=args.facts, cache=NoiseCache())
+    cfg, V = model.cfg, model.cfg.d_vocab
+    pt = locate_subject(model, args.prompt, args.subject)
+    n, T, S = cfg.n_layers, len(pt.ids), args.samples
+    print(f"prompt {args.prompt!r}: {T} tokens, subject {pt.subject}, {n} layers, samples {S}, noise std {noise_std:.4f}")
+    rss_model = peak_rss_mib()
+
+    out = {"model": args.model, "tokens": T, "layers": n, "samples": S, "kinds": {}}
+    t0 = time.perf_counter()
+    runs = prepare_runs(model, args.prompt, args.subject, samples=S, noise=NoiseScale(value=noise_std), seed=args.seed)
+    t_prep = time.perf_counter() - t0
+    fast = {}
+    for kind in kinds:
+        t0 = time.perf_counter()
+        fast[kind] = restore_scores(model, runs, kind=kind, window=args.window, batch_size=args.batch_size)
+        out["kinds"][kind] = {"fast_s": time.perf_counter() - t0}
+    t_fast = t_prep + sum(v["fast_s"] for v in out["kinds"].values())
+    rss_fast = peak_rss_mib()
+    for kind in kinds:
+        t0 = time.perf_counter()
+        ref = reference_trace(model, args.prompt, args.subject, kind=kind, noise_std=noise_std, samples=S, seed=args.seed, window=args.window, target_id=runs.target_id)
+        k = out["kinds"][kind]
+        k["reference_s"] = time.perf_counter() - t0
+        k["max_abs_diff"] = float((ref - fast[kind]).abs().max())
+    rss_ref = peak_rss_mib()
+
+    # FLOPs: reference = (S+1) rows x T tokens x n layers + full unembed of T positions, per cell;
+    # fast = per condition S rows from its start layer + one unembedded position, plus the prep runs
+    unembed = 2 * cfg.d_model * V
+    body_all = n * layer_flops(cfg, T)
+    ref_flops = fast_flops = 0.0
+    fast_flops += (1 + S) * (body_all + T * unembed) / T  # clean + corrupted runs, last-position unembed
+    for kind in kinds:
+        ref_flops += T * n * (S + 1) * (body_all + T * unembed)
+        for cond in _conditions(kind, T, n, runs.first_changed, args.window):
+            fast_flops += len(cond.tok) * S * ((n - cond.start) * layer_flops(cfg, T) + unembed)
+    gflops = matmul_gflops()
+    t_ref = sum(v["reference_s"] for v in out["kinds"].values())
+    print(f"\n{'kind':6s} {'reference s':>12s} {'trace_prompt s':>15s} {'speedup':>8s} {'max |diff|':>11s}")
+    for kind in kinds:
+        k = out["kinds"][kind]
+        print(f"{kind:6s} {k['reference_s']:12.2f} {k['fast_s']:15.2f} {k['reference_s'] / k['fast_s']:7.1f}x {k['max_abs_diff']:11.2e}")
+    print(f"{'total':6s} {t_ref:12.2f} {t_fast:15.2f} {t_ref / t_fast:7.1f}x   (fast total includes {t_prep:.2f} s clean+corrupted runs)")
+    ok = all(out["kinds"][k]["max_abs_diff"] <= 1e-4 for k in kinds)
+    print(f"scores agree within 1e-4: {ok}")
+    runs_n = len(kinds) * T * n * S
+    print(f"restored runs (token x layer x sample): {runs_n}; per second: reference {runs_n / t_ref:.0f}, trace_prompt {runs_n / t_fast:.0f}")
+    print(f"estimated FLOPs: reference {ref_flops / 1e12:.2f} TFLOP, trace_prompt {fast_flops / 1e12:.3f} TFLOP ({ref_flops / fast_flops:.1f}x fewer)")
+    print(f"matmul throughput here (1024^3 fp32): {gflops:.1f} GFLOP/s -> achieved: reference {ref_flops / t_ref / 1e9:.1f} GFLOP/s, trace_prompt {fast_flops / t_fast / 1e9:.1f} GFLOP/s")
+    print(f"peak RSS: after model load {rss_model:.0f} MiB, after trace_prompt {rss_fast:.0f} MiB, after reference {rss_ref:.0f} MiB")
+    out.update(reference_s=t_ref, fast_s=t_fast, prep_s=t_prep, speedup=t_ref / t_fast, agree=ok, ref_tflop=ref_flops / 1e12, fast_tflop=fast_flops / 1e12, matmul_gflops=gflops, rss_mib=[rss_model, rss_fast, rss_ref])
+    if args.facts:
+        from tracer.dataset import known_mask, load_facts  # noqa: PLC0415
+
+        facts = load_facts(args.facts)
+        t0 = time.perf_counter()
+        mask = known_mask(model, facts)
+        t_mask = time.perf_counter() - t0
+        known = [f for f, k in zip(facts, mask) if k]
+        lengths = [len(locate_subject(model, f.prompt, f.subject).ids) for f in known]
+        mean_len = sum(lengths) / max(len(lengths), 1)
+        # cost grows ~ tokens^2 (conditions x sequence length): scale the measured per-prompt time
+        per_fact = t_fast * (mean_len / T) ** 2
+        print(f"\nknown facts: the model gets {len(known)} of {len(facts)} right (checked in {t_mask:.1f} s); mean prompt length {mean_len:.1f} tokens")
+        print(f"projected full run (3 kinds, {S} samples): trace_prompt {per_fact * len(known) / 3600:.2f} h, reference {per_fact * len(known) * t_ref / t_fast / 3600:.1f} h")
+        out.update(n_facts=len(facts), n_known=len(known), mean_len=mean_len, projected_h=per_fact * len(known) / 3600)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
