@@ -32,6 +32,7 @@ def _parser() -> argparse.ArgumentParser:
     ds.add_argument("--facts", help="known_1000.json path: trace the facts the model gets right")
     ds.add_argument("--n", type=int, default=None, help="number of known facts to trace (default: all)")
     ds.add_argument("--kinds", default="resid,mlp,attn", help="comma-separated kinds for --facts")
+    ds.add_argument("--groups", help="comma-separated token groups to trace (default: all; last_subject suffices for the layer choice)")
     p.add_argument("--window", type=int, default=10, help="layers per mlp/attn window (default: 10)")
     p.add_argument("--samples", type=int, default=10, help="noise samples (default: 10)")
     p.add_argument("--noise", type=float, default=3.0, help="noise std as a multiple of the embedding std (default: 3)")
@@ -58,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
 
         kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
         ref = args.noise_reference or args.facts
-        res = trace_dataset(model, args.facts, kinds=kinds, n=args.n, out=args.out, noise_reference=ref, progress=not args.quiet, **common)
+        groups = tuple(g.strip() for g in args.groups.split(",")) if args.groups else None
+        res = trace_dataset(model, args.facts, kinds=kinds, n=args.n, out=args.out, groups=groups, noise_reference=ref, progress=not args.quiet, **common)
         print(f"facts checked {res.n_tried}: kept {res.n_facts} the model gets right, dropped {res.n_dropped}")
         if res.n_facts:
             print(f"average high {float(res.high.mean()):.4f}, average low {float(res.low.mean()):.4f}")

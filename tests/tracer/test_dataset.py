@@ -149,14 +149,16 @@ def test_trace_dataset_bad_kinds_raise(tiny_model):
 
 @pytest.mark.integration
 def test_gemma_trace_dataset_on_20_known_facts(gemma, shared_data, tmp_path):
+    # one noise sample and one token row per fact keep this under a minute or two on a shared CPU
     res = trace_dataset(
-        gemma, shared_data / "known_1000.json", kinds=("mlp",), n=20, samples=2, out=tmp_path, progress=False,
-        groups=("last_subject", "first_subsequent"),  # two token rows per fact keep this test short on a CPU
+        gemma, shared_data / "known_1000.json", kinds=("mlp",), n=20, samples=1, out=tmp_path, progress=False,
+        groups=("last_subject",),
     )
-    assert res.n_facts == 20 and res.n_tried >= 20
+    assert res.n_facts == 20 and res.n_tried >= 20 and res.n_tried == res.n_facts + res.n_dropped
     mean, ci = res.curve("mlp", "last_subject")
-    assert mean.shape == (gemma.cfg.n_layers,) and torch.isfinite(ci).all() and (ci > 0).all()
+    assert mean.shape == ci.shape == (gemma.cfg.n_layers,)
+    assert torch.isfinite(mean).all() and torch.isfinite(ci).all() and (ci > 0).all()
     assert float(res.high.mean()) > float(res.low.mean())
-    # the last subject token carries more MLP effect than the first subsequent token, as in the paper
-    after, _ = res.curve("mlp", "first_subsequent")
-    assert float(mean.max()) > float(torch.nan_to_num(after, nan=-1.0).max())
+    assert float(mean.max()) > 0  # restoring MLPs at the last subject token helps on average
+    lines = (tmp_path / "traces.jsonl").read_text().splitlines()
+    assert len(lines) == res.n_tried
