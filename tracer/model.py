@@ -193,17 +193,23 @@ def w_out(model, layer: int) -> Float[Tensor, "d_mlp d_model"]:
 
 
 def weights_hash(model, layers: Iterator[int] | None = None) -> str:
-    """sha256 over the model's parameters, in name order (or only the given blocks' W_out).
+    """A fingerprint of the model's weights (or, exactly, of the given blocks' `W_out`).
 
-    Used to key caches and to check that a saved edit is applied to the same model.
+    Keys caches and checks that a saved edit is applied to the same model. Hashing every
+    byte of a large model takes seconds, and this runs once per edit, so the whole-model
+    fingerprint hashes each floating-point tensor's name, shape, its float64 sum and 4,096
+    evenly spaced entries: any edit romelens makes (a rank-one or dense change to `W_out`)
+    changes it. With `layers`, every byte of those blocks' `W_out` is hashed.
     """
     h = hashlib.sha256()
     if layers is None:
         for n, p in sorted(model.state_dict().items()):
             if not torch.is_tensor(p) or not p.is_floating_point():
                 continue
-            h.update(n.encode())
-            h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+            flat = p.detach().reshape(-1)
+            idx = torch.linspace(0, flat.numel() - 1, min(4096, flat.numel()), device=flat.device).long()
+            h.update(f"{n}{tuple(p.shape)}{flat.double().sum().item():.17g}".encode())
+            h.update(flat[idx].float().cpu().numpy().tobytes())
     else:
         for layer in layers:
             h.update(w_out(model, layer).detach().float().cpu().contiguous().numpy().tobytes())

@@ -131,3 +131,19 @@ def test_local_hf_model_goes_through_from_pretrained(tokenizer):
 def test_bad_name_type():
     with pytest.raises(ModelLoadError, match="not a non-empty string"):
         load_model("")
+
+
+def test_weights_hash_sees_a_rank_one_edit(tiny_model):
+    from tracer import weights_hash
+
+    before = weights_hash(tiny_model)
+    saved = w_out(tiny_model, 2).clone()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        w_out(tiny_model, 2).add_(1e-3 * torch.outer(torch.randn(tiny_model.cfg.d_mlp, generator=g),
+                                                    torch.randn(tiny_model.cfg.d_model, generator=g)))
+    assert weights_hash(tiny_model) != before
+    assert weights_hash(tiny_model, layers=[2]) != weights_hash(tiny_model, layers=[1])
+    with torch.no_grad():
+        w_out(tiny_model, 2).copy_(saved)
+    assert weights_hash(tiny_model) == before
