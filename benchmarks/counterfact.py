@@ -79,19 +79,17 @@ def evaluate_counterfact(
         A JSON-ready dict: es, em, ps, pm, ns, nm (fractions / probability differences),
         ge (bits), rs (cosine), the per-prompt NLLs and the generated texts.
     """
-    from tracer import target_probs  # noqa: PLC0415
-
     groups = {
         "rewrite": [record.rewrite_prompt],
         "paraphrase": list(record.paraphrase_prompts),
         "neighborhood": list(record.neighborhood_prompts),
     }
     prompts = [p for ps in groups.values() for p in ps]
-    both = target_probs(
+    both = M.target_nll(
         model,
         prompts + prompts,
         [record.target_new] * len(prompts) + [record.target_true] * len(prompts),
-    ).mean_nll.tolist()
+    )
     new, true = both[: len(prompts)], both[len(prompts) :]
     row: dict = {"nll": {}}
     k = 0
@@ -194,6 +192,7 @@ def _run(args, argv, *, parser_module, load) -> dict:
         def ppl(m):
             return wikitext_perplexity(m, args.wikitext, max_tokens=args.ppl_tokens)
     ppl_before = runner.perplexity_before(args.out, model, ppl) if ppl else None
+    hparams = runner.method_hparams(method, model, args.hparam)
     before = weights_hash(model)
     rows = runner.run_records(
         model=model,
@@ -202,6 +201,7 @@ def _run(args, argv, *, parser_module, load) -> dict:
         out_dir=args.out,
         evaluate=lambda m, r: evaluate_counterfact(m, r, gen_tokens=gen_tokens, reference=reference),
         batch=args.batch,
+        hparams=hparams,
         perplexity=ppl,
         ppl_every=args.ppl_every,
         max_minutes=args.max_minutes,
@@ -224,6 +224,7 @@ def _run(args, argv, *, parser_module, load) -> dict:
         "model": args.model,
         "method": args.method,
         "batch": args.batch,
+        "hparams": repr(hparams) if hparams is not None else "preset",
         "gen_tokens": gen_tokens,
         "data": str(args.data or "shared counterfact_dev.json"),
         "transformer_lens_api": TL_API,

@@ -395,9 +395,41 @@ def add_common_args(parser) -> None:
     parser.add_argument("--ppl-tokens", type=int, default=2048, help="WikiText-2 tokens for perplexity; 0 disables")
     parser.add_argument("--ppl-every", type=int, default=25, help="per-record runs: perplexity after every k-th edit")
     parser.add_argument("--wikitext", default=None, help="WikiText-2 raw test text (default: shared data)")
+    parser.add_argument("--hparam", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a field of the method's preset for the model (repeatable), e.g. layer=5")
     parser.add_argument("--max-minutes", type=float, default=None, help="stop after this long, summarize, resume later")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (1 avoids oversubscription on shared CPUs)")
+
+
+def method_hparams(method, model, overrides: Sequence[str]):
+    """The method's preset for `model` with `KEY=VALUE` overrides (values parsed as JSON), or None.
+
+    Example:
+        >>> method_hparams(editor.METHODS["rome"], model, ["layer=5", "mom2_n_tokens=20000"])
+    """
+    if not overrides:
+        return None
+    import dataclasses  # noqa: PLC0415
+
+    if not hasattr(method, "hparams_for"):
+        raise ValueError(f"--hparam {list(overrides)} given, but method {getattr(method, 'name', method)!r} has no presets")
+    fields = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--hparam {item!r} is not KEY=VALUE")
+        try:
+            val = json.loads(value)
+        except ValueError:
+            val = value
+        fields[key.strip()] = tuple(val) if isinstance(val, list) else val
+    base = method.hparams_for(model)
+    names = {f.name for f in dataclasses.fields(base)}
+    unknown = sorted(set(fields) - names)
+    if unknown:
+        raise ValueError(f"--hparam {unknown} not fields of {type(base).__name__}; expected some of {sorted(names)}")
+    return dataclasses.replace(base, **fields)
 
 
 def command_line(module: str, argv) -> str:

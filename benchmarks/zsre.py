@@ -91,6 +91,7 @@ def main(argv=None) -> dict:
         def ppl(m):
             return wikitext_perplexity(m, args.wikitext, max_tokens=args.ppl_tokens)
     ppl_before = runner.perplexity_before(args.out, model, ppl) if ppl else None
+    hparams = runner.method_hparams(method, model, args.hparam)
     before = weights_hash(model)
     rows = runner.run_records(
         model=model,
@@ -99,6 +100,7 @@ def main(argv=None) -> dict:
         out_dir=args.out,
         evaluate=evaluate_zsre,
         batch=args.batch,
+        hparams=hparams,
         perplexity=ppl,
         ppl_every=args.ppl_every,
         max_minutes=args.max_minutes,
@@ -112,6 +114,7 @@ def main(argv=None) -> dict:
         "model": args.model,
         "method": args.method,
         "batch": args.batch,
+        "hparams": repr(hparams) if hparams is not None else "preset",
         "data": str(args.data or "shared zsre_dev.json"),
         "transformer_lens_api": TL_API,
         "model_restored": restored,

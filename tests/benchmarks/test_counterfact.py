@@ -86,3 +86,13 @@ def test_cli_end_to_end_and_resume(tiny_model, tmp_path, monkeypatch, capsys):
 def test_cli_unknown_method(tmp_path):
     with pytest.raises(ValueError, match="method 'bogus'"):
         counterfact.main(["--method", "bogus", "--out", str(tmp_path), "--data", str(FIXTURES / "counterfact_tiny.json")])
+
+
+def test_target_nll_and_fast_logits_match_tracer(tiny_model):
+    prompts = ["The capital of France is", "Michael Jordan plays the sport of"]
+    targets = ["Paris", "basketball and guitar"]
+    ours = metrics.target_nll(tiny_model, prompts, targets)
+    assert ours == pytest.approx(target_probs(tiny_model, prompts, targets).mean_nll.tolist(), abs=1e-5)
+    resid = torch.randn(4, tiny_model.cfg.d_model)
+    assert torch.allclose(metrics.fast_logits(tiny_model, resid), tracer.final_logits(tiny_model, resid[:, None])[:, 0],
+                          atol=1e-5)
