@@ -40,6 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=128, help="restored runs per forward pass")
     p.add_argument("--noise-reference", help="known_1000.json whose subjects set the embedding std (default: built-in list)")
     p.add_argument("--out", help="single prompt: .html/.png/.json file; dataset: output folder")
+    p.add_argument("--save-json", action="store_true", help="with a figure --out, also write the results as .json next to it")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or info logs")
     return p
 
@@ -99,6 +100,10 @@ def main(argv: list[str] | None = None) -> int:
             atomic_write_text(args.out, json.dumps([r.to_dict() for r in results]))
         else:
             save_figure(plot_traces(results) if len(results) > 1 else results[0].plot(), args.out)
+            if args.save_json:
+                from tracer.result import atomic_write_text  # noqa: PLC0415
+
+                atomic_write_text(Path(args.out).with_suffix(".json"), json.dumps([r.to_dict() for r in results]))
         print(f"wrote {args.out}")
     return 0
 

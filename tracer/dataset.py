@@ -425,38 +425,41 @@ def trace_dataset(
     bar.update(min(len(kept), bar.total))
     results: dict = dict(records)
     n_kept = len(kept)
-    for fact in facts:
+    pending = [f for f in facts if str(f.known_id) not in results]
+    if n is None:
+        bar.update(len(results) - len(kept))
+    chunk_size = 16
+    for c in range(0, len(pending), chunk_size):
         if n is not None and n_kept >= n:
             break
-        key = str(fact.known_id)
-        if key in results:
-            if n is None and not results[key]["correct"]:
-                bar.update(1)
-            continue
-        prompt = fact.prompt.replace("{}", fact.subject)
-        runs = prepare_runs(model, prompt, fact.subject, samples=samples, noise=NoiseScale(value=noise_std), seed=seed)
-        correct = fact.attribute is None or runs.target_id == target_ids(model, prompt, fact.attribute)[0]
-        rec = {"known_id": fact.known_id, "prompt": prompt, "subject": fact.subject, "attribute": fact.attribute, "correct": bool(correct), "predicted": model.tokenizer.decode([runs.target_id])}
-        if correct:
-            rec["subject_span"] = list(runs.prompt.subject)
-            rec["tokens"] = list(runs.prompt.tokens)
-            rec["high"], rec["low"] = runs.high, runs.low
-            where = group_tokens(runs.prompt.subject, len(runs.prompt.ids))
-            todo = None if set(groups) == set(GROUPS) else sorted({t for g in groups for t in where[g]})
-            rec["scores"] = {
-                k: _nan_list(restore_scores(model, runs, kind=k, window=window, batch_size=batch_size, tokens=todo))
-                for k in kinds
-            }
-            n_kept += 1
-            bar.update(1)
-        elif n is None:
-            bar.update(1)
-        results[key] = rec
-        if jsonl is not None:
-            with open(jsonl, "a", encoding="utf-8") as f:
-                f.write(json.dumps(rec) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
+        chunk = pending[c : c + chunk_size]
+        mask = known_mask(model, chunk)  # one batched clean pass: wrong facts cost no tracing
+        for fact, correct in zip(chunk, mask):
+            if n is not None and n_kept >= n:
+                break
+            prompt = fact.prompt.replace("{}", fact.subject)
+            rec = {"known_id": fact.known_id, "prompt": prompt, "subject": fact.subject, "attribute": fact.attribute, "correct": bool(correct)}
+            if correct:
+                target = None if fact.attribute is None else target_ids(model, prompt, fact.attribute)[0]
+                runs = prepare_runs(model, prompt, fact.subject, target=target, samples=samples, noise=NoiseScale(value=noise_std), seed=seed)
+                where = group_tokens(runs.prompt.subject, len(runs.prompt.ids))
+                todo = None if set(groups) == set(GROUPS) else sorted({t for g in groups for t in where[g]})
+                rec["predicted"] = model.tokenizer.decode([runs.target_id])
+                rec["subject_span"] = list(runs.prompt.subject)
+                rec["tokens"] = list(runs.prompt.tokens)
+                rec["high"], rec["low"] = runs.high, runs.low
+                rec["scores"] = {
+                    k: _nan_list(restore_scores(model, runs, kind=k, window=window, batch_size=batch_size, tokens=todo))
+                    for k in kinds
+                }
+                n_kept += 1
+            bar.update(1 if (correct or n is None) else 0)
+            results[str(fact.known_id)] = rec
+            if jsonl is not None:
+                with open(jsonl, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(rec) + "\n")
+                    f.flush()
+                    os.fsync(f.fileno())
     bar.close()
     order = {str(f.known_id): i for i, f in enumerate(facts)}
     recs = sorted((r for r in results.values() if str(r["known_id"]) in order), key=lambda r: order[str(r["known_id"])])
@@ -471,7 +474,7 @@ def trace_dataset(
         for r in good:
             res = TraceResult(
                 scores=_tensor(r["scores"][k]), low=r["low"], high=r["high"], prompt=r["prompt"],
-                tokens=tuple(r["tokens"]), subject=tuple(r["subject_span"]), target=r["predicted"], target_id=-1,
+                tokens=tuple(r["tokens"]), subject=tuple(r["subject_span"]), target=r.get("predicted", ""), target_id=-1,
                 kind=k, window=window, samples=samples, noise_std=noise_std,
             )
             per.append(group_effects(res))
