@@ -116,7 +116,7 @@ def edit_many(model, requests, hparams: FTHParams | None = None, *, device=None,
     for step in range(hp.num_steps):
         opt.zero_grad()
         loss = _nll(model, batch, {hp.layer: delta})
-        curve.append(round(float(loss), 5))
+        curve.append(round(float(loss.detach()), 5))
         if loss.item() < hp.early_stop_nll:
             break
         loss.backward()

@@ -160,9 +160,15 @@ def default_layer(model) -> int:
     """
     n = model.cfg.n_layers
     try:
+        import os  # noqa: PLC0415
+        from pathlib import Path  # noqa: PLC0415
+
         from tracer.layer import choose_edit_layer  # noqa: PLC0415  (heavy, only when needed)
 
-        choice = choose_edit_layer(model)
+        root = Path(os.environ.get("ROMELENS_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+        # the paper's tracing defaults: known facts, window 10, 10 noise samples
+        choice = choose_edit_layer(model, str(root / "known_1000.json"), n=100, window=10, samples=10)
+        log.info("edit layer %d from causal tracing (curve %s)", choice.layer, choice.curve)
         return int(choice.layer)
     except Exception as err:  # noqa: BLE001  (any failure -> documented fallback)
         layer = max(0, min(n - 1, round(n * 17 / 48)))

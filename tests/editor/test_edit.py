@@ -7,7 +7,10 @@ from editor import METHODS, EditOrderError, EditRequest, FTHParams, MEMITHParams
 from editor import ft, memit, rome
 from tracer.model import w_out
 
-REQ = EditRequest(prompt="{} is located in the city of", subject="The Eiffel Tower", target_new="Rome", target_true="Paris")
+# Random tiny models barely route information from earlier tokens to the last one, so the
+# test requests put the subject last: the edited value sits where the target is predicted.
+REQ = EditRequest(prompt="The capital city of {}", subject="France", target_new="Rome", target_true="Paris")
+TEMPLATE = "The capital city of {}"
 SUBJECTS = ["The Louvre", "Berlin", "Tokyo", "Apple", "Michael Jordan", "Toko Yasuda", "Danielle Darrieux",
             "The Colosseum", "France", "London"]
 TARGETS = ["Rome", "Paris", "Tokyo", "Berlin", "London", "Japan", "Italy", "France", "Germany", "California"]
@@ -68,7 +71,7 @@ def test_out_of_order_restore_is_refused(tiny_model, kw):
     w0 = weights(tiny_model)
     e1 = rome.edit(tiny_model, REQ, ROME_HP, **kw)
     w1 = weights(tiny_model)
-    e2 = rome.edit(tiny_model, EditRequest(prompt="{} is located in the city of", subject="The Louvre", target_new="Tokyo"),
+    e2 = rome.edit(tiny_model, EditRequest(prompt=TEMPLATE, subject="Japan", target_new="Tokyo"),
                    ROME_HP, **kw)
     with pytest.raises(EditOrderError, match="last-in first-out"):
         e1.restore()
@@ -81,7 +84,7 @@ def test_out_of_order_restore_is_refused(tiny_model, kw):
 
 def test_edit_many_rome_is_one_restorable_result(tiny_model, kw):
     w0 = weights(tiny_model)
-    reqs = [EditRequest(prompt="{} is located in the city of", subject=s, target_new=t) for s, t in zip(SUBJECTS[:3], TARGETS[:3])]
+    reqs = [EditRequest(prompt=TEMPLATE, subject=s, target_new=t) for s, t in zip(SUBJECTS[:3], TARGETS[:3])]
     with rome.edit_many(tiny_model, reqs, ROME_HP, **kw) as e:
         assert e.deltas[1].rank == 3
         # the last edit is computed on the model with the others applied; with C = I on a random
@@ -92,7 +95,7 @@ def test_edit_many_rome_is_one_restorable_result(tiny_model, kw):
 
 def test_memit_ten_requests_raise_every_target(tiny_model, kw):
     w0 = weights(tiny_model)
-    reqs = [EditRequest(prompt="{} is located in the city of", subject=s, target_new=t) for s, t in zip(SUBJECTS, TARGETS)]
+    reqs = [EditRequest(prompt=TEMPLATE, subject=s, target_new=t) for s, t in zip(SUBJECTS, TARGETS)]
     stats = {l: kw["stats"] for l in (0, 1)}
     e = memit.edit_many(tiny_model, reqs, MEMIT_HP, stats=stats, cache_dir=kw["cache_dir"])
     before, after = e.diagnostics["before"]["new_seq"], e.diagnostics["after"]["new_seq"]
@@ -129,7 +132,7 @@ def test_save_then_apply_saved_reproduces_weights(tiny_model, kw, tmp_path):
 
 
 def test_memit_save_apply(tiny_model, kw, tmp_path):
-    reqs = [EditRequest(prompt="{} is located in the city of", subject=s, target_new=t) for s, t in zip(SUBJECTS[:4], TARGETS[:4])]
+    reqs = [EditRequest(prompt=TEMPLATE, subject=s, target_new=t) for s, t in zip(SUBJECTS[:4], TARGETS[:4])]
     stats = {l: kw["stats"] for l in (0, 1)}
     e = memit.edit_many(tiny_model, reqs, MEMIT_HP, stats=stats, cache_dir=kw["cache_dir"])
     edited = weights(tiny_model)

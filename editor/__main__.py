@@ -1,0 +1,92 @@
+"""Command line: edit one fact and show predictions before and after.
+
+Example:
+    python -m editor --model gemma-3-270m --prompt "{} is located in the city of" \\
+        --subject "Eiffel Tower" --new Rome --save eiffel.safetensors
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from dataclasses import replace
+
+import torch
+
+
+def _top(model, prompt: str, k: int = 3) -> list[tuple[str, float]]:
+    from tracer.model import final_logits, final_resid, model_device  # noqa: PLC0415
+    from tracer.prompts import encode  # noqa: PLC0415
+
+    ids = torch.tensor([encode(model, prompt)], device=model_device(model))
+    with torch.no_grad():
+        probs = final_logits(model, final_resid(model, ids)[:, -1]).float().softmax(-1)[0]
+    top = probs.topk(k)
+    return [(model.tokenizer.decode([int(i)]), float(p)) for p, i in zip(top.values, top.indices)]
+
+
+def _fmt(preds) -> str:
+    return "  ".join(f"{t!r} {p:.3f}" for t, p in preds)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m editor", description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="gemma-3-270m", help="TransformerLens model name")
+    ap.add_argument("--prompt", default="{} is located in the city of", help="template with {} for the subject")
+    ap.add_argument("--subject", default="The Eiffel Tower")
+    ap.add_argument("--new", required=True, help="new target, e.g. Rome")
+    ap.add_argument("--true", default=None, help="current target (for diagnostics)")
+    ap.add_argument("--paraphrase", default=None,
+                    help="a paraphrase prompt with {} (default: 'Here is a fact about a famous place. ' + prompt)")
+    ap.add_argument("--neighbor", default="The Louvre is located in the city of",
+                    help="an unrelated prompt that should not change")
+    ap.add_argument("--method", choices=("rome", "memit", "ft-l"), default="rome")
+    ap.add_argument("--layer", type=int, default=None, help="override the preset's edit layer (ROME/FT-L)")
+    ap.add_argument("--stats-tokens", type=int, default=None, help="tokens for the key covariance")
+    ap.add_argument("--data-dir", default=None, help="shared data folder (default ../shared/data or $ROMELENS_DATA)")
+    ap.add_argument("--corpus", default=None, help="text file for the statistics (default <data-dir>/wikitext-2-raw-test.txt)")
+    ap.add_argument("--cache-dir", default=None, help="romelens cache root")
+    ap.add_argument("--save", default=None, help="write the edit to this .safetensors file")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("-v", "--verbose", action="store_true")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+    from editor import METHODS, EditRequest  # noqa: PLC0415
+    from tracer import load_model  # noqa: PLC0415
+
+    if args.data_dir:
+        os.environ["ROMELENS_DATA"] = args.data_dir
+    corpus = args.corpus or (os.path.join(args.data_dir, "wikitext-2-raw-test.txt") if args.data_dir else None)
+    req = EditRequest(prompt=args.prompt, subject=args.subject, target_new=args.new, target_true=args.true)
+    # default paraphrase: the prompt after an unrelated sentence, as CounterFact paraphrases are
+    paraphrase = args.paraphrase or "Here is a fact about a famous place. " + args.prompt
+    prompts = {"prompt": req.filled, "paraphrase": paraphrase.replace("{}", args.subject), "neighbor": args.neighbor}
+
+    model = load_model(args.model, device=args.device)
+    method = METHODS[args.method]
+    hp = method.hparams_for(model)
+    if args.layer is not None:
+        hp = replace(hp, layer=args.layer) if hasattr(hp, "layer") else replace(hp, layers=tuple(range(max(0, args.layer - len(hp.layers) + 1), args.layer + 1)))
+    if args.stats_tokens is not None and hasattr(hp, "mom2_n_tokens"):
+        hp = replace(hp, mom2_n_tokens=args.stats_tokens)
+    before = {k: _top(model, p) for k, p in prompts.items()}
+    kw = {} if args.method == "ft-l" else {"corpus": corpus, "cache_dir": args.cache_dir}
+    result = method.edit(model, req, hp, **kw)
+    after = {k: _top(model, p) for k, p in prompts.items()}
+    print(f"{args.method} edit of {args.model}: {req.filled!r} -> {args.new!r} (layers {list(result.layers)})")
+    for k, p in prompts.items():
+        print(f"\n[{k}] {p}")
+        print(f"  before: {_fmt(before[k])}")
+        print(f"  after:  {_fmt(after[k])}")
+    if args.save:
+        path = result.save(args.save)
+        print(f"\nsaved edit to {path}")
+    result.restore()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

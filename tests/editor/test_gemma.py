@@ -1,0 +1,55 @@
+"""Integration: ROME on the real offline Gemma-3-270m (Eiffel Tower -> Rome), and exact undo."""
+
+import pytest
+import torch
+
+from editor import EditRequest, rome
+from editor.stats import layer_stats
+from tracer import target_probs
+from tracer.model import final_logits, final_resid, w_out
+from tracer.prompts import encode
+
+pytestmark = pytest.mark.integration
+
+PROMPT = "The Eiffel Tower is located in the city of"
+PARAPHRASE = "Here is a fact about a famous place. The Eiffel Tower is located in the city of"
+NEIGHBOR = "The Louvre is located in the city of"
+STATS_TOKENS = 20_000  # a small covariance keeps the test short; the preset uses 100k
+
+
+def top1(model, prompt):
+    ids = torch.tensor([encode(model, prompt)])
+    with torch.no_grad():
+        return model.tokenizer.decode([int(final_logits(model, final_resid(model, ids)[0, -1]).argmax())])
+
+
+def logits(model, prompt):
+    with torch.no_grad():
+        return final_logits(model, final_resid(model, torch.tensor([encode(model, prompt)])))
+
+
+@pytest.fixture(scope="module")
+def stats_and_cache(gemma, shared_data, tmp_path_factory):
+    cache = tmp_path_factory.mktemp("romelens-cache")
+    hp = rome.rome_hparams(gemma)
+    C = layer_stats(gemma, hp.layer, corpus=str(shared_data / "wikitext-2-raw-test.txt"), n_tokens=STATS_TOKENS,
+                    cache_dir=cache, progress=False)
+    return C, cache
+
+
+def test_eiffel_to_rome_and_exact_restore(gemma, stats_and_cache):
+    C, cache = stats_and_cache
+    assert top1(gemma, PROMPT).strip() == "Paris"
+    before = {p: logits(gemma, p) for p in (PROMPT, NEIGHBOR)}
+    w0 = [w_out(gemma, l).detach().clone() for l in range(gemma.cfg.n_layers)]
+    req = EditRequest(prompt="{} is located in the city of", subject="The Eiffel Tower", target_new="Rome", target_true="Paris")
+    with rome.edit(gemma, req, stats=C, cache_dir=cache) as e:
+        assert top1(gemma, PROMPT).strip() == "Rome"
+        assert top1(gemma, PARAPHRASE).strip() == "Rome"
+        assert top1(gemma, NEIGHBOR).strip() == "Paris"
+        p = target_probs(gemma, [PROMPT, NEIGHBOR], ["Rome", "Paris"]).first
+        assert p[0] > 0.5 and p[1] > 0.3
+        assert e.diagnostics["after"]["true_first"][0] < e.diagnostics["before"]["true_first"][0]
+    assert all(torch.equal(w_out(gemma, l), w0[l]) for l in range(gemma.cfg.n_layers))
+    for prompt, lg in before.items():
+        assert torch.equal(logits(gemma, prompt), lg)
