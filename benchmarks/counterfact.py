@@ -193,7 +193,8 @@ def _run(args, argv, *, parser_module, load) -> dict:
             return wikitext_perplexity(m, args.wikitext, max_tokens=args.ppl_tokens)
     ppl_before = runner.perplexity_before(args.out, model, ppl) if ppl else None
     hparams = runner.method_hparams(method, model, args.hparam)
-    before = weights_hash(model)
+    mlp_layers = range(model.cfg.n_layers)  # every edit method changes W_out only
+    before = weights_hash(model, layers=mlp_layers)
     rows = runner.run_records(
         model=model,
         method=method,
@@ -207,7 +208,7 @@ def _run(args, argv, *, parser_module, load) -> dict:
         max_minutes=args.max_minutes,
         desc=f"counterfact {args.method}",
     )
-    restored = weights_hash(model) == before
+    restored = weights_hash(model, layers=mlp_layers) == before
     if not restored:
         log.error("the model's weights differ from before the run: an edit was not restored")
     rs_column = reference.column if reference else "RS"

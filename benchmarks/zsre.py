@@ -92,7 +92,8 @@ def main(argv=None) -> dict:
             return wikitext_perplexity(m, args.wikitext, max_tokens=args.ppl_tokens)
     ppl_before = runner.perplexity_before(args.out, model, ppl) if ppl else None
     hparams = runner.method_hparams(method, model, args.hparam)
-    before = weights_hash(model)
+    mlp_layers = range(model.cfg.n_layers)  # every edit method changes W_out only
+    before = weights_hash(model, layers=mlp_layers)
     rows = runner.run_records(
         model=model,
         method=method,
@@ -106,7 +107,7 @@ def main(argv=None) -> dict:
         max_minutes=args.max_minutes,
         desc=f"zsre {args.method}",
     )
-    restored = weights_hash(model) == before
+    restored = weights_hash(model, layers=mlp_layers) == before
     if not restored:
         log.error("the model's weights differ from before the run: an edit was not restored")
     meta = {
