@@ -1,0 +1,41 @@
+"""The command line (python -m tracer), on the tiny model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tracer.__main__ import main
+
+
+@pytest.fixture
+def cli_model(tiny_model, monkeypatch, tmp_path):
+    monkeypatch.setattr("tracer.model.load_model", lambda *a, **k: tiny_model)
+    monkeypatch.setenv("ROMELENS_CACHE", str(tmp_path / "cache"))
+    return tiny_model
+
+
+def test_cli_single_prompt_all_kinds(cli_model, tmp_path, capsys):
+    out = tmp_path / "trace.html"
+    rc = main(["--prompt", "Tokyo is the capital of", "--subject", "Tokyo", "--kind", "all", "--samples", "1", "--window", "2", "--out", str(out), "--save-json", "-q"])
+    assert rc == 0 and out.exists()
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert [d["kind"] for d in data] == ["resid", "mlp", "attn"]
+    text = capsys.readouterr().out
+    assert "high (clean)" in text and "max indirect effect" in text
+
+
+def test_cli_dataset_mode_prints_layer(cli_model, tmp_path, capsys):
+    facts = tmp_path / "k.json"
+    facts.write_text(json.dumps([{"known_id": 0, "prompt": "Tokyo is the capital of", "subject": "Tokyo", "attribute": None}, {"known_id": 1, "prompt": "Berlin is a city in", "subject": "Berlin", "attribute": None}]))
+    rc = main(["--facts", str(facts), "--kinds", "mlp", "--samples", "1", "--window", "2", "--out", str(tmp_path / "run"), "-q"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "kept 2" in text and "chosen edit layer" in text
+    assert (tmp_path / "run" / "summary.json").exists()
+
+
+def test_cli_needs_prompt_and_subject_or_facts(capsys):
+    with pytest.raises(SystemExit):
+        main(["--prompt", "Tokyo is"])
