@@ -207,7 +207,7 @@ def weights_hash(model, layers: Iterator[int] | None = None) -> str:
             if not torch.is_tensor(p) or not p.is_floating_point():
                 continue
             flat = p.detach().reshape(-1)
-            idx = torch.linspace(0, flat.numel() - 1, min(4096, flat.numel()), device=flat.device).long()
+            idx = torch.linspace(0, flat.numel() - 1, min(4096, flat.numel()), dtype=torch.float64, device=flat.device).long()  # fp64: exact indices past 2**24
             h.update(f"{n}{tuple(p.shape)}{flat.double().sum().item():.17g}".encode())
             h.update(flat[idx].float().cpu().numpy().tobytes())
     else:
