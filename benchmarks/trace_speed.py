@@ -102,6 +102,7 @@ def main(argv=None) -> int:
     p.add_argument("--kinds", default="resid,mlp,attn")
     p.add_argument("--ref-cells", type=int, default=0, help="time the reference on this many evenly spread (token, layer) cells per kind and extrapolate (0: all cells)")
     p.add_argument("--facts", help="known_1000.json: count the facts the model knows and project the full run")
+    p.add_argument("--n-known", type=int, default=0, help="without --facts: project the full run for this many known facts")
     p.add_argument("--json", help="also write the numbers to this JSON file")
     args = p.parse_args(argv)
     kinds = [k for k in args.kinds.split(",") if k]
@@ -185,6 +186,10 @@ def main(argv=None) -> int:
         print(f"\nknown facts: the model gets {len(known)} of {len(facts)} right (checked in {t_mask:.1f} s); mean prompt length {mean_len:.1f} tokens")
         print(f"projected full run (3 kinds, {S} samples): trace_prompt {per_fact * len(known) / 3600:.2f} h, reference {per_fact * len(known) * t_ref / t_fast / 3600:.1f} h")
         out.update(n_facts=len(facts), n_known=len(known), mean_len=mean_len, projected_h=per_fact * len(known) / 3600)
+    elif args.n_known:
+        print(f"\nprojected full run for {args.n_known} known facts (3 kinds, {S} samples, prompts of ~{T} tokens): "
+              f"trace_prompt {t_fast * args.n_known / 3600:.2f} h, reference {t_ref * args.n_known / 3600:.1f} h")
+        out.update(n_known=args.n_known, projected_h=t_fast * args.n_known / 3600)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
