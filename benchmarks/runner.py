@@ -123,7 +123,8 @@ def read_rows(path: str | os.PathLike, *, repair: bool = False) -> list[dict]:
     rows, good_end, pos = [], 0, 0
     lines = data.split(b"\n")
     for i, line in enumerate(lines):
-        end = pos + len(line) + (1 if i < len(lines) - 1 else 0)
+        end = pos + len(line) + (1 if i < len(lines) - 1 else 0)  # byte offset after this line
+        pos = end
         if line.strip():
             try:
                 row = json.loads(line)

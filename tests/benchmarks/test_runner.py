@@ -97,11 +97,26 @@ def test_resume_after_interruption_gives_same_summary(tiny_model, records, tmp_p
     assert strip(resumed) == strip(full)
     assert summarize_counterfact(resumed) == summarize_counterfact(full)
 
-    # a third run has nothing left to do
+    # a third run has nothing left to do, and leaves the file exactly as it was
+    content = (tmp_path / "r" / runner.RECORDS).read_bytes()
     nothing = []
     runner.run_records(model=tiny_model, method=method, records=records, out_dir=tmp_path / "r",
                        evaluate=lambda m, r: nothing.append(r) or {})
     assert nothing == []
+    assert (tmp_path / "r" / runner.RECORDS).read_bytes() == content
+
+
+def test_read_rows_repairs_only_a_truncated_tail(tmp_path):
+    path = tmp_path / runner.RECORDS
+    good = '{"case_id": 1}\n{"case_id": 2}\n'
+    path.write_text(good)
+    assert [r["case_id"] for r in runner.read_rows(path, repair=True)] == [1, 2]
+    assert path.read_text() == good
+    path.write_text(good + '{"case_id": 3, "es"')
+    assert [r["case_id"] for r in runner.read_rows(path, repair=True)] == [1, 2]
+    assert path.read_text() == good
+    path.write_text(good + '{"case_id": 3}')  # complete JSON but no newline: redone, to be safe
+    assert len(runner.read_rows(path, repair=True)) == 2 and path.read_text() == good
 
 
 def test_corrupt_middle_line_is_an_error(tmp_path):
