@@ -1,7 +1,10 @@
 """Compare finished runs: one markdown table across run directories (and optionally a plotly figure).
 
 CLI:
-    python -m benchmarks.compare results/cf-none results/cf-rome [--html compare.html]
+    python -m benchmarks.compare results/cf-none results/cf-rome [--html compare.html] [--common]
+
+`--common` recomputes every run's columns from its `records.jsonl` over only the records
+that all the runs finished (paired comparison when runs stopped at different points).
 
 Example:
     >>> from benchmarks.compare import compare
@@ -14,7 +17,37 @@ import argparse
 import os
 from typing import Sequence
 
-from benchmarks.runner import atomic_write_text, comparison_figure, load_summaries, markdown_table
+from pathlib import Path
+
+from benchmarks.runner import RECORDS, atomic_write_text, comparison_figure, load_summaries, markdown_table, read_rows
+
+
+def _summarizer(benchmark: str):
+    if benchmark == "counterfact":
+        from benchmarks.counterfact import summarize_counterfact  # noqa: PLC0415
+
+        return summarize_counterfact
+    if benchmark == "zsre":
+        from benchmarks.zsre import summarize_zsre  # noqa: PLC0415
+
+        return summarize_zsre
+    raise ValueError(f"benchmark {benchmark!r} has no summarizer; expected 'counterfact' or 'zsre'")
+
+
+def restrict_to_common(run_dirs: Sequence[str | os.PathLike], summaries: list[dict]) -> list[dict]:
+    """Summaries recomputed over the case_ids that every run finished without error."""
+    rows = [[r for r in read_rows(Path(d) / RECORDS) if "error" not in r] for d in run_dirs]
+    common = set.intersection(*[{r["case_id"] for r in rs} for rs in rows])
+    if not common:
+        raise ValueError(f"run_dirs {list(map(str, run_dirs))} share no finished record")
+    out = []
+    for s, rs in zip(summaries, rows):
+        keep = [r for r in rs if r["case_id"] in common]
+        summarize = _summarizer(s["benchmark"])
+        rs_col = next((c for c in s["columns"] if c.startswith("RS")), "RS")
+        cols = summarize(keep, rs_column=rs_col) if s["benchmark"] == "counterfact" else summarize(keep)
+        out.append({**s, "columns": cols, "records_evaluated": len(keep)})
+    return out
 
 
 def _columns(summaries: Sequence[dict]) -> list[str]:
@@ -26,14 +59,21 @@ def _columns(summaries: Sequence[dict]) -> list[str]:
     return cols
 
 
-def compare(run_dirs: Sequence[str | os.PathLike], html: str | os.PathLike | None = None) -> str:
-    """A markdown table with one row per run (union of their columns); writes a figure to `html` if given."""
+def compare(
+    run_dirs: Sequence[str | os.PathLike], html: str | os.PathLike | None = None, *, common: bool = False
+) -> str:
+    """A markdown table with one row per run (union of their columns); writes a figure to `html` if given.
+
+    With `common`, columns are recomputed over the records every run finished.
+    """
     if not run_dirs:
         raise ValueError("run_dirs is empty; expected at least one run directory")
     summaries = load_summaries(run_dirs)
     benches = {s.get("benchmark") for s in summaries}
     if len(benches) > 1:
         raise ValueError(f"run_dirs mix benchmarks {sorted(map(str, benches))}; compare one benchmark at a time")
+    if common:
+        summaries = restrict_to_common(run_dirs, summaries)
     cols = _columns(summaries)
     if html is not None:
         atomic_write_text(html, comparison_figure(summaries, cols).to_html(include_plotlyjs="cdn"))
@@ -44,8 +84,9 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="One table across benchmark runs")
     parser.add_argument("runs", nargs="+", help="run directories holding summary.json")
     parser.add_argument("--html", default=None, help="also write a plotly comparison figure here")
+    parser.add_argument("--common", action="store_true", help="recompute over the records every run finished")
     args = parser.parse_args(argv)
-    print(compare(args.runs, html=args.html), end="")
+    print(compare(args.runs, html=args.html, common=args.common), end="")
 
 
 if __name__ == "__main__":

@@ -28,3 +28,16 @@ def test_compare_table(tmp_path, capsys):
 def test_compare_missing_summary(tmp_path):
     with pytest.raises(ValueError, match="has no summary.json"):
         compare.compare([tmp_path])
+
+
+def test_compare_common_records(tmp_path, capsys):
+    _summary(tmp_path / "a", "none", 20.0)
+    _summary(tmp_path / "b", "rome", 99.0)
+    rows_a = [{"case_id": i, "es": 0.0, "ps": 0.0, "ns": 1.0, "em": 0, "pm": 0, "nm": 0} for i in range(4)]
+    rows_b = [{"case_id": i, "es": 1.0, "ps": 1.0, "ns": 0.5, "em": 0, "pm": 0, "nm": 0} for i in range(2)]
+    (tmp_path / "a" / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows_a))
+    (tmp_path / "b" / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows_b))
+    table = compare.compare([tmp_path / "a", tmp_path / "b"], common=True).splitlines()
+    assert table[0].startswith("| run | method | S | ES | PS | NS |")
+    assert "| a | none | 0.0 | 0.0 ± 0.0 |" in table[2]
+    assert "| b | rome | 75.0 | 100.0 ± 0.0 |" in table[3]
