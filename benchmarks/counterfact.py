@@ -206,6 +206,7 @@ def _run(args, argv, *, parser_module, load) -> dict:
         perplexity=ppl,
         ppl_every=args.ppl_every,
         max_minutes=args.max_minutes,
+        edit_kwargs=runner.edit_kwargs(args),
         desc=f"counterfact {args.method}",
     )
     restored = weights_hash(model, layers=mlp_layers) == before

@@ -66,7 +66,7 @@ class NoEdit:
 
     name = "none"
 
-    def edit_many(self, model, requests, hparams=None) -> _NoEditResult:
+    def edit_many(self, model, requests, hparams=None, **kw) -> _NoEditResult:
         return _NoEditResult()
 
 
@@ -152,10 +152,11 @@ def _chunks(items: Sequence[Any], size: int) -> list[list[Any]]:
     return [list(items[i : i + size]) for i in range(0, len(items), size)]
 
 
-def _apply(method, model, requests, hparams):
-    if hparams is None:
-        return method.edit_many(model, requests)
-    return method.edit_many(model, requests, hparams=hparams)
+def _apply(method, model, requests, hparams, edit_kwargs):
+    kw = dict(edit_kwargs or {})
+    if hparams is not None:
+        kw["hparams"] = hparams
+    return method.edit_many(model, requests, **kw)
 
 
 def perplexity_before(out_dir: str | os.PathLike, model, perplexity: Callable[[Any], float]) -> float:
@@ -180,6 +181,7 @@ def run_records(
     perplexity: Callable[[Any], float] | None = None,
     ppl_every: int = 25,
     max_minutes: float | None = None,
+    edit_kwargs: dict | None = None,
     desc: str = "records",
 ) -> list[dict]:
     """Edit, evaluate and restore each record (or each batch), appending one JSON line per record.
@@ -199,6 +201,7 @@ def run_records(
         ppl_every: sampling period for per-record runs.
         max_minutes: stop starting new records (or batches) after this many minutes; the
             rows so far are returned and a later run resumes from there.
+        edit_kwargs: extra keyword arguments for `edit_many` (e.g. `cache_dir`).
         desc: tqdm label.
 
     Returns:
@@ -238,7 +241,7 @@ def run_records(
                 break
             t0 = time.perf_counter()
             try:
-                edit = _apply(method, model, [r.request() for r in group], hparams)
+                edit = _apply(method, model, [r.request() for r in group], hparams, edit_kwargs)
             except Exception as err:  # a failed edit is recorded, not fatal
                 log.warning("edit failed for case_ids %s: %s: %s", [r.case_id for r in group], type(err).__name__, err)
                 for r in pending:
@@ -398,6 +401,8 @@ def add_common_args(parser) -> None:
     parser.add_argument("--wikitext", default=None, help="WikiText-2 raw test text (default: shared data)")
     parser.add_argument("--hparam", action="append", default=[], metavar="KEY=VALUE",
                         help="override a field of the method's preset for the model (repeatable), e.g. layer=5")
+    parser.add_argument("--cache-dir", default=None,
+                        help="editor cache root for key statistics (default: romelens's cache, ~/.cache/romelens)")
     parser.add_argument("--max-minutes", type=float, default=None, help="stop after this long, summarize, resume later")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (1 avoids oversubscription on shared CPUs)")
@@ -431,6 +436,16 @@ def method_hparams(method, model, overrides: Sequence[str]):
     if unknown:
         raise ValueError(f"--hparam {unknown} not fields of {type(base).__name__}; expected some of {sorted(names)}")
     return dataclasses.replace(base, **fields)
+
+
+def edit_kwargs(args) -> dict:
+    """`cache_dir` for the editor: the option, else romelens's default cache, so key statistics
+    are computed once per model and layer, not once per edit."""
+    if args.method == "none":
+        return {}
+    from tracer.offline import cache_dir  # noqa: PLC0415
+
+    return {"cache_dir": str(args.cache_dir or cache_dir())}
 
 
 def command_line(module: str, argv) -> str:

@@ -105,6 +105,7 @@ def main(argv=None) -> dict:
         perplexity=ppl,
         ppl_every=args.ppl_every,
         max_minutes=args.max_minutes,
+        edit_kwargs=runner.edit_kwargs(args),
         desc=f"zsre {args.method}",
     )
     restored = weights_hash(model, layers=mlp_layers) == before
