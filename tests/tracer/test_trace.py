@@ -193,8 +193,15 @@ def test_gemma_eiffel_high_well_above_low(eiffel_mlp):
 
 
 @pytest.mark.integration
-def test_gemma_strongest_mlp_effect_at_last_subject_token(eiffel_mlp):
+def test_gemma_strongest_mlp_effect_is_inside_the_subject(eiffel_mlp):
+    # Gemma-3-270m: the MLP effect sits on the subject, at "▁Eiffel" rather than the last subject
+    # token "▁Tower" (measured with 10 samples: IE 0.44 at "▁Eiffel", 0.02 at "▁Tower"; see docs/tracing.md)
     res = eiffel_mlp
-    ie = res.indirect_effect()
-    t_best = int(ie.max(dim=1).values.argmax())
-    assert t_best == res.subject[1] - 1, (res.tokens, ie.max(dim=1).values)
+    per_token = res.indirect_effect().max(dim=1).values
+    a, b = res.subject
+    t_best = int(per_token.argmax())
+    assert a <= t_best < b, (res.tokens, per_token)
+    outside = torch.cat([per_token[:a], per_token[b:]])
+    assert float(per_token[a:b].max()) > 3 * float(outside.max())
+    # and it is an early-to-middle-layer effect, as in the paper
+    assert int(res.indirect_effect()[t_best].argmax()) < res.scores.shape[1] // 2 + 1
