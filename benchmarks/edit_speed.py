@@ -76,12 +76,28 @@ def main(argv=None) -> dict:
     if not args.skip_rome:
         layer_stats(model, layer, corpus=corpus, n_tokens=stats_tokens, cache_dir=cache, model_hash=whash)  # cache it
         req = EditRequest(prompt="{} is located in the city of", subject="The Eiffel Tower", target_new="Rome", target_true="Paris")
-        rome.edit(model, req, hp, corpus=corpus, cache_dir=cache).restore()  # warm: context templates
+        from tracer import target_probs  # noqa: PLC0415
+
+        prompts = {"prompt": req.filled,
+                   "paraphrase": "Here is a fact about a famous place. " + req.filled,
+                   "neighbor": "The Louvre is located in the city of"}
+
+        def probs():
+            tp = target_probs(model, list(prompts.values()) * 2, ["Rome"] * 3 + ["Paris"] * 3).first
+            return {k: {"Rome": float(tp[i]), "Paris": float(tp[i + 3])} for i, k in enumerate(prompts)}
+
+        before = probs()
+        context_templates_warm = time.perf_counter()
+        from editor.rome import templates_for  # noqa: PLC0415
+
+        templates_for(model, hp.context_lengths, cache_dir=cache, model_hash=whash)  # generate + cache
+        res["context_templates_s"] = time.perf_counter() - context_templates_warm
         t = time.perf_counter()
         e = rome.edit(model, req, hp, corpus=corpus, cache_dir=cache)
         res["rome_edit_s"] = time.perf_counter() - t
-        res["rome_edit"] = {"steps": len(e.diagnostics["steps"][0]["nll_curve"]),
-                            "p_new_after": float(e.diagnostics["after"]["new_first"][0])}
+        res["rome_edit"] = {"layer": hp.layer, "stats_tokens": stats_tokens,
+                            "nll_curve": e.diagnostics["steps"][0]["nll_curve"],
+                            "before": before, "after": probs()}
         e.restore()
 
     if args.memit_n:
@@ -95,6 +111,7 @@ def main(argv=None) -> dict:
                               "efficacy": float((e.diagnostics["after"]["new_seq"] > e.diagnostics["after"].get("true_seq", 0)).float().mean())}
         e.restore()
 
+    res["load_average"] = os.getloadavg()
     res["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     Path(args.out).write_text(json.dumps(res, indent=1))
     print(json.dumps(res, indent=1))
