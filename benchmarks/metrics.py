@@ -193,35 +193,14 @@ def wikitext_documents(text: str) -> list[str]:
 # --------------------------------------------------------------------------- model helpers
 
 
-def fast_logits(model, resid: torch.Tensor) -> torch.Tensor:
-    """Logits from final-block residuals `[..., d_model]`: `ln_final`, `@ W_U + b_U`, logit soft-cap.
-
-    Same values as `tracer.final_logits`, but without TransformerLens 3.x's per-call
-    `W_U.T.contiguous()`, which copies the whole unembedding (670 MB for Gemma-3's 262k
-    vocabulary) on every call and dominated the benchmark's run time on CPU.
-    """
-    w_u, b_u = getattr(model, "W_U", None), getattr(model, "b_U", None)
-    if not isinstance(w_u, torch.Tensor):
-        from tracer.model import final_logits  # noqa: PLC0415
-
-        return final_logits(model, resid)
-    logits = model.ln_final(resid) @ w_u  # [..., vocab]
-    if isinstance(b_u, torch.Tensor):
-        logits = logits + b_u
-    cap = getattr(model.cfg, "output_logits_soft_cap", -1.0) or -1.0
-    if cap > 0:
-        logits = cap * torch.tanh(logits / cap)
-    return logits
-
-
 def _positions_logits(model, tokens: torch.Tensor, rows: list[int], cols: list[int]) -> torch.Tensor:
     """Logits `[m, vocab]` at positions `(rows[i], cols[i])` of a forward pass over `tokens`."""
-    from tracer.model import final_resid  # noqa: PLC0415
+    from tracer.model import final_logits, final_resid  # noqa: PLC0415
 
     resid = final_resid(model, tokens)  # [batch, pos, d_model]
     r = torch.tensor(rows, device=resid.device)
     c = torch.tensor(cols, device=resid.device)
-    return fast_logits(model, resid[r, c])
+    return final_logits(model, resid[r, c])
 
 
 @torch.no_grad()
@@ -229,7 +208,7 @@ def target_nll(model, prompts: Sequence[str], targets: Sequence[str], *, batch_s
     """Mean token NLL of each target after its prompt (teacher forced); `exp(-x)` is ROME's P.
 
     The same numbers as `tracer.target_probs(...).mean_nll` (tested), computed with
-    `fast_logits`.
+    `tracer.final_logits`.
     """
     from tracer import encode, target_ids  # noqa: PLC0415
     from tracer.model import model_device  # noqa: PLC0415
@@ -276,7 +255,7 @@ def greedy_generate(model, prompts: Sequence[str], max_new_tokens: int = 100) ->
         >>> greedy_generate(model, ["The Eiffel Tower is in"], max_new_tokens=5)
     """
     from tracer import encode  # noqa: PLC0415
-    from tracer.model import final_resid, model_device  # noqa: PLC0415
+    from tracer.model import final_logits, final_resid, model_device  # noqa: PLC0415
 
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens {max_new_tokens} must be >= 0")
@@ -295,7 +274,7 @@ def greedy_generate(model, prompts: Sequence[str], max_new_tokens: int = 100) ->
     for _ in range(steps):
         cur = int(lens.max())
         resid = final_resid(model, tokens[:, :cur])  # [batch, cur, d_model]
-        logits = fast_logits(model, resid[rows, lens - 1])  # [batch, vocab]: last positions only
+        logits = final_logits(model, resid[rows, lens - 1])  # [batch, vocab]: last positions only
         tokens[rows, lens] = logits.argmax(-1)
         lens = lens + 1
     # skip_special_tokens drops the BOS (and any EOS the model generated)

@@ -39,7 +39,7 @@ def perplexity(model, text: str, *, max_tokens: int = 4096, window: int = 256, b
     Returns:
         exp(mean next-token NLL) over the scored tokens.
     """
-    from benchmarks.metrics import fast_logits  # noqa: PLC0415
+    from tracer.model import final_logits  # noqa: PLC0415
     from tracer.model import final_resid, model_device  # noqa: PLC0415
 
     if max_tokens < 2:
@@ -63,7 +63,7 @@ def perplexity(model, text: str, *, max_tokens: int = 4096, window: int = 256, b
         resid = final_resid(model, tokens)[0]  # [pos, d_model]
         for b in range(0, len(chunk) - 1, block):
             e = min(b + block, len(chunk) - 1)
-            logits = fast_logits(model, resid[b:e]).float()  # [e-b, vocab]
+            logits = final_logits(model, resid[b:e]).float()  # [e-b, vocab]
             lp = logits.log_softmax(-1)
             nxt = tokens[0, b + 1 : e + 1]
             nll -= lp[torch.arange(e - b, device=lp.device), nxt].sum().item()

@@ -28,7 +28,7 @@ import torch
 from tracer import load_model, locate_subject
 from tracer.hooks import EMBED, KINDS, hook_name
 from tracer.noise import NoiseCache, NoiseScale, resolve_noise
-from tracer.trace import _conditions, prepare_runs, restore_scores, window_layers
+from tracer.trace import _chunks, _conditions, prepare_runs, restore_scores, window_layers
 
 
 def peak_rss_mib() -> float:
@@ -110,7 +110,7 @@ def main(argv=None) -> int:
 
     t0 = time.perf_counter()
     model = load_model(args.model)
-    print(f"model {args.model}: loaded in {time.perf_counter() - t0:.1f} s, torch threads {torch.get_num_threads()}")
+    print(f"model {args.model}: {type(model).__name__}, loaded in {time.perf_counter() - t0:.1f} s, torch threads {torch.get_num_threads()}")
     noise_std = resolve_noise(model, 3.0, reference=args.facts, cache=NoiseCache())
     cfg, V = model.cfg, model.cfg.d_vocab
     pt = locate_subject(model, args.prompt, args.subject)
@@ -155,7 +155,12 @@ def main(argv=None) -> int:
     for kind in kinds:
         ref_flops += T * n * (S + 1) * (body_all + T * unembed)
         for cond in _conditions(kind, T, n, runs.first_changed, args.window):
-            fast_flops += len(cond.tok) * S * ((n - cond.start) * layer_flops(cfg, T) + unembed)
+            tok = cond.tok.repeat_interleave(S)
+            fast_flops += len(tok) * unembed
+            # with the key/value cache (TransformerLens 3.x) a batch computes positions min(tok).. only
+            for idx in _chunks(tok, args.batch_size, n_pos=T if runs.corrupt_kv is not None else None):
+                p0 = int(tok[idx].min()) if runs.corrupt_kv is not None else 0
+                fast_flops += len(idx) * (n - cond.start) * layer_flops(cfg, T - p0)
     gflops = matmul_gflops()
     t_ref = sum(v["reference_s"] for v in out["kinds"].values())
     print(f"\n{'kind':6s} {'reference s':>12s} {'trace_prompt s':>15s} {'speedup':>8s} {'max |diff|':>11s}")

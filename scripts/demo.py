@@ -56,11 +56,11 @@ def main() -> None:
     for prompt in PROMPTS:
         print(f"  {prompt!r} -> {top_k(model, prompt)}")
 
-    from tracer import plot_traces, trace_prompt
+    from tracer import plot_traces, trace_all
 
     prompt, subject = PROMPTS[0], "Eiffel Tower"
     t0 = time.perf_counter()
-    results = [trace_prompt(model, prompt, subject, kind=kind, samples=args.samples) for kind in ("resid", "mlp", "attn")]
+    results = list(trace_all(model, prompt, subject, samples=args.samples).values())  # resid, mlp, attn
     print(f"== 2. traced {prompt!r} in {time.perf_counter() - t0:.1f} s "
           f"(clean p={results[0].high:.3f}, corrupted p={results[0].low:.3f})")
     for res in results:

@@ -65,10 +65,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"facts checked {res.n_tried}: kept {res.n_facts} the model gets right, dropped {res.n_dropped}")
         if res.n_facts:
             print(f"average high {float(res.high.mean()):.4f}, average low {float(res.low.mean()):.4f}")
+            from tracer.dataset import GROUPS  # noqa: PLC0415
+
             for k in kinds:
-                m, c = res.curve(k, "last_subject")
-                best = int(m.argmax())
-                print(f"{k:5s} last subject token: peak AIE {float(m[best]):.4f} ± {float(c[best]):.4f} at layer {best}")
+                for g in groups or GROUPS:
+                    m, c = res.curve(k, g)
+                    if bool(m.isnan().all()):
+                        continue
+                    best = int(m.nan_to_num(nan=-float("inf")).argmax())
+                    print(f"{k:5s} {g:16s}: peak AIE {float(m[best]):.4f} ± {float(c[best]):.4f} at layer {best}")
             if "mlp" in kinds:
                 ch = choose_from_result(res)
                 print(f"chosen edit layer: {ch.layer} (MLP AIE at last subject token {ch.curve[ch.layer]:.4f} ± {ch.ci[ch.layer]:.4f}, runner-up layer {ch.runner_up}, margin {ch.margin:.4f}, {ch.n_facts} facts)")

@@ -10,8 +10,8 @@ romelens uses only the surface the two share:
 - `model.blocks[l].mlp.W_out`, `[d_mlp, d_model]`, writable in place on both
   (a Parameter on 3.x, a transposed view of the HF weight on 4.x);
 
-plus the few helpers below (`unembed_positions`, `mlp_output_delta`), which exist so
-that no other module needs to ask which class it has.
+plus the few helpers below (`unembed_positions`, `mlp_output_delta`, `prefix_kv_cache`),
+which exist so that no other module needs to ask which class it has.
 
 Example:
     >>> from tracer import load_model
@@ -217,8 +217,21 @@ def weights_hash(model, layers: Iterator[int] | None = None) -> str:
 
 
 def final_logits(model, resid: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_vocab"]:
-    """Logits from a final-block residual: `ln_final`, `unembed`, then any logit soft-cap."""
-    logits = model.unembed(model.ln_final(resid))
+    """Logits from a final-block residual: `ln_final`, `@ W_U + b_U`, then any logit soft-cap.
+
+    Multiplies by `model.W_U` directly instead of calling `model.unembed`: TransformerLens
+    3.x's `Unembed.forward` runs `W_U.T.contiguous()`, a copy of the whole unembedding
+    (670 MB for Gemma-3's 262,144-token vocabulary) on every call, which dominated the time
+    of small batches on a CPU. The unembedding's own hook points are therefore not run.
+    """
+    w_u, b_u = getattr(model, "W_U", None), getattr(model, "b_U", None)
+    x = model.ln_final(resid)
+    if isinstance(w_u, Tensor):
+        logits = x @ w_u
+        if isinstance(b_u, Tensor):
+            logits = logits + b_u
+    else:  # a model without the W_U alias
+        logits = model.unembed(x)
     cap = getattr(model.cfg, "output_logits_soft_cap", -1.0) or -1.0
     if cap > 0:
         logits = cap * torch.tanh(logits / cap)
@@ -300,3 +313,48 @@ def mlp_post_norm(model, layer: int) -> Callable[[Tensor], Tensor] | None:
     if isinstance(norm, torch.nn.Identity):
         return None
     return norm
+
+
+def prefix_kv_cache(model, batch: int):
+    """An empty key/value cache to record a run's keys and values in, or None.
+
+    Pass it to a forward pass as `past_kv_cache=`; afterwards it holds every layer's keys
+    and values for that run. `resume_with_prefix` then reruns only a suffix of the positions
+    on top of a slice of it. Only `HookedTransformer` (3.x) supports a key/value cache
+    together with `start_at_layer`; on a 4.x bridge (or a model of another class) this
+    returns None and callers run every position instead.
+    """
+    if _Hooked is None or not isinstance(model, _Hooked):
+        return None
+    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache  # noqa: PLC0415
+
+    return TransformerLensKeyValueCache.init_cache(model.cfg, model_device(model), batch)
+
+
+def resume_with_prefix(
+    model,
+    x: Float[Tensor, "batch suffix d_model"],
+    *,
+    start_at_layer: int,
+    cache,
+    rows: Int[Tensor, " batch"],
+    prefix: int,
+) -> Float[Tensor, "batch suffix d_model"]:
+    """The last block's output for positions `prefix..` resumed from `start_at_layer`.
+
+    `x` is the residual stream entering block `start_at_layer` at positions `prefix..`
+    only; the earlier positions attend from `cache` (from `prefix_kv_cache`), whose batch
+    rows `rows` and first `prefix` positions are used, frozen. This is exact when the
+    earlier positions' states equal those of the run that filled the cache.
+    Hooks see only the suffix positions (position 0 is token `prefix`).
+    """
+    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache  # noqa: PLC0415
+    from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry  # noqa: PLC0415
+
+    entries = [
+        TransformerLensKeyValueCacheEntry(past_keys=e.past_keys[rows, :prefix], past_values=e.past_values[rows, :prefix], frozen=True)
+        for e in cache.entries
+    ]
+    mask = cache.previous_attention_mask[rows, :prefix]
+    sliced = TransformerLensKeyValueCache(entries=entries, previous_attention_mask=mask, frozen=True)
+    return final_resid(model, x, start_at_layer=start_at_layer, past_kv_cache=sliced)

@@ -29,7 +29,11 @@ overwritten by its clean value; an `mlp`/`attn` window starting at layer `a` sta
 Conditions (token x layer x sample) sharing a start layer go through the model in batches
 of at most `batch_size` rows. Only the last position is unembedded. Tokens before the first
 corrupted token carry identical clean and corrupted states, so restoring them is a no-op;
-their scores are set to `low` without running anything (exact).
+their scores are set to `low` without running anything (exact). Positions before the
+restored token are unchanged too: where the model offers a key/value cache with
+`start_at_layer` (TransformerLens 3.x), the corrupted run's keys and values are recorded
+and a restored run at token `t` computes only positions `t..` (`tracer.model.resume_with_prefix`);
+on a 4.x bridge every position is recomputed.
 
 Example:
     >>> from tracer import load_model
@@ -51,7 +55,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from tracer.hooks import EMBED, KINDS, hook_name
-from tracer.model import final_logits, final_resid, model_device, model_name
+from tracer.model import final_logits, final_resid, model_device, model_name, prefix_kv_cache, resume_with_prefix
 from tracer.noise import NoiseCache, NoiseScale, resolve_noise
 from tracer.prompts import PromptTokens, encode, locate_subject, target_ids
 from tracer.result import TraceResult
@@ -91,6 +95,8 @@ class Runs:
         corrupt_tokens: the corrupted run's input, `[samples, pos]`.
         embed_delta: the noise added at `hook_embed` to the subject tokens,
             `[samples, subject_len, d_model]` (None with a corrupted prompt).
+        corrupt_kv: the corrupted run's keys and values per layer (`prefix_kv_cache`), or
+            None where the model has no usable key/value cache.
     """
 
     prompt: PromptTokens
@@ -105,6 +111,7 @@ class Runs:
     noise_std: float | None
     corrupt_tokens: Tensor
     embed_delta: Tensor | None
+    corrupt_kv: object = None
 
 
 def _target_prob(model, resid: Float[Tensor, "batch d_model"], target_id: int) -> Float[Tensor, " batch"]:
@@ -114,8 +121,11 @@ def _target_prob(model, resid: Float[Tensor, "batch d_model"], target_id: int) -
 
 
 @torch.no_grad()
-def _record_run(model, tokens, embed_hook=None):
-    """Run `tokens` recording resid_pre, mlp_out and attn_out of every layer; return (pre, sub)."""
+def _record_run(model, tokens, embed_hook=None, kv=None):
+    """Run `tokens` recording resid_pre, mlp_out and attn_out of every layer; return (pre, sub).
+
+    With `kv` (a `prefix_kv_cache`), the run also fills it with every layer's keys and values.
+    """
     n = model.cfg.n_layers
     seen: dict[str, Tensor] = {}
 
@@ -131,7 +141,7 @@ def _record_run(model, tokens, embed_hook=None):
             name = hook_name(kind, layer)
             hooks.append((name, keep(name)))
     with model.hooks(fwd_hooks=hooks):
-        last = final_resid(model, tokens)
+        last = final_resid(model, tokens) if kv is None else final_resid(model, tokens, past_kv_cache=kv)
     pre = torch.stack([seen[hook_name("resid_pre", l)] for l in range(n)] + [last])  # [n+1, batch, pos, d]
     sub = {k: torch.stack([seen[hook_name(k, l)] for l in range(n)]) for k in SEVERABLE}  # [n, batch, pos, d]
     return pre, sub
@@ -182,7 +192,8 @@ def prepare_runs(
             )
         diff = (ct[0] != tokens[0]).nonzero()
         first_changed = int(diff[0]) if len(diff) else n_pos
-        corrupt_pre, corrupt_sub = _record_run(model, ct)
+        kv = prefix_kv_cache(model, 1)
+        corrupt_pre, corrupt_sub = _record_run(model, ct, kv=kv)
         noise_std, delta, corrupt_tokens = None, None, ct
     else:
         noise_std = resolve_noise(model, noise, reference=noise_reference, cache=noise_cache)
@@ -197,7 +208,8 @@ def prepare_runs(
             return x
 
         corrupt_tokens = tokens.expand(samples, -1)
-        corrupt_pre, corrupt_sub = _record_run(model, corrupt_tokens, embed_hook=add_noise)
+        kv = prefix_kv_cache(model, samples)
+        corrupt_pre, corrupt_sub = _record_run(model, corrupt_tokens, embed_hook=add_noise, kv=kv)
         first_changed = a if noise_std > 0 else n_pos
     low = float(_target_prob(model, corrupt_pre[-1, :, -1], target_id).mean())
     return Runs(
@@ -213,6 +225,7 @@ def prepare_runs(
         noise_std=noise_std,
         corrupt_tokens=corrupt_tokens,
         embed_delta=delta,
+        corrupt_kv=kv,
     )
 
 
@@ -295,6 +308,17 @@ def restore_scores(
     if tokens is not None:
         sums.view(n_pos, n)[skip] = float("nan")
     patch_kind = None if kind == "resid" else kind
+    kv = runs.corrupt_kv
+    pending: list[tuple[Tensor, Tensor]] = []  # (final residuals, cells) waiting to be unembedded
+
+    def flush():  # unembed in batches: each call reads the whole [d_model, d_vocab] matrix
+        resid = torch.cat([r for r, _ in pending])
+        cells = torch.cat([c for _, c in pending])
+        pending.clear()
+        for b in range(0, len(resid), batch_size):
+            p = _target_prob(model, resid[b : b + batch_size], runs.target_id).double().cpu()
+            sums.index_add_(0, cells[b : b + batch_size], p)
+
     for cond in _conditions(kind, n_pos, n, first, window, tokens):
         m = len(cond.tok)
         # every condition is repeated for each noise sample: row r -> (condition r // S, sample r % S)
@@ -302,30 +326,40 @@ def restore_scores(
         cell_all = cond.cell.repeat_interleave(samples)
         stop_all = cond.stop.repeat_interleave(samples)
         smp_all = torch.arange(samples).repeat(m)
-        for b in range(0, m * samples, batch_size):
-            tok = tok_all[b : b + batch_size].to(device)
-            smp = smp_all[b : b + batch_size].to(device)
-            stop = stop_all[b : b + batch_size].to(device)
+        for idx in _chunks(tok_all, batch_size, n_pos=n_pos if kv is not None else None):
+            tok = tok_all[idx].to(device)
+            smp = smp_all[idx].to(device)
+            stop = stop_all[idx].to(device)
             rows = torch.arange(len(tok), device=device)
-            x = runs.corrupt_pre[cond.start][smp].clone()  # [B, pos, d_model]
+            # with a key/value cache, run only the positions from the batch's first restored token on
+            p0 = int(tok.min()) if kv is not None else 0
+            rel = tok - p0
+            x = runs.corrupt_pre[cond.start][smp, p0:].clone()  # [B, pos - p0, d_model]
             if kind == "resid":  # restore the block output of layer start-1 at token tok
-                x[rows, tok] = runs.clean_pre[cond.start][tok]
+                x[rows, rel] = runs.clean_pre[cond.start][tok]
             hooks = []
             for layer in range(cond.start, n):
                 if patch_kind is not None:
                     sel = (stop > layer).nonzero()[:, 0]
                     if len(sel):
-                        hooks.append((hook_name(patch_kind, layer), _patcher(sel, tok[sel], runs.clean_sub[patch_kind][layer][tok[sel]])))
+                        hooks.append((hook_name(patch_kind, layer), _patcher(sel, rel[sel], runs.clean_sub[patch_kind][layer][tok[sel]])))
                 if severed is not None:
                     frozen = runs.corrupt_sub[severed][layer][smp, tok]  # [B, d_model]
-                    hooks.append((hook_name(severed, layer), _patcher(rows, tok, frozen)))
+                    hooks.append((hook_name(severed, layer), _patcher(rows, rel, frozen)))
             if cond.start < n:
                 with model.hooks(fwd_hooks=hooks):
-                    resid = final_resid(model, x, start_at_layer=cond.start)[:, -1]  # [B, d_model]
+                    if p0 > 0:
+                        resid = resume_with_prefix(model, x, start_at_layer=cond.start, cache=kv, rows=smp, prefix=p0)
+                    else:
+                        resid = final_resid(model, x, start_at_layer=cond.start)
+                resid = resid[:, -1]  # [B, d_model]
             else:
                 resid = x[:, -1]
-            p = _target_prob(model, resid, runs.target_id).double().cpu()
-            sums.index_add_(0, cell_all[b : b + batch_size], p)
+            pending.append((resid, cell_all[idx]))
+            if sum(len(r) for r, _ in pending) >= batch_size:
+                flush()
+    if pending:
+        flush()
     return (sums / samples).float().view(n_pos, n)
 
 
@@ -410,6 +444,45 @@ def reference_scores(
                 out[t, l] = patched_score(model, runs, [(t, l)], frozen=frozen, frozen_kind=severed)
             else:
                 out[t, l] = patched_score(model, runs, [(t, L) for L in window_layers(l, window, n)], kind=kind)
+    return out
+
+
+_CALL_COST = 90  # fixed cost of one block call (weight copies, hooks) in token-rows, measured on Gemma-3-270m / CPU
+
+
+def _chunks(tok: Tensor, batch_size: int, *, n_pos: int | None = None) -> list[Tensor]:
+    """Row indices in batches of at most `batch_size` rows.
+
+    Without `n_pos`, consecutive rows. With `n_pos` (the key/value-cache path, where a batch
+    computes positions `min(tok)..n_pos-1` only), rows are sorted by token and cut into
+    batches of whole tokens chosen by dynamic programming to minimise the estimated cost
+    `sum(_CALL_COST + rows * positions)`: one batch per token computes the fewest positions
+    but pays the fixed per-call cost many times; one batch for all tokens the reverse.
+    """
+    if n_pos is None:
+        return [torch.arange(b, min(b + batch_size, len(tok))) for b in range(0, len(tok), batch_size)]
+    toks = torch.unique(tok).tolist()  # sorted
+    groups = [(tok == t).nonzero()[:, 0] for t in toks]
+    sizes = [len(g) for g in groups]
+    best = [0.0] + [float("inf")] * len(groups)  # best[j]: cost of the first j token groups
+    cut = [0] * (len(groups) + 1)
+    for j in range(1, len(groups) + 1):
+        rows = 0
+        for i in range(j, 0, -1):  # last batch = groups i-1 .. j-1, starting at token toks[i-1]
+            rows += sizes[i - 1]
+            if rows > batch_size and i < j:
+                break
+            cost = best[i - 1] + _CALL_COST + rows * (n_pos - toks[i - 1])
+            if cost < best[j]:
+                best[j], cut[j] = cost, i - 1
+    bounds, j = [], len(groups)
+    while j > 0:
+        bounds.append((cut[j], j))
+        j = cut[j]
+    out = []
+    for i, j in reversed(bounds):
+        rows = torch.cat(groups[i:j])
+        out += [rows[b : b + batch_size] for b in range(0, len(rows), batch_size)]
     return out
 
 

@@ -88,11 +88,14 @@ def test_cli_unknown_method(tmp_path):
         counterfact.main(["--method", "bogus", "--out", str(tmp_path), "--data", str(FIXTURES / "counterfact_tiny.json")])
 
 
-def test_target_nll_and_fast_logits_match_tracer(tiny_model):
+def test_target_nll_matches_tracer(tiny_model):
     prompts = ["The capital of France is", "Michael Jordan plays the sport of"]
     targets = ["Paris", "basketball and guitar"]
     ours = metrics.target_nll(tiny_model, prompts, targets)
     assert ours == pytest.approx(target_probs(tiny_model, prompts, targets).mean_nll.tolist(), abs=1e-5)
-    resid = torch.randn(4, tiny_model.cfg.d_model)
-    assert torch.allclose(metrics.fast_logits(tiny_model, resid), tracer.final_logits(tiny_model, resid[:, None])[:, 0],
-                          atol=1e-5)
+    # final_logits skips the unembedding module's per-call weight copy; same values as a full forward pass
+    tokens = tiny_model.to_tokens(prompts[0])
+    with torch.no_grad():
+        full = tiny_model(tokens)[0]
+        ours = tracer.final_logits(tiny_model, tracer.final_resid(tiny_model, tokens))[0]
+    assert torch.allclose(ours, full, atol=1e-5)

@@ -67,6 +67,21 @@ def test_batched_matches_reference(tiny_model, runs, kind, window, severed):
     assert fast.std() > 0  # not a constant table
 
 
+@pytest.mark.parametrize("kind,severed", [("resid", None), ("mlp", None), ("resid", "attn")])
+def test_prefix_cache_path_matches_full_positions(tiny_model, runs, kind, severed):
+    # TransformerLens 3.x resumes from the corrupted run's keys/values and computes only the
+    # positions from the restored token on; 4.x has no such cache and recomputes every position
+    from dataclasses import replace
+
+    from tracer.model import TL_API
+
+    assert (runs.corrupt_kv is not None) == (TL_API == 3)
+    full = restore_scores(tiny_model, replace(runs, corrupt_kv=None), kind=kind, window=3, severed=severed)
+    fast = restore_scores(tiny_model, runs, kind=kind, window=3, severed=severed, batch_size=7)
+    assert (fast - full).abs().max() < 1e-6
+    assert fast.std() > 0
+
+
 def test_batch_size_does_not_change_scores(tiny_model, runs):
     a = restore_scores(tiny_model, runs, kind="mlp", window=2, batch_size=4)
     b = restore_scores(tiny_model, runs, kind="mlp", window=2, batch_size=1000)
