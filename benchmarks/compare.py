@@ -19,7 +19,8 @@ from typing import Sequence
 
 from pathlib import Path
 
-from benchmarks.runner import RECORDS, atomic_write_text, comparison_figure, load_summaries, markdown_table, read_rows
+from benchmarks.runner import RECORDS, comparison_figure, load_summaries, markdown_table, read_rows
+from tracer.files import atomic_write_text
 
 
 def _summarizer(benchmark: str):

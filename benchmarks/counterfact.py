@@ -187,10 +187,7 @@ def _run(args, argv, *, parser_module, load) -> dict:
     gen_tokens = 0 if args.no_generation else args.gen_tokens
     reference = build_reference(args) if gen_tokens > 0 else None
     model = load_model(args.model, device=args.device)
-    ppl = None
-    if args.ppl_tokens > 0:
-        def ppl(m):
-            return wikitext_perplexity(m, args.wikitext, max_tokens=args.ppl_tokens)
+    ppl = (lambda m: wikitext_perplexity(m, args.wikitext, max_tokens=args.ppl_tokens)) if args.ppl_tokens > 0 else None
     ppl_before = runner.perplexity_before(args.out, model, ppl) if ppl else None
     hparams = runner.method_hparams(method, model, args.hparam)
     mlp_layers = range(model.cfg.n_layers)  # every edit method changes W_out only

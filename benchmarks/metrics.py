@@ -27,7 +27,6 @@ import os
 import re
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -246,16 +245,17 @@ def _pad_id(model) -> int:
 def greedy_generate(model, prompts: Sequence[str], max_new_tokens: int = 100) -> list[str]:
     """Greedy continuations of `prompts`; returns prompt + continuation, decoded.
 
-    The prompts share one right-padded batch (a causal model's positions before the pad are
-    unaffected by it), and only each row's last position is unembedded, so a step costs one
-    forward pass. No KV cache: simple and identical on TransformerLens 3.x and 4.x.
-    Generation stops early only at the model's context length.
+    On TransformerLens 3.x the prompts share one left-padded batch with a key/value cache
+    (`tracer.model.greedy_tokens`): each step runs one new position. Elsewhere (a 4.x
+    bridge) they share one right-padded batch (a causal model's positions before the pad are
+    unaffected by it) and every step reruns the prefix. Either way only each row's last
+    position is unembedded. Generation stops early only at the model's context length.
 
     Example:
         >>> greedy_generate(model, ["The Eiffel Tower is in"], max_new_tokens=5)
     """
     from tracer import encode  # noqa: PLC0415
-    from tracer.model import final_logits, final_resid, model_device  # noqa: PLC0415
+    from tracer.model import final_logits, final_resid, greedy_tokens, model_device  # noqa: PLC0415
 
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens {max_new_tokens} must be >= 0")
@@ -265,6 +265,9 @@ def greedy_generate(model, prompts: Sequence[str], max_new_tokens: int = 100) ->
     seqs = [encode(model, p) for p in prompts]
     n_ctx = int(getattr(model.cfg, "n_ctx", 2048) or 2048)
     steps = max(0, min(max_new_tokens, n_ctx - max(len(s) for s in seqs)))
+    cached = greedy_tokens(model, seqs, steps) if steps else None
+    if cached is not None:
+        return [model.tokenizer.decode(s + c, skip_special_tokens=True) for s, c in zip(seqs, cached)]
     width = max(len(s) for s in seqs) + steps
     tokens = torch.full((len(seqs), width), _pad_id(model), dtype=torch.long, device=device)
     lens = torch.tensor([len(s) for s in seqs], device=device)

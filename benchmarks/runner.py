@@ -30,12 +30,13 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from tqdm.auto import tqdm
+
+from tracer.files import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -95,19 +96,6 @@ def get_method(name: str):
 # --------------------------------------------------------------------------- files
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write `text` to `path` via a temporary file in the same folder, then rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def read_rows(path: str | os.PathLike, *, repair: bool = False) -> list[dict]:
@@ -157,6 +145,13 @@ def _apply(method, model, requests, hparams, edit_kwargs):
     if hparams is not None:
         kw["hparams"] = hparams
     return method.edit_many(model, requests, **kw)
+
+
+def _reapply(model, path: Path):
+    from editor import apply_saved  # noqa: PLC0415
+
+    log.info("resuming with the saved batch edit %s", path)
+    return apply_saved(model, path)
 
 
 def perplexity_before(out_dir: str | os.PathLike, model, perplexity: Callable[[Any], float]) -> float:
@@ -240,8 +235,15 @@ def run_records(
                 log.warning("stopping after %.1f minutes (--max-minutes); rerun to resume", max_minutes)
                 break
             t0 = time.perf_counter()
+            saved = out_dir / "edits" / f"batch{gi:04d}.safetensors"
             try:
-                edit = _apply(method, model, [r.request() for r in group], hparams, edit_kwargs)
+                if batch and saved.exists():  # resuming a batch: reuse its saved edit
+                    edit = _reapply(model, saved)
+                else:
+                    edit = _apply(method, model, [r.request() for r in group], hparams, edit_kwargs)
+                    if batch and hasattr(edit, "save"):
+                        edit.save(saved)  # a batch edit can take many minutes: keep it for resuming
+                edit_seconds = time.perf_counter() - t0
             except Exception as err:  # a failed edit is recorded, not fatal
                 log.warning("edit failed for case_ids %s: %s: %s", [r.case_id for r in group], type(err).__name__, err)
                 for r in pending:
@@ -257,8 +259,10 @@ def run_records(
                     # wall time since the previous record: its share of edit, perplexity and evaluation
                     row["seconds"] = time.perf_counter() - t0
                     t0 = time.perf_counter()
-                    if ppl_after is not None and j == 0:
-                        row["ppl_after"] = ppl_after
+                    if j == 0:
+                        row["edit_seconds"] = edit_seconds  # the whole group's edit (K edits with --batch K)
+                        if ppl_after is not None:
+                            row["ppl_after"] = ppl_after
                     write(row)
     bar.close()
     return [done[r.case_id] for r in records if r.case_id in done]

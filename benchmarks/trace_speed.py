@@ -26,7 +26,7 @@ import time
 import torch
 
 from tracer import load_model, locate_subject
-from tracer.hooks import EMBED, KINDS, hook_name
+from tracer.hooks import EMBED, hook_name
 from tracer.noise import NoiseCache, NoiseScale, resolve_noise
 from tracer.trace import _chunks, _conditions, prepare_runs, restore_scores, window_layers
 

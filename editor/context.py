@@ -21,11 +21,10 @@ import json
 import logging
 import os
 import re
-import tempfile
-from pathlib import Path
 
 import torch
 
+from tracer.files import atomic_write_text
 from tracer.model import final_logits, final_resid, model_device, model_name, weights_hash
 from tracer.offline import cache_dir as default_cache_dir
 
@@ -113,9 +112,5 @@ def context_templates(
     templates = generate_templates(model, n=n, length=length, seed=seed)
     if use_cache:
         table = {"weights_hash": whash, "model": model_name(model), "templates": {**table.get("templates", {}), key: templates}}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(table, f, indent=1)
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps(table, indent=1))
     return templates

@@ -27,7 +27,7 @@ from torch import Tensor
 from editor.hparams import FTHParams, ft_hparams
 from editor.optimize import _pad
 from editor.requests import EditRequest, as_requests
-from editor.result import EditResult, LayerDelta, apply_deltas, edit_stack
+from editor.result import EditResult, LayerDelta, apply_deltas
 from editor.rome import probe
 from tracer.hooks import hook_name
 from tracer.model import final_logits, final_resid, mlp_output_delta, model_device, weights_hash
@@ -40,7 +40,7 @@ HParams = FTHParams
 
 def _batch(model, requests: Sequence[EditRequest]):
     device = model_device(model)
-    seqs, rows, cols, tgt, row_of = [], [], [], [], []
+    seqs, rows, cols, tgt = [], [], [], []
     for i, r in enumerate(requests):
         p = encode(model, r.filled)
         t = target_ids(model, r.filled, r.target_new)

@@ -130,27 +130,28 @@ ROME_PRESETS: dict[str, ROMEHParams] = {
     "gpt2-large": ROMEHParams(layer=12),
     "gpt2-xl": ROMEHParams(layer=17),
     "gpt-j-6b": ROMEHParams(layer=5),
-    # Gemma-3-270m (18 layers): layer 3. tracer.choose_edit_layer was not run (too slow on the
-    # shared 2-core CPU at the time); instead ROME edited "The Eiffel Tower -> Rome" at layers
-    # 3, 4, 5, 6 (C from 20k WikiText-2 tokens) and compared efficacy, a paraphrase and the
-    # neighbour "The Louvre ... city of": all layers reach p(Rome) > 0.96 on the prompt, and
-    # the neighbour keeps Paris best at 3 (p(Rome) 0.005), less so at 4 (0.085), 5 (0.17),
-    # and fails at 6 (0.54). See docs/editing.md. Five generated templates (not 20) and 25
-    # steps keep a CPU edit short; it converges in 5-7 steps.
-    "gemma-3-270m": ROMEHParams(layer=3, v_num_grad_steps=25, context_lengths=((10, 5),)),
+    # Gemma-3-270m (18 layers): layer 4, chosen by tracer.choose_edit_layer over 100 known
+    # facts (MLP AIE at the last subject token 0.091 +- 0.022 at layer 4; layers 3-6 within
+    # the CI; docs/tracing.md). A one-fact sweep ("The Eiffel Tower -> Rome" at layers 3-6)
+    # edits the fact at every layer (prompt p(Rome) > 0.96); the neighbour "The Louvre ...
+    # city of" keeps Paris best at 3 (p(Rome) 0.005) and 4 (0.085), less so at 5 (0.17), and
+    # fails at 6 (0.54); docs/editing.md. Five generated templates (not 20) and 25 steps
+    # keep a CPU edit short; it converges in 5-7 steps.
+    "gemma-3-270m": ROMEHParams(layer=4, v_num_grad_steps=25, context_lengths=((10, 5),)),
 }
 
 MEMIT_PRESETS: dict[str, MEMITHParams] = {
     "gpt2-xl": MEMITHParams(layers=(13, 14, 15, 16, 17), v_lr=0.8, v_weight_decay=0.1, mom2_update_weight=20000.0),
     "gpt-j-6b": MEMITHParams(layers=(3, 4, 5, 6, 7, 8), v_num_grad_steps=25),
-    # Gemma-3-270m: five layers around the ROME layer 3 (GPT-J's 3-8 spans its ROME layer 5).
+    # Gemma-3-270m: five layers around the ROME layer 4, the traced peak region 2-6
+    # (GPT-J's 3-8 spans its ROME layer 5).
     "gemma-3-270m": MEMITHParams(layers=(2, 3, 4, 5, 6), v_num_grad_steps=25),
 }
 
 FT_PRESETS: dict[str, FTHParams] = {
     "gpt2-xl": FTHParams(layer=0),
     "gpt-j-6b": FTHParams(layer=21),
-    "gemma-3-270m": FTHParams(layer=3, norm_constraint=5e-3, lr=5e-3),
+    "gemma-3-270m": FTHParams(layer=4, norm_constraint=5e-3, lr=5e-3),  # the ROME layer
 }
 
 

@@ -171,8 +171,29 @@ def _build(model, requests, templates, kl_prompts, device) -> _Batch:
     )
 
 
-def _logits(model, batch: _Batch, layer: int, delta: Tensor) -> Tensor:
-    """Log-probs at the scored positions with `delta[req]` added at each row's subject token."""
+@torch.no_grad()
+def _resid_pre(model, tokens: Tensor, layer: int) -> Tensor:
+    """The residual stream entering block `layer`, `[rows, pos, d_model]` (unchanged by the delta)."""
+    seen = {}
+
+    def grab(act, hook):
+        seen["x"] = act.detach().clone()
+        raise _Stop
+
+    try:
+        with model.hooks(fwd_hooks=[(hook_name("resid_pre", layer), grab)]):
+            model(tokens)
+    except _Stop:
+        pass
+    return seen["x"]
+
+
+def _logits(model, batch: _Batch, layer: int, delta: Tensor, x0: Tensor | None = None) -> Tensor:
+    """Log-probs at the scored positions with `delta[req]` added at each row's subject token.
+
+    `x0`: the residual entering block `layer` (`_resid_pre`); the pass then starts there,
+    since the delta changes nothing upstream.
+    """
     add = delta[batch.row_req]  # [rows, d_model]
     idx = (torch.arange(len(batch.row_req), device=delta.device), batch.row_pos)
 
@@ -180,7 +201,10 @@ def _logits(model, batch: _Batch, layer: int, delta: Tensor) -> Tensor:
         return out.index_put(idx, add.to(out.dtype), accumulate=True)
 
     with mlp_output_delta(model, layer, shift):
-        resid = final_resid(model, batch.tokens)  # [rows, pos, d_model]
+        if x0 is None:
+            resid = final_resid(model, batch.tokens)  # [rows, pos, d_model]
+        else:
+            resid = final_resid(model, x0, start_at_layer=layer)
     logits = final_logits(model, resid[batch.lg_rows, batch.lg_cols][:, None])[:, 0]
     return logits.float().log_softmax(-1)  # [m, vocab]
 
@@ -222,14 +246,15 @@ def optimize_values(
     ref_norm = ref_norm.to(device).float()
     delta = torch.zeros(n, model.cfg.d_model, device=device, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=lr)
+    x0 = _resid_pre(model, batch.tokens, layer)  # every step starts at the edited block
     with torch.no_grad():
-        lp0 = _logits(model, batch, layer, torch.zeros_like(delta))
+        lp0 = _logits(model, batch, layer, torch.zeros_like(delta), x0)
         kl_init = lp0[m_nll:] if n_kl else None  # [n_kl_rows, vocab]
     curve: list[list[float]] = []
     done = torch.zeros(n, dtype=torch.bool, device=device)
     for step in range(steps):
         opt.zero_grad()
-        lp = _logits(model, batch, layer, delta)
+        lp = _logits(model, batch, layer, delta, x0)
         tok_nll = -lp[torch.arange(m_nll, device=device), batch.tgt]  # [m_nll]
         row_nll = torch.zeros(batch.n_nll_rows, device=device).index_add(0, batch.nll_row, tok_nll) / tok_per_row
         req_nll = row_nll.reshape(n, n_t).mean(1)  # [n]

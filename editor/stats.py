@@ -30,14 +30,14 @@ import hashlib
 import logging
 import os
 import re
-import tempfile
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from tracer.files import atomic_path
 from tracer.hooks import hook_name
 from tracer.model import model_device, model_name, weights_hash
 from tracer.offline import cache_dir as default_cache_dir
@@ -79,20 +79,25 @@ def _corpus_text(corpus: str) -> tuple[str, str, str]:
     return text, cid, hashlib.sha256(text.encode()).hexdigest()
 
 
-def _rows(model, text: str, seq_len: int) -> Iterator[list[int]]:
+def _tokenize(model, text: str) -> list[int]:
+    """The corpus as one token list (paragraphs joined by newlines, no special tokens)."""
+    tok = model.tokenizer
+    paragraphs = [p for p in text.split("\n") if p.strip()]
+    ids: list[int] = []
+    step = 256
+    for i in range(0, len(paragraphs), step):
+        ids.extend(tok("\n".join(paragraphs[i : i + step]) + "\n", add_special_tokens=False)["input_ids"])
+    return ids
+
+
+def _rows(model, ids: list[int], seq_len: int) -> Iterator[list[int]]:
     """Token rows of `seq_len` text tokens (BOS prepended when the model uses one)."""
     tok = model.tokenizer
     bos = [tok.bos_token_id] if getattr(model.cfg, "default_prepend_bos", True) and tok.bos_token_id is not None else []
-    paragraphs = [p for p in text.split("\n") if p.strip()]
-    buf: list[int] = []
-    step = 256
-    for i in range(0, len(paragraphs), step):
-        buf.extend(tok("\n".join(paragraphs[i : i + step]) + "\n", add_special_tokens=False)["input_ids"])
-        while len(buf) >= seq_len:
-            yield bos + buf[:seq_len]
-            buf = buf[seq_len:]
-    if len(buf) > 8:
-        yield bos + buf
+    for i in range(0, len(ids), seq_len):
+        row = ids[i : i + seq_len]
+        if len(row) == seq_len or len(row) > 8:
+            yield bos + row
 
 
 @torch.no_grad()
@@ -147,8 +152,9 @@ def compute_stats(
             raise _StopForward
 
     hooks = [(hook_name("key", l), grab) for l in layers]
-    bar = tqdm(total=n_tokens, desc=f"key stats L{layers}", unit="tok", disable=not progress)
-    rows = _rows(model, text, seq_len)
+    ids = _tokenize(model, text)
+    bar = tqdm(total=min(n_tokens, len(ids)), desc=f"key stats L{layers}", unit="tok", disable=not progress)
+    rows = _rows(model, ids, seq_len)
     done = False
     while not done:
         batch = []
@@ -200,15 +206,8 @@ def _path(root: Path, name: str, whash: str, layer: int, cid: str, n_tokens: int
 def _atomic_save(tensors: dict[str, Tensor], meta: dict[str, str], path: Path) -> None:
     from safetensors.torch import save_file  # noqa: PLC0415
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=meta)
 
 
 def _load_checked(path: Path, expect: dict[str, str]) -> Tensor | None:

@@ -100,13 +100,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r.kind:5s}: max indirect effect {float(ie.max()):+.4f} at token {r.labels()[t]!r} layer {layer}")
     if args.out:
         if args.out.endswith(".json"):
-            from tracer.result import atomic_write_text  # noqa: PLC0415
+            from tracer.files import atomic_write_text  # noqa: PLC0415
 
             atomic_write_text(args.out, json.dumps([r.to_dict() for r in results]))
         else:
             save_figure(plot_traces(results) if len(results) > 1 else results[0].plot(), args.out)
             if args.save_json:
-                from tracer.result import atomic_write_text  # noqa: PLC0415
+                from tracer.files import atomic_write_text  # noqa: PLC0415
 
                 atomic_write_text(Path(args.out).with_suffix(".json"), json.dumps([r.to_dict() for r in results]))
         print(f"wrote {args.out}")

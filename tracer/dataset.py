@@ -46,7 +46,8 @@ from tracer.hooks import KINDS
 from tracer.model import final_logits, final_resid, model_device, model_name
 from tracer.noise import NoiseCache, NoiseScale, resolve_noise
 from tracer.prompts import encode, target_ids
-from tracer.result import TraceResult, atomic_write_text, save_figure
+from tracer.files import atomic_write_text
+from tracer.result import TraceResult, save_figure
 from tracer.trace import prepare_runs, restore_scores
 
 log = logging.getLogger(__name__)

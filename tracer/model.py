@@ -358,3 +358,35 @@ def resume_with_prefix(
     mask = cache.previous_attention_mask[rows, :prefix]
     sliced = TransformerLensKeyValueCache(entries=entries, previous_attention_mask=mask, frozen=True)
     return final_resid(model, x, start_at_layer=start_at_layer, past_kv_cache=sliced)
+
+
+@torch.no_grad()
+def greedy_tokens(model, seqs: list[list[int]], n_new: int) -> list[list[int]] | None:
+    """Greedy continuations of token sequences, `n_new` tokens each, with a key/value cache.
+
+    The sequences are left-padded into one batch with an attention mask, run once, then
+    extended one token per step on top of the cache; only the last position is unembedded.
+    Returns None where the model has no usable cache (a 4.x bridge, see `prefix_kv_cache`);
+    callers then recompute the prefix each step.
+    """
+    cache = prefix_kv_cache(model, len(seqs))
+    if cache is None:
+        return None
+    device = model_device(model)
+    width = max(len(s) for s in seqs)
+    pad = getattr(model.tokenizer, "pad_token_id", None) or 0
+    tokens = torch.full((len(seqs), width), pad, dtype=torch.long, device=device)
+    mask = torch.zeros(len(seqs), width, dtype=torch.long, device=device)
+    for i, s in enumerate(seqs):
+        tokens[i, width - len(s) :] = torch.tensor(s, device=device)
+        mask[i, width - len(s) :] = 1
+    out: list[list[int]] = [[] for _ in seqs]
+    resid = final_resid(model, tokens, attention_mask=mask, past_kv_cache=cache)[:, -1]
+    ones = torch.ones(len(seqs), 1, dtype=torch.long, device=device)
+    for step in range(n_new):
+        nxt = final_logits(model, resid).argmax(-1)  # [batch]
+        for i, t in enumerate(nxt.tolist()):
+            out[i].append(t)
+        if step < n_new - 1:
+            resid = final_resid(model, nxt[:, None], attention_mask=ones, past_kv_cache=cache)[:, -1]
+    return out

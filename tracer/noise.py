@@ -31,13 +31,13 @@ import json
 import logging
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
+from tracer.files import atomic_write_text
 from tracer.hooks import EMBED, hook_name
 from tracer.model import model_device, model_name
 from tracer.offline import cache_dir
@@ -230,11 +230,7 @@ class NoiseCache:
             log.info("measuring embedding std over %d reference subjects (%s)", len(subjects), ref_id)
             stats = embedding_stats(model, subjects, reference=ref_id)
             if self.use_disk:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
-                with os.fdopen(fd, "w") as f:
-                    json.dump(stats.__dict__, f)
-                os.replace(tmp, path)
+                atomic_write_text(path, json.dumps(stats.__dict__))
         self._memory[mem_key] = stats
         return stats
 

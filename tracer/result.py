@@ -12,7 +12,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -21,24 +20,11 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from tracer.files import atomic_path, atomic_write_text
+
 #: Colour scale per kind, as in the paper's Figure 1.
 COLORSCALES = {"resid": "Purples", "mlp": "Greens", "attn": "Reds"}
 KIND_NAMES = {"resid": "single restored layer", "mlp": "MLP", "attn": "Attn"}
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write `text` to `path` through a temporary file in the same folder and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
 
 
 def display_token(tok: str) -> str:
@@ -209,7 +195,6 @@ def plot_traces(results: Sequence[TraceResult], *, title: str | None = None):
     Example:
         >>> plot_traces([res_resid, res_mlp, res_attn]).write_html("all.html")
     """
-    import plotly.graph_objects as go  # noqa: F401, PLC0415
     from plotly.subplots import make_subplots  # noqa: PLC0415
 
     if not results:
@@ -251,16 +236,9 @@ def save_figure(fig, path: str | os.PathLike) -> Path:
             f"saving {str(path)!r} needs kaleido for static images (pip install kaleido); "
             "save as .html instead, which needs nothing extra"
         )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=suffix)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         try:
-            fig.write_image(tmp)
+            fig.write_image(str(tmp), format=suffix[1:])
         except Exception as e:  # kaleido 1.x needs a Chrome binary
             raise RuntimeError(f"kaleido could not render {str(path)!r}: {e}") from e
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path

@@ -93,7 +93,7 @@ def test_resume_after_interruption_gives_same_summary(tiny_model, records, tmp_p
     assert method.calls == [["Michael Jordan"], ["Danielle Darrieux"]]
     lines = (tmp_path / "r" / runner.RECORDS).read_text().splitlines()
     assert [json.loads(x)["case_id"] for x in lines] == [101, 102, 103]
-    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("seconds", "edit_seconds")} for r in rows]  # noqa: E731
     assert strip(resumed) == strip(full)
     assert summarize_counterfact(resumed) == summarize_counterfact(full)
 
@@ -169,3 +169,25 @@ def test_atomic_write_leaves_no_temp_files(tmp_path):
     runner.atomic_write_text(tmp_path / "a.json", "{}\n")
     assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
     assert torch.tensor(1)  # torch imported for the fixture models
+
+
+def test_batch_edit_is_saved_and_reused_on_resume(tiny_model, records, tmp_path):
+    # a real batch edit (FT-L: no statistics needed) is saved; a resumed run re-applies the
+    # saved file instead of recomputing the edit, and evaluates the same edited model
+    from editor import METHODS, FTHParams
+
+    hp = FTHParams(layer=1, num_steps=3, lr=1e-2, norm_constraint=1e-2)
+    before = weights_hash(tiny_model)
+    rows = runner.run_records(model=tiny_model, method=METHODS["ft-l"], records=records, out_dir=tmp_path,
+                              evaluate=evaluate, batch=3, hparams=hp)
+    saved = tmp_path / "edits" / "batch0000.safetensors"
+    assert saved.exists() and weights_hash(tiny_model) == before
+    assert rows[0]["edit_seconds"] > 0 and "edit_seconds" not in rows[1]
+    lines = (tmp_path / runner.RECORDS).read_text().splitlines()
+    (tmp_path / runner.RECORDS).write_text(lines[0] + "\n")
+    failing = RankOneMethod(fail_on="The Colosseum")  # would record an error if it were called
+    rows2 = runner.run_records(model=tiny_model, method=failing, records=records, out_dir=tmp_path,
+                               evaluate=evaluate, batch=3)
+    assert failing.calls == [] and "error" not in rows2[1]
+    assert rows2[1]["nll"] == rows[1]["nll"] and rows2[2]["nll"] == rows[2]["nll"]
+    assert weights_hash(tiny_model) == before

@@ -149,10 +149,10 @@ def test_trace_dataset_bad_kinds_raise(tiny_model):
 
 @pytest.mark.integration
 def test_gemma_trace_dataset_on_20_known_facts(gemma, shared_data, tmp_path):
-    # one noise sample and one token row per fact keep this under a minute or two on a shared CPU
+    # one noise sample and two token rows per fact keep this to about a minute on a 2-core CPU
     res = trace_dataset(
         gemma, shared_data / "known_1000.json", kinds=("mlp",), n=20, samples=1, out=tmp_path, progress=False,
-        groups=("last_subject",),
+        groups=("first_subject", "last_subject"),
     )
     assert res.n_facts == 20 and res.n_tried >= 20 and res.n_tried == res.n_facts + res.n_dropped
     mean, ci = res.curve("mlp", "last_subject")
@@ -160,5 +160,11 @@ def test_gemma_trace_dataset_on_20_known_facts(gemma, shared_data, tmp_path):
     assert torch.isfinite(mean).all() and torch.isfinite(ci).all() and (ci > 0).all()
     assert float(res.high.mean()) > float(res.low.mean())
     assert float(mean.max()) > 0  # restoring MLPs at the last subject token helps on average
+    # the paper's finding holds on average for Gemma-3-270m: the MLP effect is strongest at the
+    # last subject token (measured over these 20 facts with 10 samples: peak 0.096 at layer 4,
+    # vs 0.038 at the first subject token; docs/tracing.md), even though the single Eiffel
+    # Tower prompt peaks at its first subject token
+    first, _ = res.curve("mlp", "first_subject")
+    assert float(mean.max()) > float(first.max())
     lines = (tmp_path / "traces.jsonl").read_text().splitlines()
     assert len(lines) == res.n_tried
