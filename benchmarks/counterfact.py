@@ -175,40 +175,14 @@ def main(argv=None) -> dict:
 
 def _run(args, argv, *, parser_module, load) -> dict:
     from benchmarks import runner  # noqa: PLC0415
-    from benchmarks.perplexity import wikitext_perplexity  # noqa: PLC0415
-    from tracer import TL_API, load_model, weights_hash  # noqa: PLC0415
+    from tracer import TL_API  # noqa: PLC0415
 
-    import torch  # noqa: PLC0415
-
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
     records = load(args.data, n=args.n, start=args.start)
-    method = runner.get_method(args.method)
     gen_tokens = 0 if args.no_generation else args.gen_tokens
     reference = build_reference(args) if gen_tokens > 0 else None
-    model = load_model(args.model, device=args.device)
-    ppl = (lambda m: wikitext_perplexity(m, args.wikitext, max_tokens=args.ppl_tokens)) if args.ppl_tokens > 0 else None
-    ppl_before = runner.perplexity_before(args.out, model, ppl) if ppl else None
-    hparams = runner.method_hparams(method, model, args.hparam)
-    mlp_layers = range(model.cfg.n_layers)  # every edit method changes W_out only
-    before = weights_hash(model, layers=mlp_layers)
-    rows = runner.run_records(
-        model=model,
-        method=method,
-        records=records,
-        out_dir=args.out,
-        evaluate=lambda m, r: evaluate_counterfact(m, r, gen_tokens=gen_tokens, reference=reference),
-        batch=args.batch,
-        hparams=hparams,
-        perplexity=ppl,
-        ppl_every=args.ppl_every,
-        max_minutes=args.max_minutes,
-        edit_kwargs=runner.edit_kwargs(args),
-        desc=f"counterfact {args.method}",
-    )
-    restored = weights_hash(model, layers=mlp_layers) == before
-    if not restored:
-        log.error("the model's weights differ from before the run: an edit was not restored")
+    run = runner.execute(args, records=records, desc=f"counterfact {args.method}",
+                         evaluate=lambda m, r: evaluate_counterfact(m, r, gen_tokens=gen_tokens, reference=reference))
+    rows, hparams, restored, ppl_before = run["rows"], run["hparams"], run["restored"], run["ppl_before"]
     rs_column = reference.column if reference else "RS"
     notes = [
         "ES/PS/NS/S/EM/PM/NM/RS ×100; GE = n-gram entropy (bits) ×100; ± is a 95% CI half-width.",

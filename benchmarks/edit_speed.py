@@ -30,7 +30,7 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="gemma-3-270m")
     ap.add_argument("--data-dir", default=os.environ.get("ROMELENS_DATA", str(Path(__file__).resolve().parents[2] / "shared" / "data")))
-    ap.add_argument("--stats-tokens", type=int, default=10**9, help="cap on tokens (default: the whole corpus)")
+    ap.add_argument("--stats-tokens", type=int, default=10**9, help="cap on tokens for the timed statistics pass (default: the whole corpus; 0: skip it)")
     ap.add_argument("--full-tokens", type=int, default=20_000, help="tokens for the no-early-stop comparison (0: skip)")
     ap.add_argument("--memit-n", type=int, default=100, help="MEMIT batch size (0: skip)")
     ap.add_argument("--skip-rome", action="store_true")
@@ -56,10 +56,11 @@ def main(argv=None) -> dict:
     hp = METHODS["rome"].hparams_for(model)
     layer = hp.layer
 
-    t = time.perf_counter()
-    _, n = compute_stats(model, [layer], corpus=corpus, n_tokens=args.stats_tokens)
-    dt = time.perf_counter() - t
-    res["stats_early_stop"] = {"layer": layer, "tokens": n, "seconds": dt, "tokens_per_s": n / dt}
+    if args.stats_tokens:
+        t = time.perf_counter()
+        _, n = compute_stats(model, [layer], corpus=corpus, n_tokens=args.stats_tokens)
+        dt = time.perf_counter() - t
+        res["stats_early_stop"] = {"layer": layer, "tokens": n, "seconds": dt, "tokens_per_s": n / dt}
 
     if args.full_tokens:
         t = time.perf_counter()
@@ -71,7 +72,7 @@ def main(argv=None) -> dict:
         dt = time.perf_counter() - t
         res["stats_early_stop_same_tokens"] = {"tokens": n3, "seconds": dt, "tokens_per_s": n3 / dt}
 
-    stats_tokens = min(hp.mom2_n_tokens, res["stats_early_stop"]["tokens"])
+    stats_tokens = min(hp.mom2_n_tokens, res["stats_early_stop"]["tokens"]) if args.stats_tokens else hp.mom2_n_tokens
     hp = replace(hp, mom2_n_tokens=stats_tokens)
     if not args.skip_rome:
         layer_stats(model, layer, corpus=corpus, n_tokens=stats_tokens, cache_dir=cache, model_hash=whash)  # cache it

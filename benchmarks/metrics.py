@@ -209,6 +209,20 @@ def target_nll(model, prompts: Sequence[str], targets: Sequence[str], *, batch_s
     The same numbers as `tracer.target_probs(...).mean_nll` (tested), computed with
     `tracer.final_logits`.
     """
+    out: list[float] = []
+    for chunk, logits, want in _teacher_forced(model, prompts, targets, batch_size):
+        lp = logits.float().log_softmax(-1)
+        lp = lp[torch.arange(len(want)), torch.tensor(want, device=lp.device)].cpu()
+        k = 0
+        for t in chunk:
+            out.append(float(-lp[k : k + len(t)].mean()))
+            k += len(t)
+    return out
+
+
+def _teacher_forced(model, prompts: Sequence[str], targets: Sequence[str], batch_size: int):
+    """Per batch of (prompt, target) pairs: the target token lists, the logits at every position
+    predicting a target token (`[m, vocab]`, in order), and those target ids."""
     from tracer import encode, target_ids  # noqa: PLC0415
     from tracer.model import model_device  # noqa: PLC0415
 
@@ -216,7 +230,6 @@ def target_nll(model, prompts: Sequence[str], targets: Sequence[str], *, batch_s
         raise ValueError(f"prompts and targets differ in length ({len(prompts)} vs {len(targets)})")
     device = model_device(model)
     pairs = [(encode(model, p), target_ids(model, p, t)) for p, t in zip(prompts, targets)]
-    out: list[float] = []
     for b in range(0, len(pairs), batch_size):
         chunk = pairs[b : b + batch_size]
         width = max(len(p) + len(t) for p, t in chunk)
@@ -228,13 +241,7 @@ def target_nll(model, prompts: Sequence[str], targets: Sequence[str], *, batch_s
                 rows.append(i)
                 cols.append(len(p) - 1 + j)  # position predicting target token j
                 want.append(tid)
-        lp = _positions_logits(model, tokens, rows, cols).float().log_softmax(-1)
-        lp = lp[torch.arange(len(want)), torch.tensor(want, device=lp.device)].cpu()
-        k = 0
-        for _, t in chunk:
-            out.append(float(-lp[k : k + len(t)].mean()))
-            k += len(t)
-    return out
+        yield [t for _, t in chunk], _positions_logits(model, tokens, rows, cols), want
 
 
 def _pad_id(model) -> int:
@@ -298,29 +305,11 @@ def teacher_forced_correct(model, prompts: Sequence[str], targets: Sequence[str]
         >>> teacher_forced_correct(model, ["The Eiffel Tower is in the city of"], ["Paris"])
         [[True]]
     """
-    from tracer import encode, target_ids  # noqa: PLC0415
-    from tracer.model import model_device  # noqa: PLC0415
-
-    if len(prompts) != len(targets):
-        raise ValueError(f"prompts and targets differ in length ({len(prompts)} vs {len(targets)})")
-    device = model_device(model)
-    pairs = [(encode(model, p), target_ids(model, p, t)) for p, t in zip(prompts, targets)]
     out: list[list[bool]] = []
-    for b in range(0, len(pairs), batch_size):
-        chunk = pairs[b : b + batch_size]
-        width = max(len(p) + len(t) for p, t in chunk)
-        tokens = torch.full((len(chunk), width), _pad_id(model), dtype=torch.long, device=device)
-        rows, cols, want = [], [], []
-        for i, (p, t) in enumerate(chunk):
-            tokens[i, : len(p) + len(t)] = torch.tensor(p + t, device=device)
-            for j, tid in enumerate(t):
-                rows.append(i)
-                cols.append(len(p) - 1 + j)
-                want.append(tid)
-        pred = _positions_logits(model, tokens, rows, cols).argmax(-1).cpu()
-        hits = (pred == torch.tensor(want)).tolist()
+    for chunk, logits, want in _teacher_forced(model, prompts, targets, batch_size):
+        hits = (logits.argmax(-1).cpu() == torch.tensor(want)).tolist()
         k = 0
-        for _, t in chunk:
+        for t in chunk:
             out.append([bool(h) for h in hits[k : k + len(t)]])
             k += len(t)
     return out

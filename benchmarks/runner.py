@@ -268,6 +268,49 @@ def run_records(
     return [done[r.case_id] for r in records if r.case_id in done]
 
 
+def execute(args, *, records: Sequence[Any], evaluate: Callable[[Any, Any], dict], desc: str) -> dict:
+    """The shared body of `python -m benchmarks.counterfact` and `benchmarks.zsre`.
+
+    Sets the torch threads, loads the model, measures the unedited perplexity (once per run
+    directory), runs the records and checks that every block's `W_out` is back as it was.
+
+    Returns:
+        `{"rows", "hparams", "restored", "ppl_before"}`.
+    """
+    import torch  # noqa: PLC0415
+
+    from benchmarks.perplexity import wikitext_perplexity  # noqa: PLC0415
+    from tracer import load_model, weights_hash  # noqa: PLC0415
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    method = get_method(args.method)
+    model = load_model(args.model, device=args.device)
+    ppl = (lambda m: wikitext_perplexity(m, args.wikitext, max_tokens=args.ppl_tokens)) if args.ppl_tokens > 0 else None
+    ppl_before = perplexity_before(args.out, model, ppl) if ppl else None
+    hparams = method_hparams(method, model, args.hparam)
+    mlp_layers = range(model.cfg.n_layers)  # every edit method changes W_out only
+    before = weights_hash(model, layers=mlp_layers)
+    rows = run_records(
+        model=model,
+        method=method,
+        records=records,
+        out_dir=args.out,
+        evaluate=evaluate,
+        batch=args.batch,
+        hparams=hparams,
+        perplexity=ppl,
+        ppl_every=args.ppl_every,
+        max_minutes=args.max_minutes,
+        edit_kwargs=edit_kwargs(args),
+        desc=desc,
+    )
+    restored = weights_hash(model, layers=mlp_layers) == before
+    if not restored:
+        log.error("the model's weights differ from before the run: an edit was not restored")
+    return {"rows": rows, "hparams": hparams, "restored": restored, "ppl_before": ppl_before}
+
+
 # --------------------------------------------------------------------------- summaries
 
 

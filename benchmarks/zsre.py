@@ -71,43 +71,16 @@ def main(argv=None) -> dict:
     """Entry point of `python -m benchmarks.zsre`; returns the summary dict."""
     from benchmarks import runner  # noqa: PLC0415
     from benchmarks.data import load_zsre  # noqa: PLC0415
-    from benchmarks.perplexity import wikitext_perplexity  # noqa: PLC0415
-    from tracer import TL_API, load_model, weights_hash  # noqa: PLC0415
+    from tracer import TL_API  # noqa: PLC0415
 
     parser = argparse.ArgumentParser(description="zsRE benchmark (ROME/MEMIT token accuracy), resumable")
     runner.add_common_args(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
-    import torch  # noqa: PLC0415
-
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
     records = load_zsre(args.data, n=args.n, start=args.start)
-    method = runner.get_method(args.method)
-    model = load_model(args.model, device=args.device)
-    ppl = (lambda m: wikitext_perplexity(m, args.wikitext, max_tokens=args.ppl_tokens)) if args.ppl_tokens > 0 else None
-    ppl_before = runner.perplexity_before(args.out, model, ppl) if ppl else None
-    hparams = runner.method_hparams(method, model, args.hparam)
-    mlp_layers = range(model.cfg.n_layers)  # every edit method changes W_out only
-    before = weights_hash(model, layers=mlp_layers)
-    rows = runner.run_records(
-        model=model,
-        method=method,
-        records=records,
-        out_dir=args.out,
-        evaluate=evaluate_zsre,
-        batch=args.batch,
-        hparams=hparams,
-        perplexity=ppl,
-        ppl_every=args.ppl_every,
-        max_minutes=args.max_minutes,
-        edit_kwargs=runner.edit_kwargs(args),
-        desc=f"zsre {args.method}",
-    )
-    restored = weights_hash(model, layers=mlp_layers) == before
-    if not restored:
-        log.error("the model's weights differ from before the run: an edit was not restored")
+    run = runner.execute(args, records=records, evaluate=evaluate_zsre, desc=f"zsre {args.method}")
+    rows, hparams, restored, ppl_before = run["rows"], run["hparams"], run["restored"], run["ppl_before"]
     meta = {
         "benchmark": "zsre",
         "model": args.model,

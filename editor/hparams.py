@@ -179,32 +179,30 @@ def default_layer(model) -> int:
         return layer
 
 
+def _preset(presets: dict, method: str, model_or_name):
+    """The preset of a model (or model name), None for a model without one; a bare name without one raises."""
+    name = model_or_name if isinstance(model_or_name, str) else str(getattr(model_or_name.cfg, "model_name", ""))
+    if _norm(name) in presets:
+        return presets[_norm(name)]
+    if isinstance(model_or_name, str):
+        raise ValueError(f"model {name!r} has no {method} preset ({sorted(presets)}); pass the model instead")
+    return None
+
+
 def rome_hparams(model_or_name) -> ROMEHParams:
     """Preset for a model (or model name); other models: paper defaults at `default_layer`."""
-    name = model_or_name if isinstance(model_or_name, str) else str(getattr(model_or_name.cfg, "model_name", ""))
-    if _norm(name) in ROME_PRESETS:
-        return ROME_PRESETS[_norm(name)]
-    if isinstance(model_or_name, str):
-        raise ValueError(f"model {name!r} has no ROME preset ({sorted(ROME_PRESETS)}); pass the model instead")
-    return ROMEHParams(layer=default_layer(model_or_name))
+    return _preset(ROME_PRESETS, "ROME", model_or_name) or ROMEHParams(layer=default_layer(model_or_name))
 
 
 def memit_hparams(model_or_name) -> MEMITHParams:
     """Preset for a model; other models: five layers ending at `default_layer`."""
-    name = model_or_name if isinstance(model_or_name, str) else str(getattr(model_or_name.cfg, "model_name", ""))
-    if _norm(name) in MEMIT_PRESETS:
-        return MEMIT_PRESETS[_norm(name)]
-    if isinstance(model_or_name, str):
-        raise ValueError(f"model {name!r} has no MEMIT preset ({sorted(MEMIT_PRESETS)}); pass the model instead")
+    hp = _preset(MEMIT_PRESETS, "MEMIT", model_or_name)
+    if hp is not None:
+        return hp
     top = default_layer(model_or_name)
     return MEMITHParams(layers=tuple(range(max(0, top - 4), top + 1)))
 
 
 def ft_hparams(model_or_name) -> FTHParams:
     """Preset for a model; other models: FT-L at `default_layer`."""
-    name = model_or_name if isinstance(model_or_name, str) else str(getattr(model_or_name.cfg, "model_name", ""))
-    if _norm(name) in FT_PRESETS:
-        return FT_PRESETS[_norm(name)]
-    if isinstance(model_or_name, str):
-        raise ValueError(f"model {name!r} has no FT-L preset ({sorted(FT_PRESETS)}); pass the model instead")
-    return FTHParams(layer=default_layer(model_or_name))
+    return _preset(FT_PRESETS, "FT-L", model_or_name) or FTHParams(layer=default_layer(model_or_name))

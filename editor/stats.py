@@ -277,10 +277,8 @@ def layer_stats(
     use_cache = str(cache_dir).lower() != "none"
     root = default_cache_dir(cache_dir if use_cache and cache_dir not in ("",) else None)
     device = model_device(model)
-    out: dict[int, Tensor] = {}
-    missing = []
-    for l in wanted:
-        expect = {
+    def meta_of(l: int) -> dict[str, str]:
+        return {
             "version": STATS_VERSION,
             "model": name,
             "weights_hash": whash,
@@ -292,6 +290,11 @@ def layer_stats(
             "dtype": str(dtype),
             "d_mlp": str(model.cfg.d_mlp),
         }
+
+    out: dict[int, Tensor] = {}
+    missing = []
+    for l in wanted:
+        expect = meta_of(l)
         C = _load_checked(_path(root, name, whash, l, cid, n_tokens, dtype), expect) if use_cache else None
         if C is None:
             missing.append(l)
@@ -304,19 +307,7 @@ def layer_stats(
         for l, C in computed.items():
             out[l] = C.to(dtype)
             if use_cache:
-                meta = {
-                    "version": STATS_VERSION,
-                    "model": name,
-                    "weights_hash": whash,
-                    "layer": str(l),
-                    "corpus": cid,
-                    "corpus_sha256": chash,
-                    "n_tokens_requested": str(n_tokens),
-                    "n_tokens": str(count),
-                    "seq_len": str(seq_len),
-                    "dtype": str(dtype),
-                    "d_mlp": str(model.cfg.d_mlp),
-                }
+                meta = {**meta_of(l), "n_tokens": str(count)}
                 path = _path(root, name, whash, l, cid, n_tokens, dtype)
                 _atomic_save({"mom2": out[l]}, meta, path)
                 log.info("saved key stats for layer %d (%d tokens) to %s", l, count, path)

@@ -20,10 +20,10 @@ def test_stats_match_direct_computation(tiny_model, corpus):
     C, n = compute_stats(tiny_model, [1], corpus=corpus, n_tokens=200, seq_len=20, batch_size=3, progress=False)
     assert n == 200
     # direct: same rows, full forward, keys without the BOS position
-    from editor.stats import _rows
+    from editor.stats import _rows, _tokenize
 
     rows = []
-    for r in _rows(tiny_model, open(corpus).read(), 20):
+    for r in _rows(tiny_model, _tokenize(tiny_model, open(corpus).read()), 20):
         rows.append(r)
     keys, total = [], 0
     for r in rows:
