@@ -48,23 +48,33 @@ log = logging.getLogger(__name__)
 HParams = MEMITHParams
 
 
-def _raw_change(norm, raw: Tensor, resid: Tensor, iters: int = 4) -> Tensor:
-    """Raw-output change `r` with `norm(raw + r) ≈ norm(raw) + resid` (Gauss-Newton, least norm).
+def _raw_change(norm, raw: Tensor, resid: Tensor, iters: int = 8) -> Tensor:
+    """Raw-output change `r` with `norm(raw + r)` as close as it can get to `norm(raw) + resid`.
+
+    Gauss-Newton (least-norm steps) for each row. A post-MLP norm (Gemma's RMSNorm) is scale
+    invariant: its outputs lie on a fixed surface, so a wanted output off that surface cannot
+    be reached, and plain Gauss-Newton then diverges (the step grows as the input grows along
+    the null direction). So every step is capped at half the input's norm, and the input is
+    kept at the norm of `raw`, which changes no output and keeps the raw values at their scale:
+    the iteration settles on the reachable output nearest the wanted one.
 
     `raw`, `resid`: `[n, d_model]`. Returns `[n, d_model]`.
     """
     raw = raw.detach().float()
     want = norm(raw).detach() + resid
-    r = torch.zeros_like(raw)
+    size = raw.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # [n, 1]
+    x = raw.clone()
     for _ in range(iters):
-        x = (raw + r).detach().requires_grad_(True)
+        xg = x.detach().requires_grad_(True)
         # rows are independent, so the Jacobian of the row-sum gives each row's block
-        jac = torch.autograd.functional.jacobian(lambda t: norm(t).sum(0), x)  # [d, n, d]
+        jac = torch.autograd.functional.jacobian(lambda t: norm(t).sum(0), xg)  # [d, n, d]
         jac = jac.permute(1, 0, 2)  # [n, d_out, d_in]
         err = (want - norm(x).detach()).unsqueeze(-1)  # [n, d, 1]
-        step = torch.linalg.pinv(jac, rtol=1e-6) @ err
-        r = r + step[..., 0]
-    return r
+        step = (torch.linalg.pinv(jac, rtol=1e-6) @ err)[..., 0]  # [n, d]
+        cap = 0.5 * size / step.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        x = x + step * cap.clamp(max=1.0)
+        x = x * (size / x.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+    return x - raw
 
 
 def compute_zs(model, requests: Sequence[EditRequest], hp: MEMITHParams, templates: Sequence[str]):

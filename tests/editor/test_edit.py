@@ -178,3 +178,30 @@ def test_stats_from_cache_dir(tiny_model, tmp_path):
         assert e.diagnostics["after"]["new_first"][0] > e.diagnostics["before"]["new_first"][0]
     assert list((tmp_path / "cache" / "stats").rglob("*.safetensors"))
     assert list((tmp_path / "cache" / "context").rglob("*.json"))
+
+
+class _RMSNorm(torch.nn.Module):  # Gemma-style post-MLP norm: scale invariant, elementwise gain
+    def __init__(self, d):
+        super().__init__()
+        self.g = torch.nn.Parameter(1.0 + 0.5 * torch.rand(d, generator=torch.Generator().manual_seed(0)))
+
+    def forward(self, x):
+        return self.g * x / (x.pow(2).mean(-1, keepdim=True) + 1e-6).sqrt()
+
+
+def test_raw_change_through_a_post_norm_reaches_reachable_targets_and_stays_bounded():
+    from editor.memit import _raw_change
+
+    torch.manual_seed(0)
+    norm, raw = _RMSNorm(16), torch.randn(3, 16) * 50
+    # reachable: the output of another input
+    other = raw + torch.randn(3, 16) * 20
+    r = _raw_change(norm, raw, norm(other).detach() - norm(raw).detach())
+    assert torch.allclose(norm(raw + r), norm(other), atol=1e-3)
+    # unreachable (far off the norm's output surface): finite, same raw scale, and closer than before
+    want = torch.randn(3, 16) * 1e3
+    r = _raw_change(norm, raw, want)
+    assert torch.isfinite(r).all()
+    assert torch.allclose((raw + r).norm(dim=-1), raw.norm(dim=-1), rtol=1e-4)
+    target = norm(raw).detach() + want
+    assert ((norm(raw + r) - target).norm(dim=-1) < (norm(raw) - target).norm(dim=-1)).all()
