@@ -39,8 +39,7 @@ def perplexity(model, text: str, *, max_tokens: int = 4096, window: int = 256, b
     Returns:
         exp(mean next-token NLL) over the scored tokens.
     """
-    from tracer.model import final_logits  # noqa: PLC0415
-    from tracer.model import final_resid, model_device  # noqa: PLC0415
+    from tracer.model import final_logits, final_resid, model_device  # noqa: PLC0415
 
     if max_tokens < 2:
         raise ValueError(f"max_tokens {max_tokens} must be >= 2")

@@ -109,7 +109,7 @@ def _resid_with(model, requests, layer: int, delta: Tensor) -> Tensor:
     """Residual after `layer` at the last subject token with `delta` added to the raw MLP output."""
     from editor.optimize import _pad  # noqa: PLC0415
     from tracer.hooks import hook_name  # noqa: PLC0415
-    from tracer.model import mlp_output_delta  # noqa: PLC0415
+    from tracer.model import mlp_output_delta, run_until  # noqa: PLC0415
     from tracer.prompts import locate_subject  # noqa: PLC0415
 
     device = model_device(model)
@@ -117,19 +117,9 @@ def _resid_with(model, requests, layer: int, delta: Tensor) -> Tensor:
     tokens = _pad(model, [p.ids for p in ps], device)
     pos = torch.tensor([p.last_subject for p in ps], device=device)
     rows = torch.arange(len(ps), device=device)
-    seen = {}
-
-    def grab(act, hook):
-        seen["h"] = act[rows, pos].float()
-        raise StopIteration
-
-    try:
-        with mlp_output_delta(model, layer, lambda o: o.index_put((rows, pos), delta.to(o.dtype), accumulate=True)):
-            with model.hooks(fwd_hooks=[(hook_name("resid", layer), grab)]):
-                model(tokens)
-    except StopIteration:
-        pass
-    return seen["h"]
+    with mlp_output_delta(model, layer, lambda o: o.index_put((rows, pos), delta.to(o.dtype), accumulate=True)):
+        h = run_until(model, tokens, hook_name("resid", layer))
+    return h[rows, pos].float()
 
 
 def edit_many(

@@ -23,14 +23,10 @@ from torch import Tensor
 
 from editor.requests import EditRequest
 from tracer.hooks import hook_name
-from tracer.model import final_logits, final_resid, mlp_output_delta, model_device
+from tracer.model import final_logits, final_resid, mlp_output_delta, model_device, run_until
 from tracer.prompts import locate_subject, target_ids
 
 log = logging.getLogger(__name__)
-
-
-class _Stop(Exception):
-    pass
 
 
 def _pad(model, seqs: Sequence[Sequence[int]], device) -> Tensor:
@@ -62,19 +58,9 @@ def subject_keys(
     for b in range(0, len(items), batch_size):
         chunk = items[b : b + batch_size]
         tokens = _pad(model, [c[0] for c in chunk], device)
-        seen = {}
-
-        def grab(act, hook):
-            seen["k"] = act
-            raise _Stop
-
-        try:
-            with model.hooks(fwd_hooks=[(hook_name("key", layer), grab)]):
-                model(tokens)
-        except _Stop:
-            pass
+        k = run_until(model, tokens, hook_name("key", layer))
         pos = torch.tensor([c[1] for c in chunk], device=device)
-        out.append(seen["k"][torch.arange(len(chunk), device=device), pos].float())
+        out.append(k[torch.arange(len(chunk), device=device), pos].float())
     return torch.cat(out).reshape(len(requests), len(templates), -1)
 
 
@@ -88,28 +74,15 @@ def block_values(model, requests: Sequence[EditRequest], layer: int, kind: str, 
     for b in range(0, len(items), batch_size):
         chunk = items[b : b + batch_size]
         tokens = _pad(model, [c.ids for c in chunk], device)
-        seen = {}
-        if kind == "raw":
-
-            def keep(o):
-                seen["v"] = o
-                raise _Stop
-
-            ctx = mlp_output_delta(model, layer, keep)
+        if kind == "raw":  # the MLP module's output, kept on its way; the pass ends after the block
+            seen = {}
+            with mlp_output_delta(model, layer, lambda o: seen.setdefault("v", o)):
+                run_until(model, tokens, hook_name("resid", layer))
+            v = seen["v"]
         else:
-
-            def grab(act, hook):
-                seen["v"] = act
-                raise _Stop
-
-            ctx = model.hooks(fwd_hooks=[(hook_name("resid", layer), grab)])
-        try:
-            with ctx:
-                model(tokens)
-        except _Stop:
-            pass
+            v = run_until(model, tokens, hook_name("resid", layer))
         pos = torch.tensor([c.last_subject for c in chunk], device=device)
-        out.append(seen["v"][torch.arange(len(chunk), device=device), pos].float())
+        out.append(v[torch.arange(len(chunk), device=device), pos].float())
     return torch.cat(out)
 
 
@@ -171,28 +144,11 @@ def _build(model, requests, templates, kl_prompts, device) -> _Batch:
     )
 
 
-@torch.no_grad()
-def _resid_pre(model, tokens: Tensor, layer: int) -> Tensor:
-    """The residual stream entering block `layer`, `[rows, pos, d_model]` (unchanged by the delta)."""
-    seen = {}
-
-    def grab(act, hook):
-        seen["x"] = act.detach().clone()
-        raise _Stop
-
-    try:
-        with model.hooks(fwd_hooks=[(hook_name("resid_pre", layer), grab)]):
-            model(tokens)
-    except _Stop:
-        pass
-    return seen["x"]
-
-
-def _logits(model, batch: _Batch, layer: int, delta: Tensor, x0: Tensor | None = None) -> Tensor:
+def _logits(model, batch: _Batch, layer: int, delta: Tensor, x0: Tensor) -> Tensor:
     """Log-probs at the scored positions with `delta[req]` added at each row's subject token.
 
-    `x0`: the residual entering block `layer` (`_resid_pre`); the pass then starts there,
-    since the delta changes nothing upstream.
+    `x0`: the residual entering block `layer`; the pass starts there, since the delta
+    changes nothing upstream.
     """
     add = delta[batch.row_req]  # [rows, d_model]
     idx = (torch.arange(len(batch.row_req), device=delta.device), batch.row_pos)
@@ -201,10 +157,7 @@ def _logits(model, batch: _Batch, layer: int, delta: Tensor, x0: Tensor | None =
         return out.index_put(idx, add.to(out.dtype), accumulate=True)
 
     with mlp_output_delta(model, layer, shift):
-        if x0 is None:
-            resid = final_resid(model, batch.tokens)  # [rows, pos, d_model]
-        else:
-            resid = final_resid(model, x0, start_at_layer=layer)
+        resid = final_resid(model, x0, start_at_layer=layer)  # [rows, pos, d_model]
     logits = final_logits(model, resid[batch.lg_rows, batch.lg_cols][:, None])[:, 0]
     return logits.float().log_softmax(-1)  # [m, vocab]
 
@@ -246,7 +199,8 @@ def optimize_values(
     ref_norm = ref_norm.to(device).float()
     delta = torch.zeros(n, model.cfg.d_model, device=device, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=lr)
-    x0 = _resid_pre(model, batch.tokens, layer)  # every step starts at the edited block
+    with torch.no_grad():  # every step starts at the edited block, from its unchanged input
+        x0 = run_until(model, batch.tokens, hook_name("resid_pre", layer))
     with torch.no_grad():
         lp0 = _logits(model, batch, layer, torch.zeros_like(delta), x0)
         kl_init = lp0[m_nll:] if n_kl else None  # [n_kl_rows, vocab]

@@ -79,13 +79,19 @@ def _corpus_text(corpus: str) -> tuple[str, str, str]:
     return text, cid, hashlib.sha256(text.encode()).hexdigest()
 
 
-def _tokenize(model, text: str) -> list[int]:
-    """The corpus as one token list (paragraphs joined by newlines, no special tokens)."""
+def _tokenize(model, text: str, limit: int | None = None) -> list[int]:
+    """The corpus as one token list (paragraphs joined by newlines, no special tokens).
+
+    Tokenizes 256 paragraphs at a time and stops once `limit` tokens are there (None: all),
+    so a small `n_tokens` over a large corpus does not tokenize all of it.
+    """
     tok = model.tokenizer
     paragraphs = [p for p in text.split("\n") if p.strip()]
     ids: list[int] = []
     step = 256
     for i in range(0, len(paragraphs), step):
+        if limit is not None and len(ids) >= limit:
+            break
         ids.extend(tok("\n".join(paragraphs[i : i + step]) + "\n", add_special_tokens=False)["input_ids"])
     return ids
 
@@ -152,7 +158,7 @@ def compute_stats(
             raise _StopForward
 
     hooks = [(hook_name("key", l), grab) for l in layers]
-    ids = _tokenize(model, text)
+    ids = _tokenize(model, text, limit=n_tokens + seq_len)  # + one row: every row that is used is whole
     bar = tqdm(total=min(n_tokens, len(ids)), desc=f"key stats L{layers}", unit="tok", disable=not progress)
     rows = _rows(model, ids, seq_len)
     done = False

@@ -21,10 +21,13 @@ from pathlib import Path
 from typing import Iterator
 
 
-def _umask() -> int:
-    mask = os.umask(0)
+def _read_umask() -> int:
+    mask = os.umask(0)  # the only way to read it; set back at once, once per process
     os.umask(mask)
     return mask
+
+
+_MODE = 0o666 & ~_read_umask()  # what open() would give a new file
 
 
 @contextlib.contextmanager
@@ -36,7 +39,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, _MODE)
         os.replace(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):

@@ -242,6 +242,31 @@ class _Stop(Exception):
     """Raised inside a hook to end a forward pass early."""
 
 
+def run_until(model, tokens: Tensor, name: str, **kwargs) -> Tensor:
+    """The activation at hook point `name`, ending the forward pass there (nothing later runs).
+
+    Hooks already active (`model.hooks(...)`, `mlp_output_delta`) apply as usual; `kwargs`
+    go to the forward call (e.g. `start_at_layer`).
+
+    Example:
+        >>> x = run_until(model, tokens, hook_name("resid_pre", 4))   # [batch, pos, d_model]
+    """
+    seen = {}
+
+    def grab(act, hook):
+        seen["act"] = act
+        raise _Stop
+
+    try:
+        with model.hooks(fwd_hooks=[(name, grab)]):
+            model(tokens, **kwargs)
+    except _Stop:
+        pass
+    if "act" not in seen:
+        raise ValueError(f"hook point {name!r} did not run in the forward pass")
+    return seen["act"]
+
+
 def final_resid(model, tokens: Int[Tensor, "batch pos"], **kwargs) -> Float[Tensor, "batch pos d_model"]:
     """The last block's output (the residual before `ln_final`), without unembedding.
 
@@ -249,18 +274,7 @@ def final_resid(model, tokens: Int[Tensor, "batch pos"], **kwargs) -> Float[Tens
     records `blocks.{n-1}.hook_resid_post` and ends the pass there on both APIs.
     `kwargs` go to the forward call (e.g. `start_at_layer`).
     """
-    seen = {}
-
-    def grab(act, hook):
-        seen["resid"] = act
-        raise _Stop
-
-    try:
-        with model.hooks(fwd_hooks=[(hook_name("resid", model.cfg.n_layers - 1), grab)]):
-            model(tokens, **kwargs)
-    except _Stop:
-        pass
-    return seen["resid"]
+    return run_until(model, tokens, hook_name("resid", model.cfg.n_layers - 1), **kwargs)
 
 
 def unembed_positions(
