@@ -147,3 +147,34 @@ def test_weights_hash_sees_a_rank_one_edit(tiny_model):
     with torch.no_grad():
         w_out(tiny_model, 2).copy_(saved)
     assert weights_hash(tiny_model) == before
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_weights_stored_in_use_order_change_nothing(tokenizer, gated):
+    """prepare_model re-lays out 3.x block weights; every output stays bit-identical."""
+    from tracer.model import TL_API, prepare_model
+
+    if TL_API != 3:
+        pytest.skip("only TransformerLens 3.x copies its weights per call")
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    torch.manual_seed(0)
+    cfg = HookedTransformerConfig(
+        n_layers=2, d_model=32, d_head=8, n_heads=4, d_mlp=64, n_ctx=64, d_vocab=len(tokenizer),
+        act_fn="gelu_new", normalization_type="RMS", gated_mlp=gated,
+        n_key_value_heads=2 if gated else None, positional_embedding_type="rotary", rotary_dim=8,
+    )
+    model = HookedTransformer(cfg, tokenizer=tokenizer).eval()
+    tokens = torch.randint(0, cfg.d_vocab, (2, 7))
+    with torch.no_grad():
+        before = model(tokens)
+    shapes = {n: p.shape for n, p in model.named_parameters()}
+    prepare_model(model)
+    mlp, attn = model.blocks[0].mlp, model.blocks[0].attn
+    assert mlp.W_out.T.is_contiguous() and mlp.W_in.T.is_contiguous()
+    assert attn.W_Q.permute(0, 2, 1).is_contiguous() and attn.W_O.permute(2, 0, 1).is_contiguous()
+    assert {n: p.shape for n, p in model.named_parameters()} == shapes
+    with torch.no_grad():
+        assert torch.equal(model(tokens), before)
+        mlp.W_out[0, 0] += 1.0  # in-place edits still reach the forward pass
+        assert not torch.equal(model(tokens), before)
