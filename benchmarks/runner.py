@@ -41,6 +41,7 @@ from tracer.files import atomic_write_text
 log = logging.getLogger(__name__)
 
 RECORDS = "records.jsonl"
+PREFETCH_RECORDS = 10  # records whose shared work (`evaluate.prefetch`) is done together
 PPL_BEFORE = "perplexity_before.json"
 
 
@@ -187,7 +188,9 @@ def run_records(
             edit result that `.restore()`s and is a context manager.
         records: records with `.case_id` and `.request()`.
         out_dir: run directory; `records.jsonl` there is resumed.
-        evaluate: `evaluate(model, record) -> dict` of metrics on the (edited) model.
+        evaluate: `evaluate(model, record) -> dict` of metrics on the (edited) model. If it
+            has a `prefetch(model, records)` method, that is called before each run of up
+            to `PREFETCH_RECORDS` records evaluated on the same model state.
         batch: None edits records one at a time; K applies K edits at once.
         hparams: passed to `edit_many` when not None.
         perplexity: `perplexity(model) -> float`; when given, measured after the edit on
@@ -213,7 +216,13 @@ def run_records(
     wanted = {r.case_id for r in records}
     todo = [r for r in records if r.case_id not in done]
     log.info("%s: %d records done already, %d to run", out_dir, len(wanted & done.keys()), len(todo))
-    groups = _chunks(list(records), batch) if batch else [[r] for r in records]
+    if batch:
+        groups = _chunks(list(records), batch)
+    elif isinstance(method, NoEdit):  # nothing is edited: records cannot affect each other
+        groups = [list(records)]
+    else:
+        groups = [[r] for r in records]
+    prefetch = getattr(evaluate, "prefetch", None)
     bar = tqdm(total=len(todo), desc=desc, unit="rec", dynamic_ncols=True)
     start = time.perf_counter()
     with open(path, "a", encoding="utf-8") as f:
@@ -255,6 +264,8 @@ def run_records(
                 if perplexity is not None and (batch or position % ppl_every == 0):
                     ppl_after = float(perplexity(model))
                 for j, r in enumerate(pending):
+                    if prefetch is not None and j % PREFETCH_RECORDS == 0:
+                        prefetch(model, pending[j : j + PREFETCH_RECORDS])  # same model state for these records
                     row = {"case_id": r.case_id, **evaluate(model, r)}
                     # wall time since the previous record: its share of edit, perplexity and evaluation
                     row["seconds"] = time.perf_counter() - t0

@@ -122,6 +122,55 @@ def _resid_with(model, requests, layer: int, delta: Tensor) -> Tensor:
     return h[rows, pos].float()
 
 
+def spread_updates(model, requests, zs: Tensor, hp: MEMITHParams, stats: dict[int, Tensor], templates):
+    """Step 2 of the method: per-layer least-squares updates towards the targets `zs`.
+
+    Each layer's update is applied before the next layer's keys and residuals are computed,
+    and all are undone before returning. Returns `({layer: LayerDelta}, per-layer info)`;
+    the info records the mean `|z - h|` before each layer and the fraction of the wanted
+    residual change that the layer's update achieved on the bare prompts.
+    """
+    dev = model_device(model)
+    top = hp.layers[-1]
+    originals = {l: w_out(model, l).detach().clone() for l in hp.layers}
+    deltas: dict[int, LayerDelta] = {}
+    layer_info = []
+    try:
+        for i, l in enumerate(hp.layers):
+            K = subject_keys(model, requests, templates, l).mean(1)  # [n, d_mlp], averaged k
+            h = block_values(model, requests, top, "resid")  # current residual at L, [n, d_model]
+            R = (zs - h) / (len(hp.layers) - i)  # residual change wanted from layer l
+            norm = mlp_post_norm(model, l)
+            if norm is not None:
+                raw = K @ w_out(model, l).float()  # raw MLP output of the averaged key
+                b_out = getattr(model.blocks[l].mlp, "b_out", None)
+                if isinstance(b_out, Tensor):
+                    raw = raw + b_out.float()
+                R = _raw_change(norm, raw, R)
+            C = stats[l].to(dev).double()
+            Kd = K.double().T  # [d_mlp, n]
+            A = torch.linalg.solve(hp.mom2_update_weight * C + Kd @ Kd.T, Kd).float()  # [d_mlp, n]
+            d = LayerDelta(u=A, v=R.float())  # ΔW_out = A @ R, [d_mlp, d_model]
+            deltas[l] = d
+            with torch.no_grad():
+                w = w_out(model, l)
+                w.add_(d.matrix().to(w.dtype))
+            # K A is how much of each row's wanted raw change the regularised solve delivers
+            reach = torch.diagonal(K @ A).mean()
+            layer_info.append({
+                "layer": l,
+                "resid_norm": float((zs - h).norm(dim=-1).mean()),
+                "update_norm": float(d.matrix().norm()),
+                "key_reach": float(reach),
+            })
+            log.info("MEMIT layer %d: mean |z - h| %.3f, |Δ| %.4f, reach %.3f", l, layer_info[-1]["resid_norm"], layer_info[-1]["update_norm"], reach)
+    finally:
+        with torch.no_grad():
+            for l, orig in originals.items():
+                w_out(model, l).copy_(orig)  # unchanged at the end of delta computation
+    return deltas, layer_info
+
+
 def edit_many(
     model,
     requests,
@@ -157,7 +206,6 @@ def edit_many(
         raise ValueError(f"hparams.layers {hp.layers} out of range for a {model.cfg.n_layers}-layer model")
     if device is not None and torch.device(device) != model_device(model):
         raise ValueError(f"device {device!r} differs from the model's {model_device(model)}; move the model first")
-    dev = model_device(model)
     bh = base_hash(model)
     now_hash = weights_hash(model) if edit_stack(model) else bh
     if stats is None:
@@ -167,37 +215,8 @@ def edit_many(
         raise ValueError(f"stats has no entry for layers {missing}")
     templates = templates_for(model, hp.context_lengths, cache_dir=cache_dir, model_hash=bh)
     before = probe(model, requests)
-    top = hp.layers[-1]
-    originals = {l: w_out(model, l).detach().clone() for l in hp.layers}
-    deltas: dict[int, LayerDelta] = {}
-    layer_info = []
-    try:
-        zs, curves = compute_zs(model, requests, hp, templates)  # [n, d_model]
-        for i, l in enumerate(hp.layers):
-            K = subject_keys(model, requests, templates, l).mean(1)  # [n, d_mlp], averaged k
-            h = block_values(model, requests, top, "resid")  # current residual at L, [n, d_model]
-            R = (zs - h) / (len(hp.layers) - i)  # residual change wanted from layer l
-            norm = mlp_post_norm(model, l)
-            if norm is not None:
-                raw = K @ w_out(model, l).float()  # raw MLP output of the averaged key
-                b_out = getattr(model.blocks[l].mlp, "b_out", None)
-                if isinstance(b_out, Tensor):
-                    raw = raw + b_out.float()
-                R = _raw_change(norm, raw, R)
-            C = stats[l].to(dev).double()
-            Kd = K.double().T  # [d_mlp, n]
-            A = torch.linalg.solve(hp.mom2_update_weight * C + Kd @ Kd.T, Kd).float()  # [d_mlp, n]
-            d = LayerDelta(u=A, v=R.float())  # ΔW_out = A @ R, [d_mlp, d_model]
-            deltas[l] = d
-            with torch.no_grad():
-                w = w_out(model, l)
-                w.add_(d.matrix().to(w.dtype))
-            layer_info.append({"layer": l, "resid_norm": float((zs - h).norm(dim=-1).mean()), "update_norm": float(d.matrix().norm())})
-            log.info("MEMIT layer %d: mean |z - h| %.3f, |Δ| %.4f", l, layer_info[-1]["resid_norm"], layer_info[-1]["update_norm"])
-    finally:
-        with torch.no_grad():
-            for l, orig in originals.items():
-                w_out(model, l).copy_(orig)  # unchanged at the end of delta computation
+    zs, curves = compute_zs(model, requests, hp, templates)  # [n, d_model]
+    deltas, layer_info = spread_updates(model, requests, zs, hp, stats, templates)
     diag = {"before": before, "nll_curves": curves, "layers": layer_info, "templates": templates}
     res = apply_deltas(model, deltas, method="memit", requests=requests, diagnostics=diag, hparams=asdict(hp), model_hash=now_hash)
     diag["after"] = probe(model, requests)

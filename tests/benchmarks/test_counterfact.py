@@ -70,6 +70,16 @@ def test_generation_metrics_and_fallback_reference(tiny_model, records):
     assert row["rs"] == pytest.approx(ref.tfidf.similarity(" ".join(texts), refs))
 
 
+def test_prefetched_generation_gives_the_same_rows(tiny_model, records):
+    ev = counterfact.CounterFactEval(gen_tokens=4)
+    ev.prefetch(tiny_model, records[:3])
+    assert len(ev._texts) == len({p for r in records[:3] for p in r.generation_prompts})
+    for r in records[:3]:
+        assert ev(tiny_model, r) == evaluate_counterfact(tiny_model, r, gen_tokens=4)
+    ev.prefetch(tiny_model, records[:1])  # a new model state: earlier texts are dropped
+    assert set(ev._texts) == set(records[0].generation_prompts)
+
+
 def test_cli_end_to_end_and_resume(tiny_model, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(tracer, "load_model", lambda *a, **k: tiny_model)
     wiki = tmp_path / "wiki.txt"
