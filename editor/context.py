@@ -90,7 +90,7 @@ def context_templates(
     if n == 0:
         return ["{}"]
     whash = model_hash or weights_hash(model)
-    use_cache = str(cache_dir).lower() != "none"
+    use_cache = cache_dir is None or str(cache_dir).lower() != "none"  # None: the default root
     safe = re.sub(r"[^A-Za-z0-9._-]+", "-", model_name(model))
     path = default_cache_dir(cache_dir if use_cache else None) / "context" / safe / f"{whash[:16]}.json"
     key = f"n={n},length={length},seed={seed}"

@@ -280,7 +280,7 @@ def layer_stats(
     _, cid, chash = _corpus_text(corpus)
     whash = model_hash or weights_hash(model)
     name = model_name(model)
-    use_cache = str(cache_dir).lower() != "none"
+    use_cache = cache_dir is None or str(cache_dir).lower() != "none"  # None: the default root
     root = default_cache_dir(cache_dir if use_cache and cache_dir not in ("",) else None)
     device = model_device(model)
     def meta_of(l: int) -> dict[str, str]:

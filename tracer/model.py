@@ -228,8 +228,9 @@ def weights_hash(model, layers: Iterator[int] | None = None) -> str:
 
     Keys caches and checks that a saved edit is applied to the same model. Hashing every
     byte of a large model takes seconds, and this runs once per edit, so the whole-model
-    fingerprint hashes each floating-point tensor's name, shape, its float64 sum and 4,096
-    evenly spaced entries: any edit romelens makes (a rank-one or dense change to `W_out`)
+    fingerprint hashes each floating-point tensor's name, shape, the integer sum of its
+    float32 bit patterns (exact, so the same under any thread count) and 4,096 evenly spaced
+    entries: any edit romelens makes (a rank-one or dense change to `W_out`)
     changes it. With `layers`, every byte of those blocks' `W_out` is hashed.
     """
     h = hashlib.sha256()
@@ -237,9 +238,12 @@ def weights_hash(model, layers: Iterator[int] | None = None) -> str:
         for n, p in sorted(model.state_dict().items()):
             if not torch.is_tensor(p) or not p.is_floating_point():
                 continue
-            flat = p.detach().reshape(-1)
+            flat = p.detach().float().reshape(-1)
             idx = torch.linspace(0, flat.numel() - 1, min(4096, flat.numel()), dtype=torch.float64, device=flat.device).long()  # fp64: exact indices past 2**24
-            h.update(f"{n}{tuple(p.shape)}{flat.double().sum().item():.17g}".encode())
+            # an integer sum of the float bits: a float sum's last digits depend on the
+            # thread count (the reduction order), which made the hash differ between runs
+            bits = int(torch.sum(flat.view(torch.int32), dtype=torch.int64))
+            h.update(f"{n}{tuple(p.shape)}{bits}".encode())
             h.update(flat[idx].float().cpu().numpy().tobytes())
     else:
         for layer in layers:

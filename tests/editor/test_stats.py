@@ -63,6 +63,15 @@ def test_cache_round_trip_and_corruption(tiny_model, corpus, tmp_path, caplog):
     assert path.stat().st_size > 1000  # rewritten
 
 
+def test_default_cache_dir_caches_and_none_disables(tiny_model, corpus, tmp_path, monkeypatch):
+    monkeypatch.setenv("ROMELENS_CACHE", str(tmp_path / "default"))
+    layer_stats(tiny_model, 1, corpus=corpus, n_tokens=120, progress=False)  # cache_dir=None: the default root
+    path = stats_path(tiny_model, 1, corpus=corpus, n_tokens=120)
+    assert path.exists() and str(path).startswith(str(tmp_path / "default"))
+    layer_stats(tiny_model, 2, corpus=corpus, n_tokens=120, cache_dir="none", progress=False)
+    assert not stats_path(tiny_model, 2, corpus=corpus, n_tokens=120).exists()
+
+
 def test_cache_metadata_mismatch_is_recomputed(tiny_model, corpus, tmp_path, caplog):
     from safetensors.torch import save_file
 

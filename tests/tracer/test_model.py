@@ -133,6 +133,22 @@ def test_bad_name_type():
         load_model("")
 
 
+def test_weights_hash_is_the_same_under_any_thread_count():
+    from tracer import weights_hash
+
+    torch.manual_seed(0)
+    big = torch.nn.Linear(2000, 2000)  # large enough for a multi-threaded reduction
+    threads = torch.get_num_threads()
+    try:
+        hashes = set()
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            hashes.add(weights_hash(big))
+    finally:
+        torch.set_num_threads(threads)
+    assert len(hashes) == 1
+
+
 def test_weights_hash_sees_a_rank_one_edit(tiny_model):
     from tracer import weights_hash
 
