@@ -205,3 +205,13 @@ def test_raw_change_through_a_post_norm_reaches_reachable_targets_and_stays_boun
     assert torch.allclose((raw + r).norm(dim=-1), raw.norm(dim=-1), rtol=1e-4)
     target = norm(raw).detach() + want
     assert ((norm(raw + r) - target).norm(dim=-1) < (norm(raw) - target).norm(dim=-1)).all()
+
+
+def test_memit_lambda_scales_with_d_mlp(tiny_model, monkeypatch):
+    from editor import hparams
+
+    assert hparams.scaled_lambda(hparams.GPTJ_D_MLP) == MEMITHParams(layers=(0,)).mom2_update_weight
+    assert hparams.memit_hparams("gemma-3-270m").mom2_update_weight == hparams.scaled_lambda(640 * 16 // 5)  # d_mlp 2048
+    monkeypatch.setattr(hparams, "default_layer", lambda m: 2)
+    hp = hparams.memit_hparams(tiny_model)  # no preset: five layers up to the chosen one, λ for d_mlp 64
+    assert hp.layers == (0, 1, 2) and hp.mom2_update_weight == pytest.approx(15000 * 64 / 16384)
