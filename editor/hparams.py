@@ -137,8 +137,12 @@ ROME_PRESETS: dict[str, ROMEHParams] = {
     # edits the fact at every layer (prompt p(Rome) > 0.96); the neighbour "The Louvre ...
     # city of" keeps Paris best at 3 (p(Rome) 0.005) and 4 (0.085), less so at 5 (0.17), and
     # fails at 6 (0.54); docs/editing.md. Five generated templates (not 20) and 25 steps
-    # keep a CPU edit short; it converges in 5-7 steps.
-    "gemma-3-270m": ROMEHParams(layer=4, v_num_grad_steps=25, context_lengths=((10, 5),)),
+    # keep a CPU edit short; it converges in 5-7 steps. clamp_norm_factor 1 (not 4): Gemma
+    # normalises the MLP output (ln2_post) before the residual, so a delta several times the
+    # raw output (|v| ~ 3 at layer 4) also swamps the raw outputs of neighbouring subjects
+    # that share part of the key; on CounterFact dev 0-9, NS 68 at clamp 1 vs 39 at 4
+    # (unedited 77), ES 100 both (docs/benchmarks.md).
+    "gemma-3-270m": ROMEHParams(layer=4, v_num_grad_steps=25, context_lengths=((10, 5),), clamp_norm_factor=1.0),
 }
 
 MEMIT_PRESETS: dict[str, MEMITHParams] = {
