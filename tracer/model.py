@@ -148,7 +148,9 @@ def prepare_model(model):
     """Check a model (yours or ours) has the surface romelens needs; set eval mode.
 
     Raises `ModelLoadError` for a model without per-block MLP `W_out`, such as a
-    mixture-of-experts model, since ROME and MEMIT edit that matrix.
+    mixture-of-experts model, since ROME and MEMIT edit that matrix. On a 3.x
+    `HookedTransformer` the block weights are also re-laid out in memory (`_store_as_used`):
+    same shapes and values, faster forward passes.
     """
     if not hasattr(model, "cfg") or not hasattr(model, "blocks") or not hasattr(model, "hooks"):
         raise ModelLoadError(
