@@ -213,5 +213,5 @@ def test_memit_lambda_scales_with_d_mlp(tiny_model, monkeypatch):
     assert hparams.scaled_lambda(hparams.GPTJ_D_MLP) == MEMITHParams(layers=(0,)).mom2_update_weight
     assert hparams.memit_hparams("gemma-3-270m").mom2_update_weight == hparams.scaled_lambda(640 * 16 // 5)  # d_mlp 2048
     monkeypatch.setattr(hparams, "default_layer", lambda m: 2)
-    hp = hparams.memit_hparams(tiny_model)  # no preset: five layers up to the chosen one, λ for d_mlp 64
-    assert hp.layers == (0, 1, 2) and hp.mom2_update_weight == pytest.approx(15000 * 64 / 16384)
+    hp = hparams.memit_hparams(tiny_model)  # no preset: five layers up to the chosen one, λ for its d_mlp
+    assert hp.layers == (0, 1, 2) and hp.mom2_update_weight == pytest.approx(15000 * tiny_model.cfg.d_mlp / 16384)
