@@ -26,7 +26,7 @@ import torch
 
 from tracer.files import atomic_write_text
 from tracer.model import final_logits, final_resid, model_device, model_name, weights_hash
-from tracer.offline import cache_dir as default_cache_dir
+from tracer.offline import cache_root
 
 log = logging.getLogger(__name__)
 
@@ -90,12 +90,12 @@ def context_templates(
     if n == 0:
         return ["{}"]
     whash = model_hash or weights_hash(model)
-    use_cache = cache_dir is None or str(cache_dir).lower() != "none"  # None: the default root
+    root = cache_root(cache_dir)
     safe = re.sub(r"[^A-Za-z0-9._-]+", "-", model_name(model))
-    path = default_cache_dir(cache_dir if use_cache else None) / "context" / safe / f"{whash[:16]}.json"
+    path = root / "context" / safe / f"{whash[:16]}.json" if root is not None else None
     key = f"n={n},length={length},seed={seed}"
     table: dict = {}
-    if use_cache and path.exists():
+    if path is not None and path.exists():
         try:
             table = json.loads(path.read_text())
             if table.get("weights_hash") != whash:
@@ -110,7 +110,7 @@ def context_templates(
             log.warning("context cache %s is unreadable (%s); regenerating", path, err)
             table = {}
     templates = generate_templates(model, n=n, length=length, seed=seed)
-    if use_cache:
+    if path is not None:
         table = {"weights_hash": whash, "model": model_name(model), "templates": {**table.get("templates", {}), key: templates}}
         atomic_write_text(path, json.dumps(table, indent=1))
     return templates

