@@ -223,7 +223,7 @@ def _run(args, argv, *, parser_module, load) -> dict:
     reference = build_reference(args) if gen_tokens > 0 else None
     run = runner.execute(args, records=records, desc=f"counterfact {args.method}",
                          evaluate=CounterFactEval(gen_tokens=gen_tokens, reference=reference))
-    rows, hparams, restored, ppl_before = run["rows"], run["hparams"], run["restored"], run["ppl_before"]
+    rows, restored, ppl_before = run["rows"], run["restored"], run["ppl_before"]
     rs_column = reference.column if reference else "RS"
     notes = [
         "ES/PS/NS/S/EM/PM/NM/RS ×100; GE = n-gram entropy (bits) ×100; ± is a 95% CI half-width.",
@@ -238,7 +238,7 @@ def _run(args, argv, *, parser_module, load) -> dict:
         "model": args.model,
         "method": args.method,
         "batch": args.batch,
-        "hparams": repr(hparams) if hparams is not None else "preset",
+        "hparams": run["hparams_record"],
         "gen_tokens": gen_tokens,
         "data": str(args.data or "shared counterfact_dev.json"),
         "transformer_lens_api": TL_API,

@@ -286,7 +286,7 @@ def execute(args, *, records: Sequence[Any], evaluate: Callable[[Any, Any], dict
     directory), runs the records and checks that every block's `W_out` is back as it was.
 
     Returns:
-        `{"rows", "hparams", "restored", "ppl_before"}`.
+        `{"rows", "hparams", "restored", "ppl_before", "hparams_record"}`.
     """
     import torch  # noqa: PLC0415
 
@@ -319,7 +319,18 @@ def execute(args, *, records: Sequence[Any], evaluate: Callable[[Any, Any], dict
     restored = weights_hash(model, layers=mlp_layers) == before
     if not restored:
         log.error("the model's weights differ from before the run: an edit was not restored")
-    return {"rows": rows, "hparams": hparams, "restored": restored, "ppl_before": ppl_before}
+    return {"rows": rows, "hparams": hparams, "restored": restored, "ppl_before": ppl_before,
+            "hparams_record": hparams_record(method, model, hparams)}
+
+
+def hparams_record(method, model, hparams) -> str | None:
+    """What a summary says about the hparams: the resolved dataclass, marked as the preset
+    or as overridden, so that a run stays readable after a preset changes."""
+    if hparams is not None:
+        return f"overridden: {hparams!r}"
+    if not hasattr(method, "hparams_for"):
+        return None
+    return f"preset: {method.hparams_for(model)!r}"
 
 
 # --------------------------------------------------------------------------- summaries

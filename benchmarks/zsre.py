@@ -80,13 +80,13 @@ def main(argv=None) -> dict:
 
     records = load_zsre(args.data, n=args.n, start=args.start)
     run = runner.execute(args, records=records, evaluate=evaluate_zsre, desc=f"zsre {args.method}")
-    rows, hparams, restored, ppl_before = run["rows"], run["hparams"], run["restored"], run["ppl_before"]
+    rows, restored, ppl_before = run["rows"], run["restored"], run["ppl_before"]
     meta = {
         "benchmark": "zsre",
         "model": args.model,
         "method": args.method,
         "batch": args.batch,
-        "hparams": repr(hparams) if hparams is not None else "preset",
+        "hparams": run["hparams_record"],
         "data": str(args.data or "shared zsre_dev.json"),
         "transformer_lens_api": TL_API,
         "model_restored": restored,

@@ -18,6 +18,14 @@ For a batch of requests, over a range of blocks `layers = (l_1 .. L)`:
    The update is applied before the next layer's keys and residuals are computed.
 3. All updates are undone, then applied together as one `EditResult`.
 
+`hparams.spread="joint"` (the Gemma-3-270m preset) replaces the equal residual shares of
+step 2: step 1 optimises one raw-output delta per layer together against the same loss
+(weight decay spreads the change over the layers, and each delta is clamped against its
+layer's raw output norm), `z` is the residual that all of them produce, every layer but the
+last is asked for its own delta, and the last also takes whatever the earlier layers fell
+short of `z`. On a model that normalises its MLP outputs a residual share can lie beyond what
+a layer can add; its own delta never does.
+
 Example:
     >>> from editor import memit
     >>> e = memit.edit_many(model, requests)     # hundreds of requests are fine
@@ -28,6 +36,7 @@ from __future__ import annotations
 
 import logging
 import os
+from contextlib import ExitStack
 from dataclasses import asdict
 from typing import Sequence
 
@@ -78,20 +87,27 @@ def _raw_change(norm, raw: Tensor, resid: Tensor, iters: int = 8) -> Tensor:
 
 
 def compute_zs(model, requests: Sequence[EditRequest], hp: MEMITHParams, templates: Sequence[str]):
-    """Target residuals `z [n, d_model]` at the last layer, and the NLL curves."""
+    """Target residuals `z [n, d_model]` at the last layer, the NLL curves, and (with
+    `hp.spread == "joint"`) each layer's raw-output delta `{layer: [n, d_model]}`, else None.
+    """
     top = hp.layers[-1]
-    zs, curves = [], []
+    joint = hp.spread == "joint"
+    opt_layers = tuple(hp.layers) if joint else top
+    zs, curves, raws = [], [], []
     chunks = range(0, len(requests), hp.z_batch_size)
     for b in tqdm(chunks, desc="MEMIT z", disable=len(chunks) < 2):
         chunk = list(requests[b : b + hp.z_batch_size])
-        h = block_values(model, chunk, top, "resid")  # residual norm: the paper's clamp reference
+        if joint:  # each layer's raw MLP output norm
+            ref = torch.stack([block_values(model, chunk, l, "raw").norm(dim=-1) for l in hp.layers], 1)
+        else:  # residual norm: the paper's clamp reference
+            ref = block_values(model, chunk, top, "resid").norm(dim=-1)
         delta, curve = optimize_values(
             model,
             chunk,
-            layer=top,
+            layer=opt_layers,
             templates=templates,
             kl_prompts=hp.kl_prompts,
-            ref_norm=h.norm(dim=-1),
+            ref_norm=ref,
             steps=hp.v_num_grad_steps,
             lr=hp.v_lr,
             weight_decay=hp.v_weight_decay,
@@ -99,14 +115,20 @@ def compute_zs(model, requests: Sequence[EditRequest], hp: MEMITHParams, templat
             kl_factor=hp.kl_factor,
             early_stop_nll=hp.early_stop_nll,
         )
-        zs.append(_resid_with(model, chunk, top, delta))
+        if not joint:
+            delta = delta[:, None]  # [n, 1, d_model]
+        zs.append(_resid_with(model, chunk, opt_layers if joint else (top,), delta))
+        raws.append(delta)
         curves += [[c[i] for c in curve] for i in range(len(chunk))]
-    return torch.cat(zs), curves
+    raw = torch.cat(raws)
+    per_layer = {l: raw[:, j] for j, l in enumerate(hp.layers)} if joint else None
+    return torch.cat(zs), curves, per_layer
 
 
 @torch.no_grad()
-def _resid_with(model, requests, layer: int, delta: Tensor) -> Tensor:
-    """Residual after `layer` at the last subject token with `delta` added to the raw MLP output."""
+def _resid_with(model, requests, layers: Sequence[int], delta: Tensor) -> Tensor:
+    """Residual after the last of `layers` at the last subject token with `delta[:, j]`
+    added to block `layers[j]`'s raw MLP output; `delta`: `[n, len(layers), d_model]`."""
     from editor.optimize import _pad  # noqa: PLC0415
     from tracer.hooks import hook_name  # noqa: PLC0415
     from tracer.model import mlp_output_delta, run_until  # noqa: PLC0415
@@ -117,15 +139,25 @@ def _resid_with(model, requests, layer: int, delta: Tensor) -> Tensor:
     tokens = _pad(model, [p.ids for p in ps], device)
     pos = torch.tensor([p.last_subject for p in ps], device=device)
     rows = torch.arange(len(ps), device=device)
-    with mlp_output_delta(model, layer, lambda o: o.index_put((rows, pos), delta.to(o.dtype), accumulate=True)):
-        h = run_until(model, tokens, hook_name("resid", layer))
+
+    def add(j):
+        return lambda o: o.index_put((rows, pos), delta[:, j].to(o.dtype), accumulate=True)
+
+    with ExitStack() as stack:
+        for j, l in enumerate(layers):
+            stack.enter_context(mlp_output_delta(model, l, add(j)))
+        h = run_until(model, tokens, hook_name("resid", layers[-1]))
     return h[rows, pos].float()
 
 
-def spread_updates(model, requests, zs: Tensor, hp: MEMITHParams, stats: dict[int, Tensor], templates):
+def spread_updates(
+    model, requests, zs: Tensor, hp: MEMITHParams, stats: dict[int, Tensor], templates, raw_targets: dict[int, Tensor] | None = None
+):
     """Step 2 of the method: per-layer least-squares updates towards the targets `zs`.
 
-    Each layer's update is applied before the next layer's keys and residuals are computed,
+    With `raw_targets` (`spread="joint"`), every layer but the last is asked for its own
+    raw-output change `raw_targets[l]`; the last is asked for the residual change left to
+    `zs`, as in the paper. Each layer's update is applied before the next layer's keys and residuals are computed,
     and all are undone before returning. Returns `({layer: LayerDelta}, per-layer info)`;
     the info records the mean `|z - h|` before each layer and the fraction of the wanted
     residual change that the layer's update achieved on the bare prompts.
@@ -139,9 +171,10 @@ def spread_updates(model, requests, zs: Tensor, hp: MEMITHParams, stats: dict[in
         for i, l in enumerate(hp.layers):
             K = subject_keys(model, requests, templates, l).mean(1)  # [n, d_mlp], averaged k
             h = block_values(model, requests, top, "resid")  # current residual at L, [n, d_model]
-            R = (zs - h) / (len(hp.layers) - i)  # residual change wanted from layer l
+            own = raw_targets is not None and l != top
+            R = raw_targets[l].to(dev) if own else (zs - h) / (len(hp.layers) - i)  # change wanted from layer l
             norm = mlp_post_norm(model, l)
-            if norm is not None:
+            if norm is not None and not own:
                 raw = K @ w_out(model, l).float()  # raw MLP output of the averaged key
                 b_out = getattr(model.blocks[l].mlp, "b_out", None)
                 if isinstance(b_out, Tensor):
@@ -165,6 +198,8 @@ def spread_updates(model, requests, zs: Tensor, hp: MEMITHParams, stats: dict[in
                 "key_reach": float(reach),
             })
             log.info("MEMIT layer %d: mean |z - h| %.3f, |Δ| %.4f, reach %.3f", l, layer_info[-1]["resid_norm"], layer_info[-1]["update_norm"], reach)
+        h = block_values(model, requests, top, "resid")  # with every update applied
+        layer_info[-1]["resid_norm_after"] = float((zs - h).norm(dim=-1).mean())
     finally:
         with torch.no_grad():
             for l, orig in originals.items():
@@ -216,8 +251,8 @@ def edit_many(
         raise ValueError(f"stats has no entry for layers {missing}")
     templates = templates_for(model, hp.context_lengths, cache_dir=cache_dir, model_hash=bh)
     before = probe(model, requests)
-    zs, curves = compute_zs(model, requests, hp, templates)  # [n, d_model]
-    deltas, layer_info = spread_updates(model, requests, zs, hp, stats, templates)
+    zs, curves, raw_targets = compute_zs(model, requests, hp, templates)  # [n, d_model]
+    deltas, layer_info = spread_updates(model, requests, zs, hp, stats, templates, raw_targets)
     diag = {"before": before, "nll_curves": curves, "layers": layer_info, "templates": templates}
     res = apply_deltas(model, deltas, method="memit", requests=requests, diagnostics=diag, hparams=asdict(hp), model_hash=now_hash)
     diag["after"] = probe(model, requests)

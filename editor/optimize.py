@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import logging
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -144,20 +145,23 @@ def _build(model, requests, templates, kl_prompts, device) -> _Batch:
     )
 
 
-def _logits(model, batch: _Batch, layer: int, delta: Tensor, x0: Tensor) -> Tensor:
-    """Log-probs at the scored positions with `delta[req]` added at each row's subject token.
+def _logits(model, batch: _Batch, layers: Sequence[int], delta: Tensor, x0: Tensor) -> Tensor:
+    """Log-probs at the scored positions with `delta[req, j]` added at each row's subject token
+    to the raw MLP output of block `layers[j]`.
 
-    `x0`: the residual entering block `layer`; the pass starts there, since the delta
-    changes nothing upstream.
+    `x0`: the residual entering block `layers[0]`; the pass starts there, since the deltas
+    change nothing upstream.
     """
-    add = delta[batch.row_req]  # [rows, d_model]
+    add = delta[batch.row_req]  # [rows, n_layers, d_model]
     idx = (torch.arange(len(batch.row_req), device=delta.device), batch.row_pos)
 
-    def shift(out):
-        return out.index_put(idx, add.to(out.dtype), accumulate=True)
+    def shift(j):
+        return lambda out: out.index_put(idx, add[:, j].to(out.dtype), accumulate=True)
 
-    with mlp_output_delta(model, layer, shift):
-        resid = final_resid(model, x0, start_at_layer=layer)  # [rows, pos, d_model]
+    with ExitStack() as stack:
+        for j, l in enumerate(layers):
+            stack.enter_context(mlp_output_delta(model, l, shift(j)))
+        resid = final_resid(model, x0, start_at_layer=layers[0])  # [rows, pos, d_model]
     logits = final_logits(model, resid[batch.lg_rows, batch.lg_cols][:, None])[:, 0]
     return logits.float().log_softmax(-1)  # [m, vocab]
 
@@ -166,7 +170,7 @@ def optimize_values(
     model,
     requests: Sequence[EditRequest],
     *,
-    layer: int,
+    layer: int | Sequence[int],
     templates: Sequence[str],
     kl_prompts: Sequence[str],
     ref_norm: Tensor,
@@ -183,11 +187,16 @@ def optimize_values(
     `kl_factor · KL(new ‖ unedited)` on the `kl_prompts`, plus
     `weight_decay · ‖δ‖ / ‖ref‖²`; after each step `‖δ‖ ≤ clamp_norm_factor · ‖ref‖`.
 
+    With a sequence of layers, one delta per layer is optimised jointly (`δ [n, n_layers,
+    d_model]`, each added to its block's raw MLP output); the weight decay is summed over
+    the layers and each layer's delta is clamped against its own reference norm.
+
     Args:
-        ref_norm: `[n]` norm of the reference vector (the original value) per request.
+        ref_norm: `[n]` norm of the reference vector (the original value) per request;
+            `[n, n_layers]` with a sequence of layers.
 
     Returns:
-        `(δ [n, d_model], curve)` where `curve[s]` lists each request's NLL at step `s`.
+        `(δ, curve)` where `curve[s]` lists each request's NLL at step `s`.
     """
     device = model_device(model)
     n = len(requests)
@@ -196,18 +205,22 @@ def optimize_values(
     n_kl = len(kl_prompts)
     m_nll = len(batch.tgt)
     tok_per_row = torch.bincount(batch.nll_row, minlength=batch.n_nll_rows).float()  # [rows]
-    ref_norm = ref_norm.to(device).float()
-    delta = torch.zeros(n, model.cfg.d_model, device=device, requires_grad=True)
+    single = isinstance(layer, int)
+    layers = (layer,) if single else tuple(layer)
+    if list(layers) != sorted(set(layers)) or not layers:
+        raise ValueError(f"layers {layers} must be a non-empty increasing sequence")
+    ref_norm = ref_norm.to(device).float().reshape(n, len(layers))
+    delta = torch.zeros(n, len(layers), model.cfg.d_model, device=device, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=lr)
     with torch.no_grad():
-        x0 = run_until(model, batch.tokens, hook_name("resid_pre", layer))  # every step starts here: the delta changes nothing upstream
-        lp0 = _logits(model, batch, layer, torch.zeros_like(delta), x0)
+        x0 = run_until(model, batch.tokens, hook_name("resid_pre", layers[0]))  # every step starts here: the deltas change nothing upstream
+        lp0 = _logits(model, batch, layers, torch.zeros_like(delta), x0)
         kl_init = lp0[m_nll:] if n_kl else None  # [n_kl_rows, vocab]
     curve: list[list[float]] = []
     done = torch.zeros(n, dtype=torch.bool, device=device)
     for step in range(steps):
         opt.zero_grad()
-        lp = _logits(model, batch, layer, delta, x0)
+        lp = _logits(model, batch, layers, delta, x0)
         tok_nll = -lp[torch.arange(m_nll, device=device), batch.tgt]  # [m_nll]
         row_nll = torch.zeros(batch.n_nll_rows, device=device).index_add(0, batch.nll_row, tok_nll) / tok_per_row
         req_nll = row_nll.reshape(n, n_t).mean(1)  # [n]
@@ -217,7 +230,7 @@ def optimize_values(
             kl = (new.exp() * (new - kl_init)).sum(-1)  # KL(new || unedited), [n_kl_rows]
             req_kl = torch.zeros(n, device=device).index_add(0, batch.kl_req, kl) / n_kl
             loss = loss + kl_factor * req_kl
-        loss = loss + weight_decay * delta.norm(dim=-1) / ref_norm**2
+        loss = loss + weight_decay * (delta.norm(dim=-1) / ref_norm**2).sum(-1)
         curve.append([round(float(x), 5) for x in req_nll.detach().cpu()])
         done = done | (req_nll.detach() < early_stop_nll)
         log.debug("step %d nll %s", step, curve[-1])
@@ -228,8 +241,9 @@ def optimize_values(
         opt.step()
         with torch.no_grad():
             delta[done] = frozen
-            cap = clamp_norm_factor * ref_norm  # [n]
+            cap = clamp_norm_factor * ref_norm  # [n, n_layers]
             norm = delta.norm(dim=-1)
             scale = torch.where(norm > cap, cap / norm.clamp_min(1e-12), torch.ones_like(norm))
-            delta.mul_(scale[:, None])
-    return delta.detach(), curve
+            delta.mul_(scale[..., None])
+    out = delta.detach()
+    return (out[:, 0] if single else out), curve

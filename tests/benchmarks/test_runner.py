@@ -191,3 +191,16 @@ def test_batch_edit_is_saved_and_reused_on_resume(tiny_model, records, tmp_path)
     assert failing.calls == [] and "error" not in rows2[1]
     assert rows2[1]["nll"] == rows[1]["nll"] and rows2[2]["nll"] == rows[2]["nll"]
     assert weights_hash(tiny_model) == before
+
+
+def test_hparams_record_names_the_resolved_hparams(tiny_model):
+    from types import SimpleNamespace
+
+    from editor import ROMEHParams
+
+    hp = ROMEHParams(layer=1)
+    method = SimpleNamespace(hparams_for=lambda model: hp)
+    assert runner.hparams_record(method, tiny_model, None) == f"preset: {hp!r}"
+    over = ROMEHParams(layer=0)
+    assert runner.hparams_record(method, tiny_model, over) == f"overridden: {over!r}"
+    assert runner.hparams_record(object(), tiny_model, None) is None  # 'none' has no hparams

@@ -105,6 +105,43 @@ def test_memit_ten_requests_raise_every_target(tiny_model, kw):
     assert same(weights(tiny_model), w0)
 
 
+def test_memit_joint_spread_raises_every_target_and_edits_every_layer(tiny_model, kw):
+    from dataclasses import replace
+
+    w0 = weights(tiny_model)
+    reqs = [EditRequest(prompt=TEMPLATE, subject=s, target_new=t) for s, t in zip(SUBJECTS, TARGETS)]
+    stats = {l: kw["stats"] for l in (0, 1)}
+    e = memit.edit_many(tiny_model, reqs, replace(MEMIT_HP, spread="joint"), stats=stats, cache_dir=kw["cache_dir"])
+    before, after = e.diagnostics["before"]["new_seq"], e.diagnostics["after"]["new_seq"]
+    assert (after > before).all(), (before, after)
+    for l in (0, 1):  # both layers carry a share of the change
+        assert not torch.equal(w_out(tiny_model, l), w0[l])
+    info = e.diagnostics["layers"]
+    assert info[-1]["resid_norm_after"] < info[0]["resid_norm"]
+    e.restore()
+    assert same(weights(tiny_model), w0)
+
+
+def test_joint_value_optimisation_matches_single_layer_and_clamps_per_layer(tiny_model):
+    from editor.optimize import optimize_values
+
+    reqs = [EditRequest(prompt=TEMPLATE, subject=s, target_new=t) for s, t in zip(SUBJECTS[:3], TARGETS[:3])]
+    kw = dict(templates=["{}"], kl_prompts=("{} is a",), steps=4, lr=0.5, weight_decay=0.1, kl_factor=0.1,
+              early_stop_nll=0.0)
+    one, c1 = optimize_values(tiny_model, reqs, layer=1, ref_norm=torch.ones(3), clamp_norm_factor=10.0, **kw)
+    many, c2 = optimize_values(tiny_model, reqs, layer=(1,), ref_norm=torch.ones(3, 1), clamp_norm_factor=10.0, **kw)
+    assert many.shape == (3, 1, tiny_model.cfg.d_model)
+    assert torch.allclose(one, many[:, 0]) and c1 == c2
+    ref = torch.tensor([[1.0, 0.2]] * 3)
+    both, curve = optimize_values(tiny_model, reqs, layer=(0, 1), ref_norm=ref, clamp_norm_factor=1.0, **kw)
+    assert (both.norm(dim=-1) <= ref * (1 + 1e-5)).all() and (both.norm(dim=-1) > 0).all()
+    assert all(a < b for a, b in zip(curve[-1], curve[0]))
+    with pytest.raises(ValueError, match="increasing"):
+        optimize_values(tiny_model, reqs, layer=(1, 0), ref_norm=ref, clamp_norm_factor=1.0, **kw)
+    with pytest.raises(ValueError, match="spread"):
+        MEMITHParams(layers=(0,), spread="sideways")
+
+
 def test_ft_l_raises_target_and_respects_bound(tiny_model):
     w0 = weights(tiny_model)
     hp = FTHParams(layer=1, lr=1e-2, norm_constraint=0.05, num_steps=10)
@@ -215,3 +252,38 @@ def test_memit_lambda_scales_with_d_mlp(tiny_model, monkeypatch):
     monkeypatch.setattr(hparams, "default_layer", lambda m: 2)
     hp = hparams.memit_hparams(tiny_model)  # no preset: five layers up to the chosen one, λ for its d_mlp
     assert hp.layers == (0, 1, 2) and hp.mom2_update_weight == pytest.approx(15000 * tiny_model.cfg.d_mlp / 16384)
+
+
+def test_default_layer_traces_once_per_model_and_caches_on_disk(tiny_model, monkeypatch, tmp_path):
+    from types import SimpleNamespace
+
+    import tracer.layer
+    from editor import hparams
+
+    calls = []
+
+    def fake_choose(model, facts, **kw):
+        calls.append(facts)
+        return SimpleNamespace(layer=1, curve=[0.1, 0.3])
+
+    monkeypatch.setattr(tracer.layer, "choose_edit_layer", fake_choose)
+    monkeypatch.setattr(hparams, "_CHOSEN_LAYERS", {})
+    assert hparams.default_layer(tiny_model, cache_dir=tmp_path) == 1
+    assert hparams.default_layer(tiny_model, cache_dir=tmp_path) == 1
+    assert len(calls) == 1  # the second call did not trace
+    (cached,) = (tmp_path / "edit_layer").iterdir()
+    monkeypatch.setattr(hparams, "_CHOSEN_LAYERS", {})  # a new process: read from disk
+    assert hparams.default_layer(tiny_model, cache_dir=tmp_path) == 1 and len(calls) == 1
+    cached.write_text("{not json")  # corrupt: traced again, never used
+    monkeypatch.setattr(hparams, "_CHOSEN_LAYERS", {})
+    assert hparams.default_layer(tiny_model, cache_dir=tmp_path) == 1 and len(calls) == 2
+    monkeypatch.setattr(hparams, "_CHOSEN_LAYERS", {})
+    assert hparams.default_layer(tiny_model, cache_dir="none") == 1 and len(calls) == 3  # caching off
+
+    def broken(model, facts, **kw):
+        raise FileNotFoundError(facts)
+
+    monkeypatch.setattr(tracer.layer, "choose_edit_layer", broken)
+    monkeypatch.setattr(hparams, "_CHOSEN_LAYERS", {})
+    fallback = hparams.default_layer(tiny_model, cache_dir=tmp_path / "other")
+    assert fallback == round(tiny_model.cfg.n_layers * 17 / 48) and not (tmp_path / "other").exists()
