@@ -157,8 +157,8 @@ def spread_updates(
 
     With `raw_targets` (`spread="joint"`), every layer but the last is asked for its own
     raw-output change `raw_targets[l]`; the last is asked for the residual change left to
-    `zs`, as in the paper. Each layer's update is applied before the next layer's keys and residuals are computed,
-    and all are undone before returning. Returns `({layer: LayerDelta}, per-layer info)`;
+    `zs`, as in the paper. Each layer's update is applied before the next layer's keys and
+    residuals are computed, and all are undone before returning. Returns `({layer: LayerDelta}, per-layer info)`;
     the info records the mean `|z - h|` before each layer and the fraction of the wanted
     residual change that the layer's update achieved on the bare prompts.
     """
