@@ -55,3 +55,27 @@ def test_eiffel_to_rome_and_exact_restore(gemma, stats_and_cache):
     assert all(torch.equal(w_out(gemma, l), w0[l]) for l in range(gemma.cfg.n_layers))
     for prompt, lg in before.items():
         assert torch.equal(logits(gemma, prompt), lg)
+
+
+def test_memit_joint_spread_edits_a_batch_and_every_layer_helps(gemma, shared_data, tmp_path):
+    from editor import memit
+
+    hp = memit.memit_hparams(gemma)
+    assert hp.spread == "joint"
+    stats = layer_stats(gemma, list(hp.layers), corpus=str(shared_data / "wikitext-2-raw-test.txt"),
+                        n_tokens=STATS_TOKENS, cache_dir=tmp_path, progress=False)
+    reqs = [
+        EditRequest(prompt="{} is located in the city of", subject="The Eiffel Tower", target_new="Rome", target_true="Paris"),
+        EditRequest(prompt="The mother tongue of {} is", subject="Danielle Darrieux", target_new="English", target_true="French"),
+        EditRequest(prompt="{} is a professional", subject="Michael Jordan", target_new="soccer", target_true="basketball"),
+    ]
+    w0 = [w_out(gemma, l).detach().clone() for l in range(gemma.cfg.n_layers)]
+    with memit.edit_many(gemma, reqs, hp, stats=stats, cache_dir=tmp_path) as e:
+        after = e.diagnostics["after"]
+        assert (after["new_seq"] > after["true_seq"]).all(), after  # every edit wins on its prompt
+        # the layers below the last move the residual toward z: measured here |z - h| 1352, 1164,
+        # 921, 935, 703 before layers 2-6 and 164 after. With the paper's equal residual shares
+        # on Gemma it stayed at 0.86-0.93 of its start before the last layer (docs/editing.md)
+        dist = [i["resid_norm"] for i in e.diagnostics["layers"]] + [e.diagnostics["layers"][-1]["resid_norm_after"]]
+        assert dist[-2] < 0.7 * dist[0] and dist[-1] < 0.25 * dist[0], dist
+    assert all(torch.equal(w_out(gemma, l), w0[l]) for l in range(gemma.cfg.n_layers))
