@@ -21,7 +21,7 @@ Example:
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 log = logging.getLogger(__name__)
@@ -257,15 +257,20 @@ def rome_hparams(model_or_name) -> ROMEHParams:
 
 
 def memit_hparams(model_or_name) -> MEMITHParams:
-    """Preset for a model; other models: five layers ending at `default_layer`."""
-    hp = _preset(MEMIT_PRESETS, "MEMIT", model_or_name)
+    """Preset for a model; other models: five layers ending at `default_layer`, λ scaled to
+    the model's d_mlp, and, for models that normalise the MLP output before the residual
+    (Gemma-2/3 style), the Gemma-3-270m preset's `spread="joint"` with clamp 0.5."""
+    hp = _preset(MEMIT_PRESETS, "MEMIT", model_or_name)  # a bare name without one raises
     if hp is not None:
         return hp
-    top = default_layer(model_or_name)
-    layers = tuple(range(max(0, top - 4), top + 1))
-    if isinstance(model_or_name, str):
-        return MEMITHParams(layers=layers)
-    return MEMITHParams(layers=layers, mom2_update_weight=scaled_lambda(model_or_name.cfg.d_mlp))
+    from tracer.model import mlp_post_norm  # noqa: PLC0415
+
+    model = model_or_name
+    top = default_layer(model)
+    hp = MEMITHParams(layers=tuple(range(max(0, top - 4), top + 1)), mom2_update_weight=scaled_lambda(model.cfg.d_mlp))
+    if mlp_post_norm(model, top) is not None:
+        hp = replace(hp, spread="joint", clamp_norm_factor=0.5)
+    return hp
 
 
 GPTJ_D_MLP = 16384

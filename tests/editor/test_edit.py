@@ -252,6 +252,12 @@ def test_memit_lambda_scales_with_d_mlp(tiny_model, monkeypatch):
     monkeypatch.setattr(hparams, "default_layer", lambda m: 2)
     hp = hparams.memit_hparams(tiny_model)  # no preset: five layers up to the chosen one, λ for its d_mlp
     assert hp.layers == (0, 1, 2) and hp.mom2_update_weight == pytest.approx(15000 * tiny_model.cfg.d_mlp / 16384)
+    assert hp.spread == "residual"  # no post-MLP norm: the paper's spread
+    import tracer.model
+
+    monkeypatch.setattr(tracer.model, "mlp_post_norm", lambda model, layer: torch.nn.Identity())
+    hp = hparams.memit_hparams(tiny_model)  # a Gemma-style model without a preset
+    assert hp.spread == "joint" and hp.clamp_norm_factor == 0.5
 
 
 def test_default_layer_traces_once_per_model_and_caches_on_disk(tiny_model, monkeypatch, tmp_path):
