@@ -24,7 +24,7 @@ import re
 
 import torch
 
-from tracer.files import atomic_write_text
+from tracer.files import atomic_write_text, safe_name
 from tracer.model import final_logits, final_resid, model_device, model_name, weights_hash
 from tracer.offline import cache_root
 
@@ -91,7 +91,7 @@ def context_templates(
         return ["{}"]
     whash = model_hash or weights_hash(model)
     root = cache_root(cache_dir)
-    safe = re.sub(r"[^A-Za-z0-9._-]+", "-", model_name(model))
+    safe = safe_name(model_name(model))
     path = root / "context" / safe / f"{whash[:16]}.json" if root is not None else None
     key = f"n={n},length={length},seed={seed}"
     table: dict = {}

@@ -199,15 +199,15 @@ def default_layer(model, *, cache_dir=None) -> int:
     """
     import json  # noqa: PLC0415
     import os  # noqa: PLC0415
-    import re  # noqa: PLC0415
     from pathlib import Path  # noqa: PLC0415
 
     from editor.rome import base_hash  # noqa: PLC0415  (rome imports this module)
-    from tracer.files import atomic_write_text  # noqa: PLC0415
+    from tracer.files import atomic_write_text, safe_name  # noqa: PLC0415
+    from tracer.model import model_name  # noqa: PLC0415
     from tracer.offline import cache_root  # noqa: PLC0415
 
     n = model.cfg.n_layers
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", _norm(str(getattr(model.cfg, "model_name", "")) or "model"))
+    name = safe_name(_norm(model_name(model)), "_")
     key = f"{name}-{base_hash(model)}"
     if key in _CHOSEN_LAYERS:
         return _CHOSEN_LAYERS[key]

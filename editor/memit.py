@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import logging
 import os
-from contextlib import ExitStack
 from dataclasses import asdict
 from typing import Sequence
 
@@ -129,9 +128,9 @@ def compute_zs(model, requests: Sequence[EditRequest], hp: MEMITHParams, templat
 def _resid_with(model, requests, layers: Sequence[int], delta: Tensor) -> Tensor:
     """Residual after the last of `layers` at the last subject token with `delta[:, j]`
     added to block `layers[j]`'s raw MLP output; `delta`: `[n, len(layers), d_model]`."""
-    from editor.optimize import _pad  # noqa: PLC0415
+    from editor.optimize import _pad, shifted_mlp_outputs  # noqa: PLC0415
     from tracer.hooks import hook_name  # noqa: PLC0415
-    from tracer.model import mlp_output_delta, run_until  # noqa: PLC0415
+    from tracer.model import run_until  # noqa: PLC0415
     from tracer.prompts import locate_subject  # noqa: PLC0415
 
     device = model_device(model)
@@ -139,13 +138,7 @@ def _resid_with(model, requests, layers: Sequence[int], delta: Tensor) -> Tensor
     tokens = _pad(model, [p.ids for p in ps], device)
     pos = torch.tensor([p.last_subject for p in ps], device=device)
     rows = torch.arange(len(ps), device=device)
-
-    def add(j):
-        return lambda o: o.index_put((rows, pos), delta[:, j].to(o.dtype), accumulate=True)
-
-    with ExitStack() as stack:
-        for j, l in enumerate(layers):
-            stack.enter_context(mlp_output_delta(model, l, add(j)))
+    with shifted_mlp_outputs(model, layers, (rows, pos), delta):
         h = run_until(model, tokens, hook_name("resid", layers[-1]))
     return h[rows, pos].float()
 

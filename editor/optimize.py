@@ -15,9 +15,9 @@ Example:
 from __future__ import annotations
 
 import logging
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -145,6 +145,21 @@ def _build(model, requests, templates, kl_prompts, device) -> _Batch:
     )
 
 
+@contextmanager
+def shifted_mlp_outputs(model, layers: Sequence[int], idx: tuple[Tensor, Tensor], delta: Tensor) -> Iterator[None]:
+    """Add `delta[:, j]` to block `layers[j]`'s raw MLP output at positions `idx = (rows, pos)`.
+
+    `delta`: `[len(rows), len(layers), d_model]`. Hooks are removed on exit.
+    """
+    def shift(j):
+        return lambda out: out.index_put(idx, delta[:, j].to(out.dtype), accumulate=True)
+
+    with ExitStack() as stack:
+        for j, l in enumerate(layers):
+            stack.enter_context(mlp_output_delta(model, l, shift(j)))
+        yield
+
+
 def _logits(model, batch: _Batch, layers: Sequence[int], delta: Tensor, x0: Tensor) -> Tensor:
     """Log-probs at the scored positions with `delta[req, j]` added at each row's subject token
     to the raw MLP output of block `layers[j]`.
@@ -152,15 +167,8 @@ def _logits(model, batch: _Batch, layers: Sequence[int], delta: Tensor, x0: Tens
     `x0`: the residual entering block `layers[0]`; the pass starts there, since the deltas
     change nothing upstream.
     """
-    add = delta[batch.row_req]  # [rows, n_layers, d_model]
     idx = (torch.arange(len(batch.row_req), device=delta.device), batch.row_pos)
-
-    def shift(j):
-        return lambda out: out.index_put(idx, add[:, j].to(out.dtype), accumulate=True)
-
-    with ExitStack() as stack:
-        for j, l in enumerate(layers):
-            stack.enter_context(mlp_output_delta(model, l, shift(j)))
+    with shifted_mlp_outputs(model, layers, idx, delta[batch.row_req]):  # [rows, n_layers, d_model]
         resid = final_resid(model, x0, start_at_layer=layers[0])  # [rows, pos, d_model]
     logits = final_logits(model, resid[batch.lg_rows, batch.lg_cols][:, None])[:, 0]
     return logits.float().log_softmax(-1)  # [m, vocab]

@@ -29,7 +29,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import re
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -37,7 +36,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from tracer.files import atomic_path
+from tracer.files import atomic_path, safe_name
 from tracer.hooks import hook_name
 from tracer.model import model_device, model_name, weights_hash
 from tracer.offline import cache_dir as default_cache_dir, cache_root
@@ -66,7 +65,7 @@ def _corpus_text(corpus: str) -> tuple[str, str, str]:
 
         ds = load_dataset(path, config or None, split=split or "train")
         text = "\n".join(t for t in ds["text"] if t.strip())
-        cid = re.sub(r"[^A-Za-z0-9._-]+", "-", spec)
+        cid = safe_name(spec)
     else:
         p = Path(corpus)
         if not p.is_file():
@@ -75,7 +74,7 @@ def _corpus_text(corpus: str) -> tuple[str, str, str]:
                 "or 'hf:wikitext/wikitext-103-raw-v1:train' when online"
             )
         text = p.read_text(encoding="utf-8")
-        cid = re.sub(r"[^A-Za-z0-9._-]+", "-", p.stem)
+        cid = safe_name(p.stem)
     return text, cid, hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -204,7 +203,7 @@ def compute_stats(
 
 
 def _path(root: Path, name: str, whash: str, layer: int, cid: str, n_tokens: int, dtype: torch.dtype) -> Path:
-    safe = re.sub(r"[^A-Za-z0-9._-]+", "-", name)
+    safe = safe_name(name)
     dt = str(dtype).replace("torch.", "")
     return root / "stats" / safe / whash[:16] / f"layer{layer}_{cid}_{n_tokens}_{dt}.safetensors"
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -51,3 +52,13 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return Path(path)
+
+
+def safe_name(text: str, sep: str = "-") -> str:
+    """`text` as a file-name part: every run of characters other than `A-Za-z0-9._-` becomes `sep`.
+
+    Example:
+        >>> safe_name("google/gemma-3-270m")
+        'google-gemma-3-270m'
+    """
+    return re.sub(r"[^A-Za-z0-9._-]+", sep, text)

@@ -30,14 +30,13 @@ import hashlib
 import json
 import logging
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from tracer.files import atomic_write_text
+from tracer.files import atomic_write_text, safe_name
 from tracer.hooks import EMBED, hook_name
 from tracer.model import model_device, model_name
 from tracer.offline import cache_dir
@@ -217,7 +216,7 @@ class NoiseCache:
         mem_key = (id(model), ref_id)
         if mem_key in self._memory:
             return self._memory[mem_key]
-        name = re.sub(r"[^A-Za-z0-9._-]+", "_", model_name(model))
+        name = safe_name(model_name(model), "_")
         key = f"{name}-{embedding_hash(model)[:16]}-{ref_id.replace(':', '-')}"
         path = self.folder() / f"{key}.json"
         stats = None
