@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from dataclasses import asdict
 from typing import Sequence
 
 import torch
 from torch import Tensor
 
+from editor.checks import check_edit
 from editor.hparams import FTHParams, ft_hparams
 from editor.optimize import _pad
 from editor.requests import EditRequest, as_requests
@@ -66,7 +68,10 @@ def _nll(model, batch, deltas: dict[int, Tensor]) -> Tensor:
     with contextlib.ExitStack() as stack:
         stack.enter_context(model.hooks(fwd_hooks=[(hook_name("key", l), keep(l)) for l in deltas]))
         for l, d in deltas.items():
-            stack.enter_context(mlp_output_delta(model, l, lambda out, l=l, d=d: out + (keys[l] @ d).to(out.dtype)))
+            # Δ is float32 whatever the model's dtype: the product is formed in float32 and
+            # cast where it is added (a bf16 / fp16 key times a float32 Δ would not multiply)
+            add = lambda out, l=l, d=d: out + (keys[l].to(d.dtype) @ d).to(out.dtype)  # noqa: E731
+            stack.enter_context(mlp_output_delta(model, l, add))
         resid = final_resid(model, tokens)
     lp = final_logits(model, resid[rows, cols][:, None])[:, 0].float().log_softmax(-1)
     return -lp[torch.arange(len(tgt), device=tgt.device), tgt].mean()
@@ -84,27 +89,45 @@ def layer_grad_norms(model, requests) -> list[float]:
     return [float(zeros[l].grad.norm()) for l in range(model.cfg.n_layers)]
 
 
-def edit_many(model, requests, hparams: FTHParams | None = None, *, device=None, **_ignored) -> EditResult:
+def edit_many(
+    model,
+    requests,
+    hparams: FTHParams | None = None,
+    *,
+    stats=None,
+    corpus: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    device=None,
+) -> EditResult:
     """Fine-tune `W_out` of one layer under an L∞ constraint on all requests together.
+
+    Takes the same keywords as `rome.edit_many` and `memit.edit_many`, so a caller (the
+    benchmark runner) can pass them uniformly; any other keyword is a `TypeError`.
+
+    The delta is optimised in float32 on a model of any dtype and rounded once, to the
+    weights' dtype, when it is written (`apply_deltas`).
 
     Args:
         model: a TransformerLens model.
         requests: `EditRequest`s.
         hparams: `FTHParams`; default the preset for the model.
+        stats, corpus, cache_dir: accepted and unused (FT-L needs no key statistics or
+            context templates).
         device: where to compute; default (and only) the model's device.
 
     Returns:
         An applied `EditResult` with a dense delta; `diagnostics["grad_norms"]` has the
         per-layer gradient norms of the unedited model.
+
+    Raises:
+        ValueError: bad hparams, layer, device or conflicting requests (`editor.checks`).
     """
+    del stats, corpus, cache_dir  # the shared keyword set; FT-L uses none of them
     requests = as_requests(requests)
     hp = hparams or ft_hparams(model)
     if not isinstance(hp, FTHParams):
         raise ValueError(f"hparams {hp!r} is not an FTHParams")
-    if hp.layer >= model.cfg.n_layers:
-        raise ValueError(f"hparams.layer {hp.layer} is out of range for a {model.cfg.n_layers}-layer model")
-    if device is not None and torch.device(device) != model_device(model):
-        raise ValueError(f"device {device!r} differs from the model's {model_device(model)}; move the model first")
+    check_edit(model, "ft-l", requests, hp, device=device)
     now_hash = weights_hash(model)
     before = probe(model, requests)
     grads = layer_grad_norms(model, requests)

@@ -43,6 +43,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from editor.checks import check_edit
 from editor.hparams import MEMITHParams, memit_hparams
 from editor.optimize import block_values, optimize_values, subject_keys
 from editor.requests import EditRequest, as_requests
@@ -181,7 +182,7 @@ def spread_updates(
             dw = d.matrix()
             with torch.no_grad():
                 w = w_out(model, l)
-                w.add_(dw.to(w.dtype))
+                w.copy_((w.float() + dw).to(w.dtype))  # rounded once, as apply_deltas writes it
             # K A is how much of each row's wanted raw change the regularised solve delivers
             reach = torch.diagonal(K @ A).mean()
             layer_info.append({
@@ -231,17 +232,11 @@ def edit_many(
     hp = hparams or memit_hparams(model)
     if not isinstance(hp, MEMITHParams):
         raise ValueError(f"hparams {hp!r} is not a MEMITHParams")
-    if hp.layers[-1] >= model.cfg.n_layers:
-        raise ValueError(f"hparams.layers {hp.layers} out of range for a {model.cfg.n_layers}-layer model")
-    if device is not None and torch.device(device) != model_device(model):
-        raise ValueError(f"device {device!r} differs from the model's {model_device(model)}; move the model first")
+    check_edit(model, "memit", requests, hp, stats=stats, device=device)
     bh = base_hash(model)
     now_hash = weights_hash(model) if edit_stack(model) else bh
     if stats is None:
         stats = layer_stats(model, list(hp.layers), corpus=corpus, n_tokens=hp.mom2_n_tokens, cache_dir=cache_dir, model_hash=bh)
-    missing = [l for l in hp.layers if l not in stats]
-    if missing:
-        raise ValueError(f"stats has no entry for layers {missing}")
     templates = templates_for(model, hp.context_lengths, cache_dir=cache_dir, model_hash=bh)
     before = probe(model, requests)
     zs, curves, raw_targets = compute_zs(model, requests, hp, templates)  # [n, d_model]

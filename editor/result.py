@@ -36,6 +36,13 @@ log = logging.getLogger(__name__)
 _STACK_ATTR = "_romelens_edit_stack"
 SAVE_FORMAT = "romelens-edit-1"
 
+# Above this ‖ΔW‖ / ‖W_out‖ (Frobenius, per layer) `apply_deltas` logs a warning. Normal edits
+# stay far below it: on Gemma-3-270m ROME ~0.0X, FT-L ~0.0X, MEMIT (3 edits) ~0.0X; the
+# singular statistics of 1,000 tokens gave 161.
+MAX_DELTA_RATIO = 0.5
+# Above this fraction of the delta lost to the weights' precision (bf16 / fp16), a warning.
+MAX_ROUNDING_LOSS = 0.5
+
 
 class EditOrderError(ValueError):
     """An edit was restored while a later edit on the same model is still applied."""
@@ -189,7 +196,22 @@ def apply_deltas(
     hparams: dict | None = None,
     model_hash: str | None = None,
 ) -> EditResult:
-    """Write `deltas` into the model's `W_out`s, keeping clones to restore; push on the edit stack."""
+    """Write `deltas` into the model's `W_out`s, keeping clones to restore; push on the edit stack.
+
+    Every delta is checked before any weight changes: its shape must be `W_out`'s and its
+    entries finite. The delta is formed in float32 and each `W_out` is rounded once, to
+    its own dtype, after the addition (so a bf16 / fp16 model gets the nearest weights to
+    `W + ΔW`).
+
+    `diagnostics` gains, per edited layer, `delta_ratio[layer] = ‖ΔW‖ / ‖W_out‖` (Frobenius,
+    before the edit) and `delta_rounding[layer] = ‖applied − ΔW‖ / ‖ΔW‖`, the part of the
+    delta lost to the weights' precision. A warning is logged for a zero delta (the edit
+    changes nothing), a ratio above `MAX_DELTA_RATIO`, and a rounding loss above
+    `MAX_ROUNDING_LOSS`.
+
+    Raises:
+        ValueError: a delta has the wrong shape or a NaN / inf entry; no weight was changed.
+    """
     res = EditResult(
         method=method,
         requests=tuple(requests),
@@ -200,19 +222,54 @@ def apply_deltas(
         model_hash=model_hash or weights_hash(model),
         hparams=hparams or {},
     )
-    originals = {}
+    what = f"{method} edit of {res._what()}"
+    ratios = {}
     with torch.no_grad():
+        for layer in res.layers:  # check everything before the first write
+            w = w_out(model, layer)
+            delta = _delta_on(deltas[layer], w)
+            if tuple(delta.shape) != tuple(w.shape):
+                raise ValueError(f"{what}: delta shape {tuple(delta.shape)} at layer {layer} is not W_out's {tuple(w.shape)}")
+            bad = int((~torch.isfinite(delta)).sum())
+            if bad:
+                raise ValueError(
+                    f"{what}: the delta at layer {layer} has {bad} non-finite entries (NaN or inf); "
+                    "no weight was changed. Check the key statistics and hparams"
+                )
+            ratios[layer] = float(delta.norm() / w.float().norm().clamp_min(1e-30))
+        originals, rounding = {}, {}
         for layer in res.layers:
             w = w_out(model, layer)
             originals[layer] = w.detach().clone()
-            d = deltas[layer]
-            on = lambda t: None if t is None else t.to(device=w.device, dtype=torch.float32)  # noqa: E731
-            delta = LayerDelta(u=on(d.u), v=on(d.v), dense=on(d.dense)).matrix()  # same device -> same bits
-            w.add_(delta.to(w.dtype))
+            delta = _delta_on(deltas[layer], w)  # same device -> same bits
+            w.copy_((w.float() + delta).to(w.dtype))  # one rounding, to the weights' dtype
+            applied = w.float() - originals[layer].float()
+            rounding[layer] = float((applied - delta).norm() / delta.norm()) if ratios[layer] > 0 else 0.0
     res._originals = originals
     res._model = model
     edit_stack(model).append(res)
+    res.diagnostics["delta_ratio"] = ratios
+    res.diagnostics["delta_rounding"] = rounding
+    for layer in res.layers:
+        if ratios[layer] == 0.0:
+            log.warning("%s: the delta at layer %d is zero; the edit changes nothing", what, layer)
+        elif ratios[layer] > MAX_DELTA_RATIO:
+            log.warning(
+                "%s: |ΔW| / |W_out| = %.3g at layer %d, above %.3g; the edit may damage unrelated behaviour "
+                "(too few statistics tokens? too weak a regulariser?)", what, ratios[layer], layer, MAX_DELTA_RATIO,
+            )
+        if rounding[layer] > MAX_ROUNDING_LOSS:
+            log.warning(
+                "%s: %.0f%% of the delta at layer %d was lost rounding to %s weights; edit a float32 model",
+                what, 100 * min(rounding[layer], 1.0), layer, str(w_out(model, layer).dtype).replace("torch.", ""),
+            )
     return res
+
+
+def _delta_on(d: LayerDelta, w: Tensor) -> Tensor:
+    """The `[d_mlp, d_model]` float32 delta on `w`'s device."""
+    on = lambda t: None if t is None else t.to(device=w.device, dtype=torch.float32)  # noqa: E731
+    return LayerDelta(u=on(d.u), v=on(d.v), dense=on(d.dense)).matrix()
 
 
 def apply_saved(model, path: str | os.PathLike, *, check_hash: bool = True) -> EditResult:

@@ -38,6 +38,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from editor.checks import check_edit
 from editor.context import context_templates
 from editor.hparams import ROMEHParams, rome_hparams
 from editor.optimize import block_values, optimize_values, subject_keys
@@ -152,8 +153,7 @@ def edit_many(
     hp = hparams or rome_hparams(model)
     if not isinstance(hp, ROMEHParams):
         raise ValueError(f"hparams {hp!r} is not a ROMEHParams")
-    if hp.layer >= model.cfg.n_layers:
-        raise ValueError(f"hparams.layer {hp.layer} is out of range for a {model.cfg.n_layers}-layer model")
+    check_edit(model, "rome", requests, hp, stats=stats, device=device)
     if device is not None and torch.device(device) != model_device(model):
         raise ValueError(f"device {device!r} differs from the model's {model_device(model)}; move the model first")
     bh = base_hash(model)

@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from editor.checks import check_layer, check_layers, check_positive_int, check_stats_tokens
 from tracer.files import atomic_path, safe_name
 from tracer.hooks import hook_name
 from tracer.model import model_device, model_name, weights_hash
@@ -116,6 +117,7 @@ def compute_stats(
     batch_size: int = 8,
     early_stop: bool = True,
     progress: bool = True,
+    min_tokens: int | None = None,
 ) -> tuple[dict[int, Tensor], int]:
     """Accumulate `E[k kᵀ]` of the keys at each of `layers` over a corpus, without a cache.
 
@@ -129,15 +131,20 @@ def compute_stats(
         early_stop: end each forward pass after the deepest layer (False runs the full
             model, kept for the speed benchmark).
         progress: show a tqdm bar.
+        min_tokens: fewest tokens accepted, asked for and counted; default `d_mlp`, since
+            `C` from fewer tokens is singular. 0 accepts any count (for inspection only).
 
     Returns:
         `({layer: C [d_mlp, d_mlp] float64}, tokens counted)`.
+
+    Raises:
+        ValueError: a bad layer; `n_tokens` below `min_tokens` (before any forward pass),
+            or a corpus that ends before `min_tokens`; non-finite keys (e.g. an overflowing
+            half-precision model), naming the layer.
     """
-    layers = sorted(set(int(l) for l in layers))
-    if not layers or layers[0] < 0 or layers[-1] >= model.cfg.n_layers:
-        raise ValueError(f"layers {layers} must be in [0, {model.cfg.n_layers})")
-    if n_tokens < 1:
-        raise ValueError(f"n_tokens {n_tokens} must be >= 1")
+    layers = sorted(set(check_layers(layers, "layers", model.cfg.n_layers)))
+    check_positive_int(n_tokens, "n_tokens")
+    min_tokens = _min_tokens(model, n_tokens, min_tokens)
     text, _, _ = _corpus_text(corpus or _default_corpus())
     has_bos = getattr(model.cfg, "default_prepend_bos", True) and model.tokenizer.bos_token_id is not None
     seq_len = min(seq_len, model.cfg.n_ctx - int(has_bos))  # rows must fit the context window
@@ -197,9 +204,33 @@ def compute_stats(
     bar.close()
     if count == 0:
         raise ValueError(f"corpus {corpus!r} gave no tokens")
+    if count < min_tokens:
+        raise ValueError(
+            f"corpus {corpus!r} ended after {count} tokens (asked for {n_tokens}), below min_tokens {min_tokens} "
+            f"(default d_mlp {model.cfg.d_mlp}: key statistics from fewer tokens than d_mlp are singular). "
+            "Use a longer corpus"
+        )
     if count < n_tokens:
         log.info("corpus ended after %d tokens (asked for %d)", count, n_tokens)
+    for l, s in sums.items():
+        if not torch.isfinite(s).all():
+            raise ValueError(
+                f"key statistics at layer {l} are not finite (NaN or inf keys over corpus {corpus!r}); "
+                "a half-precision model may overflow: compute them on a float32 model"
+            )
     return {l: s / count for l, s in sums.items()}, count
+
+
+def _min_tokens(model, n_tokens: int, min_tokens: int | None) -> int:
+    """`min_tokens` resolved (None: d_mlp); refuses `n_tokens` below it before any work."""
+    if min_tokens is None:
+        check_stats_tokens(model, n_tokens, "n_tokens")
+        return int(model.cfg.d_mlp)
+    if isinstance(min_tokens, bool) or not isinstance(min_tokens, int) or min_tokens < 0:
+        raise ValueError(f"min_tokens {min_tokens!r} must be an int >= 0 (None: d_mlp)")
+    if n_tokens < min_tokens:
+        raise ValueError(f"n_tokens {n_tokens} is below min_tokens {min_tokens}")
+    return min_tokens
 
 
 def _path(root: Path, name: str, whash: str, layer: int, cid: str, n_tokens: int, dtype: torch.dtype) -> Path:
@@ -215,8 +246,9 @@ def _atomic_save(tensors: dict[str, Tensor], meta: dict[str, str], path: Path) -
         save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=meta)
 
 
-def _load_checked(path: Path, expect: dict[str, str]) -> Tensor | None:
-    """The cached C if the file reads and its metadata matches `expect`, else None (warned)."""
+def _load_checked(path: Path, expect: dict[str, str], min_tokens: int = 0) -> Tensor | None:
+    """The cached C if the file reads, its metadata matches `expect` and it counted at least
+    `min_tokens` tokens, else None (warned)."""
     if not path.exists():
         return None
     from safetensors import safe_open  # noqa: PLC0415
@@ -227,6 +259,9 @@ def _load_checked(path: Path, expect: dict[str, str]) -> Tensor | None:
             bad = {k: (meta.get(k), v) for k, v in expect.items() if meta.get(k) != v}
             if bad:
                 log.warning("stats cache %s has mismatched metadata %s; recomputing", path, bad)
+                return None
+            if not meta.get("n_tokens", "").isdigit() or int(meta["n_tokens"]) < min_tokens:
+                log.warning("stats cache %s counted %s tokens (< %d); recomputing", path, meta.get("n_tokens"), min_tokens)
                 return None
             C = f.get_tensor("mom2")
     except Exception as err:  # corrupt / truncated file
@@ -251,6 +286,7 @@ def layer_stats(
     seq_len: int = 256,
     batch_size: int = 8,
     progress: bool = True,
+    min_tokens: int | None = None,
 ) -> Tensor | dict[int, Tensor]:
     """`C = E[k kᵀ]` at one layer (a Tensor) or several (a dict), from the cache or computed.
 
@@ -265,16 +301,23 @@ def layer_stats(
         dtype: dtype stored and returned.
         model_hash: weights hash of the model the statistics describe (default: computed).
             Editors pass the hash of the unedited model so that stats survive edits.
-        seq_len, batch_size, progress: see `compute_stats`.
+        seq_len, batch_size, progress, min_tokens: see `compute_stats`. A cached file counted
+            over fewer than `min_tokens` tokens is recomputed (with a warning).
 
     Returns:
         `[d_mlp, d_mlp]` on the model's device, or `{layer: C}` when `layers` is a list.
 
+    Raises:
+        ValueError: see `compute_stats` (checked before the cache is read).
+
     Example:
         >>> C = layer_stats(model, 6, n_tokens=20_000, cache_dir="/tmp/romelens")
     """
-    single = isinstance(layers, int)
-    wanted = [layers] if single else sorted(set(int(l) for l in layers))
+    n = model.cfg.n_layers
+    single = not isinstance(layers, Sequence)
+    wanted = [check_layer(layers, "layers", n)] if single else sorted(set(check_layers(layers, "layers", n)))
+    check_positive_int(n_tokens, "n_tokens")
+    min_tokens = _min_tokens(model, n_tokens, min_tokens)
     corpus = corpus or _default_corpus()
     _, cid, chash = _corpus_text(corpus)
     whash = model_hash or weights_hash(model)
@@ -300,14 +343,15 @@ def layer_stats(
     missing = []
     for l in wanted:
         expect = meta_of(l)
-        C = _load_checked(_path(root, name, whash, l, cid, n_tokens, dtype), expect) if use_cache else None
+        C = _load_checked(_path(root, name, whash, l, cid, n_tokens, dtype), expect, min_tokens) if use_cache else None
         if C is None:
             missing.append(l)
         else:
             out[l] = C.to(device=device, dtype=dtype)
     if missing:
         computed, count = compute_stats(
-            model, missing, corpus=corpus, n_tokens=n_tokens, seq_len=seq_len, batch_size=batch_size, progress=progress
+            model, missing, corpus=corpus, n_tokens=n_tokens, seq_len=seq_len, batch_size=batch_size,
+            progress=progress, min_tokens=min_tokens,
         )
         for l, C in computed.items():
             out[l] = C.to(dtype)
