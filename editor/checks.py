@@ -61,7 +61,7 @@ def check_layers(values: Any, field: str, n_layers: int | None = None) -> tuple[
         raise ValueError(f"{field} {values!r} must be a sequence of int block indices, e.g. (2, 3, 4)")
     if len(values) == 0:
         raise ValueError(f"{field} {values!r} is empty; expected at least one block index")
-    return tuple(check_layer(v, f"{field} {tuple(values)!r} entry", n_layers) for v in values)
+    return tuple(check_layer(v, f"{field} {values!r} entry", n_layers) for v in values)
 
 
 def check_positive_int(value: Any, field: str) -> int:

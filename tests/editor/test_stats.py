@@ -39,8 +39,8 @@ def test_stats_match_direct_computation(tiny_model, corpus):
 
 
 def test_several_layers_one_pass_and_early_stop_equal(tiny_model, corpus):
-    a, _ = compute_stats(tiny_model, [0, 2], corpus=corpus, n_tokens=100, progress=False)
-    b, _ = compute_stats(tiny_model, [0, 2], corpus=corpus, n_tokens=100, early_stop=False, progress=False)
+    a, _ = compute_stats(tiny_model, [0, 2], corpus=corpus, n_tokens=200, progress=False)
+    b, _ = compute_stats(tiny_model, [0, 2], corpus=corpus, n_tokens=200, early_stop=False, progress=False)
     for l in (0, 2):
         assert torch.allclose(a[l], b[l])
     assert not torch.allclose(a[0], a[2])
@@ -65,11 +65,11 @@ def test_cache_round_trip_and_corruption(tiny_model, corpus, tmp_path, caplog):
 
 def test_default_cache_dir_caches_and_none_disables(tiny_model, corpus, tmp_path, monkeypatch):
     monkeypatch.setenv("ROMELENS_CACHE", str(tmp_path / "default"))
-    layer_stats(tiny_model, 1, corpus=corpus, n_tokens=120, progress=False)  # cache_dir=None: the default root
-    path = stats_path(tiny_model, 1, corpus=corpus, n_tokens=120)
+    layer_stats(tiny_model, 1, corpus=corpus, n_tokens=200, progress=False)  # cache_dir=None: the default root
+    path = stats_path(tiny_model, 1, corpus=corpus, n_tokens=200)
     assert path.exists() and str(path).startswith(str(tmp_path / "default"))
-    layer_stats(tiny_model, 2, corpus=corpus, n_tokens=120, cache_dir="none", progress=False)
-    assert not stats_path(tiny_model, 2, corpus=corpus, n_tokens=120).exists()
+    layer_stats(tiny_model, 2, corpus=corpus, n_tokens=200, cache_dir="none", progress=False)
+    assert not stats_path(tiny_model, 2, corpus=corpus, n_tokens=200).exists()
 
 
 def test_cache_metadata_mismatch_is_recomputed(tiny_model, corpus, tmp_path, caplog):
