@@ -225,6 +225,12 @@ def edit_many(
     Returns:
         An applied `EditResult` with low-rank factors per layer.
 
+    Raises:
+        ValueError: before anything runs (`editor.checks.check_edit`): a layer out of range,
+            requests that ask for different targets after the same prompt, stats that are
+            missing a layer, misshapen or not finite, `mom2_n_tokens` below `d_mlp`, or a top
+            layer at the last block (residual spread) for a prompt the subject does not end.
+
     Example:
         >>> e = memit.edit_many(model, [EditRequest.from_counterfact(r) for r in records[:100]])
     """
