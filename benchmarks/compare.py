@@ -2,6 +2,7 @@
 
 CLI:
     python -m benchmarks.compare results/cf-none results/cf-rome [--html compare.html] [--common]
+        [--plotly-js shared/plotly.min.js]
 
 `--common` recomputes every run's columns from its `records.jsonl` over only the records
 that all the runs finished (paired comparison when runs stopped at different points).
@@ -20,7 +21,7 @@ from typing import Sequence
 from pathlib import Path
 
 from benchmarks.runner import RECORDS, comparison_figure, load_summaries, markdown_table, read_rows
-from tracer.files import atomic_write_text
+from tracer.result import save_figure
 
 
 def _summarizer(benchmark: str):
@@ -61,11 +62,17 @@ def _columns(summaries: Sequence[dict]) -> list[str]:
 
 
 def compare(
-    run_dirs: Sequence[str | os.PathLike], html: str | os.PathLike | None = None, *, common: bool = False
+    run_dirs: Sequence[str | os.PathLike],
+    html: str | os.PathLike | None = None,
+    *,
+    common: bool = False,
+    plotly_js: str | os.PathLike | None = None,
 ) -> str:
     """A markdown table with one row per run (union of their columns); writes a figure to `html` if given.
 
-    With `common`, columns are recomputed over the records every run finished.
+    With `common`, columns are recomputed over the records every run finished. The figure
+    loads plotly.js offline from `plotly.min.js` beside `html` (written once per folder), or
+    from the shared file `plotly_js` (by its relative path) when given.
     """
     if not run_dirs:
         raise ValueError("run_dirs is empty; expected at least one run directory")
@@ -77,7 +84,7 @@ def compare(
         summaries = restrict_to_common(run_dirs, summaries)
     cols = _columns(summaries)
     if html is not None:
-        atomic_write_text(html, comparison_figure(summaries, cols).to_html(include_plotlyjs="cdn"))
+        save_figure(comparison_figure(summaries, cols), html, plotly_js=plotly_js)
     return markdown_table(summaries, cols)
 
 
@@ -86,8 +93,10 @@ def main(argv=None) -> None:
     parser.add_argument("runs", nargs="+", help="run directories holding summary.json")
     parser.add_argument("--html", default=None, help="also write a plotly comparison figure here")
     parser.add_argument("--common", action="store_true", help="recompute over the records every run finished")
+    parser.add_argument("--plotly-js", default=None, metavar="PATH",
+                        help="with --html: load this shared plotly.min.js (written if missing) instead of one beside it")
     args = parser.parse_args(argv)
-    print(compare(args.runs, html=args.html, common=args.common), end="")
+    print(compare(args.runs, html=args.html, common=args.common, plotly_js=args.plotly_js), end="")
 
 
 if __name__ == "__main__":

@@ -221,13 +221,18 @@ def parse_zsre_record(raw: Any, index: int = 0) -> ZsreRecord:
     rephrase = _need(raw, "rephrase", where, str)
     loc = _need(raw, "loc", where, str)
     loc_ans = _need(raw, "loc_ans", where, str)
-    pred = raw.get("pred") if isinstance(raw.get("pred"), str) and raw.get("pred").strip() else answers[0]
+    from editor.requests import EditRequest, EditRequestError  # noqa: PLC0415  (the one zsRE conversion)
+
+    try:
+        req = EditRequest.from_zsre(raw)  # ROME's convention: target_new = answers[0]
+    except EditRequestError as err:
+        raise ValueError(f"{where}: {err}") from None
     return ZsreRecord(
         case_id=index,
-        prompt=src.replace(subject, "{}", 1),
-        subject=subject,
-        target_new=answers[0],
-        target_true=pred,
+        prompt=req.prompt,
+        subject=req.subject,
+        target_new=req.target_new,
+        target_true=req.target_true or req.target_new,
         rephrase=rephrase,
         loc=loc,
         loc_ans=loc_ans,

@@ -37,6 +37,7 @@ from typing import Any, Callable, Sequence
 from tqdm.auto import tqdm
 
 from tracer.files import atomic_write_text
+from tracer.result import save_figure
 
 log = logging.getLogger(__name__)
 
@@ -411,7 +412,11 @@ def write_summary(
     ppl_before: float | None = None,
     notes: Sequence[str] = (),
 ) -> dict:
-    """Write `summary.json`, `summary.md` and `figure.html` (this run and its sibling runs) atomically."""
+    """Write `summary.json`, `summary.md` and `figure.html` (this run and its sibling runs) atomically.
+
+    `figure.html` loads plotly.js from `plotly.min.js` in `out_dir` (written once, see
+    `tracer.result.save_figure`), so it opens offline.
+    """
     out_dir = Path(out_dir)
     ok = [r for r in rows if "error" not in r]
     afters = [r["ppl_after"] for r in ok if "ppl_after" in r]
@@ -445,8 +450,7 @@ def write_summary(
             if s.get("benchmark") == meta.get("benchmark") and s.get("model") == meta.get("model"):
                 siblings.append(s)
     try:
-        html = comparison_figure(siblings or [summary], column_order).to_html(include_plotlyjs="cdn")
-        atomic_write_text(out_dir / "figure.html", html)
+        save_figure(comparison_figure(siblings or [summary], column_order), out_dir / "figure.html")
     except ImportError:  # pragma: no cover - plotly is a dependency
         log.warning("plotly not installed; no figure written")
     return summary

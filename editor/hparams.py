@@ -29,6 +29,16 @@ from editor.checks import check_layer, check_layers, check_positive_int
 log = logging.getLogger(__name__)
 
 
+ROME_KEYS = ("r-rome", "original", "mean-key-shift")
+KL_POSITIONS = ("last", "subject")
+EARLY_STOP_ON = ("nll", "loss")
+
+
+def _one_of(field: str, value, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{field} {value!r} must be one of {allowed}")
+
+
 @dataclass(frozen=True, kw_only=True)
 class ROMEHParams:
     """ROME (Meng et al. 2022, Sec. 3 and App. E).
@@ -51,8 +61,24 @@ class ROMEHParams:
             ends early): `C` would be singular (on Gemma-3-270m 1,000 tokens gave
             `‖ΔW‖ = 161 ‖W_out‖` and broke unrelated facts). Not regularised, refused.
         mom2_adjustment: use `C⁻¹ k*` as the update direction (False: `k*` itself).
-        key: key in the update's denominator: "r-rome" (the averaged `k*`, Gupta et al.
-            2024) or "original" (the bare prompt's key, as kmeng01/rome did).
+        key: which key the rank-one update is solved for, and the value it maps to
+            (`editor.rome.right_vector`; `δ` is the optimised change of the raw MLP output
+            at the bare prompt, `k₀` the bare prompt's key, `k*` the key averaged over the
+            context templates):
+            - "original": kmeng01/rome's code: `v = δ / (k₀·u)`, so `k₀ ↦ W k₀ + δ`
+              (the direction `u` comes from `k*`, the solve from `k₀`);
+            - "r-rome": Gupta et al. 2024 ("Rebuilding ROME"), as their code and EasyEdit
+              implement it: `v = (W k₀ + δ - W k*) / (k*·u)`, so `k* ↦ W k₀ + δ`, the
+              optimised value `v*` (ROME Eq. 2 with `k*` throughout);
+            - "mean-key-shift": romelens's earlier default: `v = δ / (k*·u)`, so
+              `k* ↦ W k* + δ` (the averaged key keeps its own value, shifted by `δ`).
+        kl_position: where the essence-drift KL (ROME Eq. 4) is read on the `kl_prompts`:
+            "last" (the prompt's last token, predicting what follows "{subject} is a", as the
+            paper's equation writes it) or "subject" (the subject's last token, where the
+            delta is added, as kmeng01/rome's code reads it).
+        early_stop_on: what `early_stop_nll` is compared with: "nll" (the mean NLL of the
+            new target) or "loss" (the total loss, NLL + KL + weight decay, as kmeng01/rome
+            stops at 5e-2).
     """
 
     layer: int
@@ -66,11 +92,14 @@ class ROMEHParams:
     context_lengths: tuple[tuple[int, int], ...] = ((5, 10), (10, 10))
     mom2_n_tokens: int = 100_000
     mom2_adjustment: bool = True
-    key: Literal["r-rome", "original"] = "r-rome"
+    key: Literal["r-rome", "original", "mean-key-shift"] = "r-rome"
+    kl_position: Literal["last", "subject"] = "last"
+    early_stop_on: Literal["nll", "loss"] = "nll"
 
     def __post_init__(self):
-        if self.key not in ("r-rome", "original"):
-            raise ValueError(f"key {self.key!r} must be 'r-rome' or 'original'")
+        _one_of("key", self.key, ROME_KEYS)
+        _one_of("kl_position", self.kl_position, KL_POSITIONS)
+        _one_of("early_stop_on", self.early_stop_on, EARLY_STOP_ON)
         check_layer(self.layer, "layer")
         check_positive_int(self.mom2_n_tokens, "mom2_n_tokens")
 

@@ -101,7 +101,7 @@ class _Batch:
     kl_req: Tensor  # [n_kl_rows]
 
 
-def _build(model, requests, templates, kl_prompts, device) -> _Batch:
+def _build(model, requests, templates, kl_prompts, device, kl_position: str = "last") -> _Batch:
     seqs, row_req, row_pos = [], [], []
     lg_rows, lg_cols, tgt, nll_row = [], [], [], []
     for i, r in enumerate(requests):
@@ -129,7 +129,7 @@ def _build(model, requests, templates, kl_prompts, device) -> _Batch:
             kl_rows.append(row)
             kl_req.append(i)
             lg_rows.append(row)
-            lg_cols.append(len(p.ids) - 1)
+            lg_cols.append(p.last_subject if kl_position == "subject" else len(p.ids) - 1)
     t = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
     return _Batch(
         tokens=_pad(model, seqs, device),
@@ -188,12 +188,17 @@ def optimize_values(
     clamp_norm_factor: float,
     kl_factor: float,
     early_stop_nll: float,
+    kl_position: str = "last",
+    early_stop_on: str = "nll",
 ) -> tuple[Tensor, list[list[float]]]:
     """Optimise `δ [n, d_model]` on the raw MLP output of `layer` at the last subject token.
 
-    Loss per request: mean over templates of the per-token NLL of `target_new`, plus
-    `kl_factor · KL(new ‖ unedited)` on the `kl_prompts`, plus
-    `weight_decay · ‖δ‖ / ‖ref‖²`; after each step `‖δ‖ ≤ clamp_norm_factor · ‖ref‖`.
+    Loss per request (ROME Eq. 4; MEMIT Eq. 16): mean over templates of the per-token NLL
+    of `target_new`, plus `kl_factor · KL(new ‖ unedited)` on the `kl_prompts` (read at
+    their last token with `kl_position="last"`, at the subject's last token with
+    `"subject"`), plus `weight_decay · ‖δ‖ / ‖ref‖²`; after each step
+    `‖δ‖ ≤ clamp_norm_factor · ‖ref‖`. A request stops (its delta is frozen) once its NLL
+    (`early_stop_on="nll"`) or its total loss (`"loss"`) is below `early_stop_nll`.
 
     With a sequence of layers, one delta per layer is optimised jointly (`δ [n, n_layers,
     d_model]`, each added to its block's raw MLP output); the weight decay is summed over
@@ -208,7 +213,11 @@ def optimize_values(
     """
     device = model_device(model)
     n = len(requests)
-    batch = _build(model, requests, templates, kl_prompts, device)
+    if kl_position not in ("last", "subject"):
+        raise ValueError(f"kl_position {kl_position!r} must be 'last' or 'subject'")
+    if early_stop_on not in ("nll", "loss"):
+        raise ValueError(f"early_stop_on {early_stop_on!r} must be 'nll' or 'loss'")
+    batch = _build(model, requests, templates, kl_prompts, device, kl_position)
     n_t = len(templates)
     n_kl = len(kl_prompts)
     m_nll = len(batch.tgt)
@@ -240,7 +249,7 @@ def optimize_values(
             loss = loss + kl_factor * req_kl
         loss = loss + weight_decay * (delta.norm(dim=-1) / ref_norm**2).sum(-1)
         curve.append([round(float(x), 5) for x in req_nll.detach().cpu()])
-        done = done | (req_nll.detach() < early_stop_nll)
+        done = done | ((req_nll if early_stop_on == "nll" else loss).detach() < early_stop_nll)
         log.debug("step %d nll %s", step, curve[-1])
         if bool(done.all()) or step == steps - 1:
             break

@@ -86,24 +86,36 @@ class EditRequest:
             ) from None
 
     @classmethod
-    def from_zsre(cls, record: Mapping[str, Any]) -> "EditRequest":
-        """Build a request from a zsRE record, in ROME's format.
+    def from_zsre(cls, record: Mapping[str, Any], *, target: str = "answers") -> "EditRequest":
+        """Build a request from a zsRE record (ROME/MEND format).
 
-        The prompt is `src` with the subject replaced by `{}`; `target_new` is `alt`,
-        `target_true` is `answers[0]`.
+        The prompt is `src` with the subject replaced by `{}`. Two conventions exist for the
+        new target, and this is the one place that converts (the zsRE benchmark uses it):
+
+        - `target="answers"` (default, ROME's `MENDQADataset` and its zsRE table, which our
+          benchmark reproduces): `target_new = answers[0]`, `target_true = pred` (the
+          prediction recorded with the data; None when missing or equal);
+        - `target="alt"` (MEND's convention, the edit towards an alternative answer):
+          `target_new = alt`, `target_true = answers[0]` (None when equal).
+
+        Raises:
+            EditRequestError: for a record without the fields, a subject missing from
+                `src`, or an unknown `target`.
         """
+        if target not in ("answers", "alt"):
+            raise EditRequestError(f"target {target!r} must be 'answers' (ROME) or 'alt' (MEND)")
         try:
             src, subject = record["src"], record["subject"]
-            alt = record["alt"]
-            answers = record.get("answers") or [None]
-        except (KeyError, TypeError) as err:
+            answers = record["answers"]
+            new = answers[0] if target == "answers" else record["alt"]
+        except (KeyError, TypeError, IndexError) as err:
             raise EditRequestError(f"record {str(record)[:80]!r} is not a zsRE record (missing {err})") from None
-        if subject not in src:
+        if not isinstance(src, str) or not isinstance(subject, str) or subject not in src:
             raise EditRequestError(f"subject {subject!r} not found in zsRE src {src!r}")
-        true = answers[0]
-        if true is not None and true.strip() == alt.strip():
+        true = record.get("pred") if target == "answers" else answers[0]
+        if not isinstance(true, str) or not true.strip() or not isinstance(new, str) or true.strip() == new.strip():
             true = None
-        return cls(prompt=src.replace(subject, "{}", 1), subject=subject, target_new=alt, target_true=true)
+        return cls(prompt=src.replace(subject, "{}", 1), subject=subject, target_new=new, target_true=true)
 
 
 def as_requests(requests) -> list[EditRequest]:

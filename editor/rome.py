@@ -12,11 +12,13 @@ in our `[d_mlp, d_model]` orientation (`out = k @ W_out`), which is the paper's
 - `C = E[k kᵀ]` over text (`editor.stats`);
 - `δ` is the change of the raw MLP output at that token found by gradient descent
   (`editor.optimize.optimize_values`), so `v* = W k + δ`;
-- `k` in the denominator is `k*` (`key="r-rome"`, default) or the bare prompt's key
-  (`key="original"`). With "r-rome" the edited layer maps exactly `k*` to `W k* + δ`:
-  the key the direction `u` was built from is the key the value was solved for, which
-  Gupta et al. (2024, "Rebuilding ROME") show removes the norm blow-up and model
-  collapse seen in sequential edits with the original mix of keys.
+- `v` depends on which key the update is solved for (`ROMEHParams.key`, see
+  `right_vector`): "original" (kmeng01/rome) maps the bare prompt's key `k₀` to
+  `W k₀ + δ`; "r-rome" (Gupta et al. 2024, "Rebuilding ROME", as their code and EasyEdit
+  implement it) maps the averaged `k*` to the optimised value `v* = W k₀ + δ`, so the key
+  the direction `u` was built from is the key the value is solved for, which they show
+  removes the norm blow-up and collapse of sequential edits; "mean-key-shift" maps `k*`
+  to `W k* + δ`.
 
 The model is unchanged while deltas are computed (sequential edits in `edit_many` are
 applied temporarily and undone in a `finally`), then the deltas are applied together.
@@ -79,28 +81,81 @@ def base_hash(model) -> str:
     return stack[0].model_hash if stack else weights_hash(model)
 
 
-def compute_delta(
+def right_vector(
+    key: str, *, delta: Tensor, u: Tensor, k_star: Tensor, k_bare: Tensor, w: Tensor
+) -> Tensor:
+    """The right factor `v [d_model]` of `W_out += outer(u, v)` for one request.
+
+    ROME Eq. 2 solved as a rank-one update (App. A), in our `[d_mlp, d_model]` orientation
+    (`out = k @ W_out`), for the key choice `ROMEHParams.key`:
+
+    - "original" (kmeng01/rome): `v = δ / (k₀·u)`: `k₀ ↦ k₀ W + δ`;
+    - "r-rome" (Gupta et al. 2024, their code and EasyEdit): `v = (δ + (k₀ - k*) W) / (k*·u)`:
+      `k* ↦ k₀ W + δ = v*`, the optimised value;
+    - "mean-key-shift": `v = δ / (k*·u)`: `k* ↦ k* W + δ`.
+
+    Args:
+        key: one of `editor.hparams.ROME_KEYS`.
+        delta: `[d_model]` optimised change of the raw MLP output at the bare prompt.
+        u: `[d_mlp]` the unit left factor `C⁻¹k* / ‖C⁻¹k*‖`.
+        k_star: `[d_mlp]` key averaged over the context templates.
+        k_bare: `[d_mlp]` key of the bare prompt.
+        w: `[d_mlp, d_model]` the unedited `W_out` (only read by "r-rome").
+
+    Raises:
+        ValueError: for an unknown `key`.
+    """
+    if key == "original":
+        return delta / (k_bare @ u)
+    if key == "mean-key-shift":
+        return delta / (k_star @ u)
+    if key == "r-rome":
+        return (delta + (k_bare - k_star) @ w.float()) / (k_star @ u)
+    raise ValueError(f"key {key!r} must be one of ('r-rome', 'original', 'mean-key-shift')")
+
+
+def compute_factors(
     model,
-    request: EditRequest,
+    requests: Sequence[EditRequest],
     hp: ROMEHParams,
     *,
     C: Tensor,
     templates: Sequence[str],
-) -> tuple[Tensor, Tensor, dict]:
-    """The rank-one factors `(u [d_mlp], v [d_model])` for one request; the model is not changed."""
+    keys: Sequence[str] | None = None,
+) -> list[dict]:
+    """Rank-one factors for each request, each computed alone on the model as it is now.
+
+    The requests are independent (no request sees another's edit); their value deltas are
+    optimised together in one batch (`optimize_values`: per-request losses, per-element
+    Adam and per-request early stopping, so a batch gives each request what it would get
+    alone, up to float rounding). The model is not changed.
+
+    Args:
+        model: a TransformerLens model.
+        requests: the edit requests.
+        hp: `ROMEHParams`.
+        C: `[d_mlp, d_mlp]` key second moment at `hp.layer`.
+        templates: context templates, the bare `"{}"` first.
+        keys: key choices to build `v` for (default `(hp.key,)`); all share `u` and `δ`.
+
+    Returns:
+        One dict per request: `u [d_mlp]`, `v {key: [d_model]}` and `info` (NLL curve,
+        `‖δ‖`, the original value's norm, `k·u`).
+    """
     layer = hp.layer
-    keys = subject_keys(model, [request], templates, layer)[0]  # [templates, d_mlp]
-    k_star = keys.mean(0)  # averaged key k*
-    k_bare = keys[0]  # templates[0] is the bare "{}"
+    keys = tuple(keys or (hp.key,))
+    K = subject_keys(model, requests, templates, layer)  # [n, templates, d_mlp]
+    k_star = K.mean(1)  # averaged key k*, [n, d_mlp]
+    k_bare = K[:, 0]  # templates[0] is the bare "{}"
     if hp.mom2_adjustment:
-        u = torch.linalg.solve(C.double(), k_star.double()).float()  # C⁻¹ k*
+        U = torch.linalg.solve(C.double(), k_star.double().T).T.float()  # C⁻¹ k*, [n, d_mlp]
     else:
-        u = k_star.clone()
-    u = u / u.norm()
-    ref = block_values(model, [request], layer, "raw")  # original value at the bare prompt
+        U = k_star.clone()
+    U = U / U.norm(dim=-1, keepdim=True)
+    ref = block_values(model, requests, layer, "raw")  # original value at the bare prompt, [n, d_model]
     delta, curve = optimize_values(
         model,
-        [request],
+        requests,
         layer=layer,
         templates=templates,
         kl_prompts=hp.kl_prompts,
@@ -111,16 +166,38 @@ def compute_delta(
         clamp_norm_factor=hp.clamp_norm_factor,
         kl_factor=hp.kl_factor,
         early_stop_nll=hp.early_stop_nll,
+        kl_position=hp.kl_position,
+        early_stop_on=hp.early_stop_on,
     )
-    k_den = k_star if hp.key == "r-rome" else k_bare
-    v = delta[0] / (k_den @ u)  # W_out += outer(u, v) maps k_den to W k_den + δ
-    info = {
-        "nll_curve": [c[0] for c in curve],
-        "delta_norm": float(delta[0].norm()),
-        "value_norm": float(ref[0].norm()),
-        "key_dot": float(k_den @ u),
-    }
-    return u, v, info
+    w = w_out(model, layer).detach()
+    out = []
+    for i in range(len(requests)):
+        vecs = dict(delta=delta[i], u=U[i], k_star=k_star[i], k_bare=k_bare[i], w=w)
+        out.append({
+            "u": U[i],
+            "v": {k: right_vector(k, **vecs) for k in keys},
+            "info": {
+                "nll_curve": [c[i] for c in curve],
+                "delta_norm": float(delta[i].norm()),
+                "value_norm": float(ref[i].norm()),
+                "key_dot": {k: float((k_bare[i] if k == "original" else k_star[i]) @ U[i]) for k in keys},
+            },
+        })
+    return out
+
+
+def compute_delta(
+    model,
+    request: EditRequest,
+    hp: ROMEHParams,
+    *,
+    C: Tensor,
+    templates: Sequence[str],
+) -> tuple[Tensor, Tensor, dict]:
+    """The rank-one factors `(u [d_mlp], v [d_model])` for one request; the model is not changed."""
+    f = compute_factors(model, [request], hp, C=C, templates=templates)[0]
+    info = {**f["info"], "key_dot": f["info"]["key_dot"][hp.key]}
+    return f["u"], f["v"][hp.key], info
 
 
 def edit_many(

@@ -313,7 +313,11 @@ class DatasetTraceResult:
         return fig
 
     def save(self, folder: str | os.PathLike) -> Path:
-        """Write `summary.json`, `heatmaps.html` and `lines.html` into `folder`."""
+        """Write `summary.json`, `heatmaps.html` and `lines.html` into `folder`.
+
+        The two figures share one `folder/plotly.min.js` (written once, see
+        `tracer.result.save_figure`), so they open offline.
+        """
         folder = Path(folder)
         atomic_write_text(folder / "summary.json", json.dumps(self.summary(), indent=1))
         if self.n_facts:

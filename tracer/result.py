@@ -1,4 +1,8 @@
-"""Trace results: `TraceResult` (one prompt, one kind) and its plotly heatmaps.
+"""Trace results: `TraceResult` (one prompt, one kind) and its plotly heatmaps; figure files.
+
+`save_figure` is the one writer of figure files in romelens: HTML pages load plotly.js from a
+`plotly.min.js` beside them (written once per folder), so they open offline; PNG/SVG/PDF go
+through kaleido and an installed Chrome or Chromium.
 
 Example:
     >>> from tracer.trace import trace_all
@@ -12,6 +16,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -129,7 +134,7 @@ class TraceResult:
         """A plotly Figure like the paper's Figure 1: tokens down, layers across, low..high colours.
 
         Example:
-            >>> res.plot().write_html("trace.html")
+            >>> save_figure(res.plot(), "trace.html")
         """
         import plotly.graph_objects as go  # noqa: PLC0415
 
@@ -183,7 +188,14 @@ class TraceResult:
         return cls(**d)
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Save the plot (.html, .png/.svg/.pdf with kaleido) or the data (.json)."""
+        """Save the plot or the data (.json); see `save_figure` for the figure formats.
+
+        `.html` loads plotly.js from `plotly.min.js` beside it (written once per folder), so
+        it opens offline; `.png`/`.svg`/`.pdf` need kaleido and a Chrome/Chromium browser.
+
+        Example:
+            >>> res.save("out/mlp.html"); res.save("out/mlp.json")
+        """
         if str(path).endswith(".json"):
             return atomic_write_text(path, json.dumps(self.to_dict()))
         return save_figure(self.plot(), path)
@@ -193,7 +205,7 @@ def plot_traces(results: Sequence[TraceResult], *, title: str | None = None):
     """The traces side by side (e.g. resid, mlp, attn of one prompt), each with its colour bar.
 
     Example:
-        >>> plot_traces([res_resid, res_mlp, res_attn]).write_html("all.html")
+        >>> save_figure(plot_traces([res_resid, res_mlp, res_attn]), "all.html")
     """
     from plotly.subplots import make_subplots  # noqa: PLC0415
 
@@ -218,27 +230,129 @@ def plot_traces(results: Sequence[TraceResult], *, title: str | None = None):
     return fig
 
 
-def save_figure(fig, path: str | os.PathLike) -> Path:
-    """Write a plotly figure: `.html` always works; `.png`/`.svg`/`.pdf` need `kaleido`.
+#: The plotly.js file name an HTML figure loads from its own folder (plotly's "directory" mode).
+PLOTLY_JS = "plotly.min.js"
+
+#: Browser executables kaleido can drive, looked up on PATH (after `$BROWSER_PATH`).
+BROWSER_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
+
+
+def find_browser() -> str | None:
+    """The Chrome/Chromium binary kaleido will use: `$BROWSER_PATH`, else the first of `BROWSER_NAMES` on PATH."""
+    env = os.environ.get("BROWSER_PATH")
+    if env:
+        return env if os.access(env, os.X_OK) else None
+    return next((p for p in map(shutil.which, BROWSER_NAMES) if p), None)
+
+
+def write_plotly_js(path: str | os.PathLike) -> Path:
+    """Put plotly.py's bundled `plotly.min.js` at `path` unless the same file is already there.
+
+    The file is written atomically, so concurrent writers never leave a half-written script;
+    it is rewritten when missing or when its size differs from the bundle (another plotly
+    version wrote it). Returns the path.
+    """
+    from plotly.offline import get_plotlyjs  # noqa: PLC0415
+
+    path = Path(path)
+    js = get_plotlyjs().encode("utf-8")
+    try:
+        if path.stat().st_size == len(js):
+            return path
+    except FileNotFoundError:
+        pass
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(js)
+    return path
+
+
+def figure_html(fig, folder: str | os.PathLike, *, plotly_js: str | os.PathLike | None = None) -> str:
+    """A full HTML page for `fig`, to be saved in `folder`, that loads plotly.js from a local file.
+
+    Every HTML figure romelens writes goes through here, so it opens offline (no CDN): by
+    default with plotly's `include_plotlyjs="directory"`, a `<script src="plotly.min.js">`
+    that one shared `folder/plotly.min.js` serves for every figure in the folder. The script
+    file is written (atomically) if it is missing.
+
+    Args:
+        fig: a plotly Figure.
+        folder: the folder the HTML file will be written to.
+        plotly_js: a shared `plotly.min.js` elsewhere (the committed figures under `docs/`
+            all load `docs/plotly.min.js`); the page loads it by its path relative to
+            `folder`, so the two must keep their relative places. None: `folder/plotly.min.js`.
+
+    Returns:
+        The HTML text.
 
     Raises:
-        RuntimeError: a static image was asked for and kaleido is missing or cannot render.
+        ValueError: `plotly_js` does not name a `.js` file.
+
+    Example:
+        >>> atomic_write_text("out/fig.html", figure_html(fig, "out"))  # also writes out/plotly.min.js
+    """
+    folder = Path(folder)
+    if plotly_js is None:
+        write_plotly_js(folder / PLOTLY_JS)
+        include: str = "directory"
+    else:
+        if not str(plotly_js).endswith(".js"):
+            raise ValueError(f"plotly_js {str(plotly_js)!r} must name a .js file")
+        write_plotly_js(plotly_js)
+        include = Path(os.path.relpath(Path(plotly_js).resolve(), folder.resolve())).as_posix()
+    return fig.to_html(include_plotlyjs=include, full_html=True)
+
+
+def save_figure(fig, path: str | os.PathLike, *, plotly_js: str | os.PathLike | None = None) -> Path:
+    """Write a plotly figure: `.html` always works offline; `.png`/`.svg`/`.pdf` need kaleido and a browser.
+
+    An HTML figure loads plotly.js from `plotly.min.js` beside it, written once per folder
+    (see `figure_html`; `plotly_js` points it at a shared copy instead). A static image is
+    rendered by kaleido 1.x, which drives a Chrome or Chromium binary: `$BROWSER_PATH`, or
+    one on PATH (`apt-get install chromium`); nothing is downloaded.
+
+    Args:
+        fig: a plotly Figure.
+        path: the file to write; its suffix picks the format (none means `.html`).
+        plotly_js: for HTML, a shared `plotly.min.js` to load instead of one beside `path`.
+
+    Returns:
+        The path written.
+
+    Raises:
+        ValueError: `path` has an unsupported suffix.
+        RuntimeError: a static image was asked for and kaleido or a browser is missing, or
+            kaleido could not render; the message says what to install.
+
+    Example:
+        >>> save_figure(res.plot(), "out/trace.html")  # writes out/trace.html and out/plotly.min.js
+        >>> save_figure(res.plot(), "out/trace.png")   # needs romelens[png] and chromium
     """
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix in ("", ".html", ".htm"):
         path = path.with_suffix(".html") if not suffix else path
-        return atomic_write_text(path, fig.to_html(include_plotlyjs="cdn", full_html=True))
+        return atomic_write_text(path, figure_html(fig, path.parent, plotly_js=plotly_js))
     if suffix not in (".png", ".svg", ".pdf", ".jpg", ".jpeg", ".webp"):
         raise ValueError(f"path {str(path)!r} has suffix {suffix!r}; expected .html, .png, .svg or .pdf")
+    install = (
+        "static images need kaleido (the romelens[png] extra, or pip install kaleido) and a Chrome or "
+        "Chromium browser (apt-get install chromium, or any Chrome; set BROWSER_PATH to its binary "
+        "if it is not on PATH)"
+    )
     if importlib.util.find_spec("kaleido") is None:
         raise RuntimeError(
-            f"saving {str(path)!r} needs kaleido for static images (pip install kaleido); "
-            "save as .html instead, which needs nothing extra"
+            f"saving {str(path)!r}: kaleido is not installed; {install}. "
+            "Or save as .html, which needs nothing extra and opens offline"
         )
     with atomic_path(path) as tmp:
         try:
             fig.write_image(str(tmp), format=suffix[1:])
         except Exception as e:  # kaleido 1.x needs a Chrome binary
-            raise RuntimeError(f"kaleido could not render {str(path)!r}: {e}") from e
+            if find_browser() is not None:
+                why = f"{type(e).__name__}: {e}"
+            elif os.environ.get("BROWSER_PATH"):
+                why = f"no Chrome or Chromium browser was found: BROWSER_PATH={os.environ['BROWSER_PATH']!r} is not executable"
+            else:
+                why = f"no Chrome or Chromium browser was found: none of {', '.join(BROWSER_NAMES)} is on PATH"
+            raise RuntimeError(f"kaleido could not render {str(path)!r} ({why}); {install}") from e
     return path

@@ -3,7 +3,7 @@
 import json
 
 import pytest
-import torch
+from pathlib import Path
 
 from benchmarks import runner
 from benchmarks.counterfact import evaluate_counterfact, summarize_counterfact
@@ -165,10 +165,21 @@ def test_bad_arguments(tiny_model, records, tmp_path):
                            evaluate=evaluate, batch=0)
 
 
-def test_atomic_write_leaves_no_temp_files(tmp_path):
+def test_atomic_write_leaves_no_temp_files(tmp_path, monkeypatch):
     runner.atomic_write_text(tmp_path / "a.json", "{}\n")
     assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
-    assert torch.tensor(1)  # torch imported for the fixture models
+    # a write that fails half-way leaves the old file intact and no temporary file behind
+    import tracer.files
+
+    def broken(self, text, encoding=None):
+        Path.write_bytes(self, text[:3].encode())
+        raise OSError("disk full")
+
+    monkeypatch.setattr(tracer.files.Path, "write_text", broken)
+    with pytest.raises(OSError, match="disk full"):
+        runner.atomic_write_text(tmp_path / "a.json", '{"long": "replacement"}\n')
+    assert (tmp_path / "a.json").read_text() == "{}\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
 
 
 def test_batch_edit_is_saved_and_reused_on_resume(tiny_model, records, tmp_path):

@@ -50,7 +50,7 @@ def test_rome_raises_target_and_restores_bit_exact(tiny_model, kw):
         e.restore()
 
 
-@pytest.mark.parametrize("key", ["r-rome", "original"])
+@pytest.mark.parametrize("key", ["r-rome", "original", "mean-key-shift"])
 def test_rome_key_options_both_edit(tiny_model, kw, key):
     from dataclasses import replace
 

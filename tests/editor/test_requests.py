@@ -43,8 +43,29 @@ def test_zsre_loader(shared_data):
     rec = next(x for x in recs if x["subject"] in x["src"])
     r = EditRequest.from_zsre(rec)
     assert r.prompt == rec["src"].replace(rec["subject"], "{}", 1)
-    assert r.target_new == rec["alt"]
+    assert r.target_new == rec["answers"][0]  # ROME's convention, as the benchmark scores it
     assert r.filled == rec["src"]
+    mend = EditRequest.from_zsre(rec, target="alt")
+    assert (mend.target_new, mend.target_true) == (rec["alt"], rec["answers"][0])
+
+
+def test_zsre_one_conversion_for_editor_and_benchmark(shared_data):
+    from benchmarks.data import load_zsre
+
+    raw = json.loads((shared_data / "zsre_dev.json").read_text())
+    for rec, bench in zip(raw[:20], load_zsre(shared_data / "zsre_dev.json", n=20)):
+        assert bench.request() == EditRequest.from_zsre(rec)
+
+
+def test_zsre_target_conventions():
+    rec = {"src": "What team does X play for?", "subject": "X", "alt": "Ajax", "answers": ["PSV"], "pred": "PSV"}
+    assert EditRequest.from_zsre(rec) == EditRequest(prompt="What team does {} play for?", subject="X", target_new="PSV")
+    assert EditRequest.from_zsre({**rec, "pred": "Feyenoord"}).target_true == "Feyenoord"
+    assert EditRequest.from_zsre(rec, target="alt").target_new == "Ajax"
+    with pytest.raises(EditRequestError, match="target 'new'"):
+        EditRequest.from_zsre(rec, target="new")
+    with pytest.raises(EditRequestError, match="zsRE record"):
+        EditRequest.from_zsre({"src": "x", "subject": "x", "answers": []})
 
 
 def test_bad_records():

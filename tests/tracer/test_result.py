@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import re
+import shutil
+import struct
+
 import pytest
 import torch
+from plotly.offline import get_plotlyjs
 
-from tracer.result import TraceResult, plot_traces, save_figure
+from tracer.result import PLOTLY_JS, TraceResult, figure_html, plot_traces, save_figure
 
 
 def _res(kind="mlp"):
@@ -33,17 +40,81 @@ def test_plot_traces_side_by_side():
         plot_traces([])
 
 
-def test_save_html_and_json_and_png(tmp_path):
+def test_save_html_and_json(tmp_path):
     res = _res()
     html = res.save(tmp_path / "t.html")
     assert "<html" in html.read_text().lower() and "Eiffel" in html.read_text()
-    back = TraceResult.from_dict(__import__("json").loads(res.save(tmp_path / "t.json").read_text()))
+    back = TraceResult.from_dict(json.loads(res.save(tmp_path / "t.json").read_text()))
     assert torch.allclose(back.scores, res.scores) and back.subject == res.subject
     with pytest.raises(ValueError, match="suffix"):
         save_figure(res.plot(), tmp_path / "t.txt")
-    try:  # works only with kaleido and a Chrome binary; otherwise a clear RuntimeError
-        png = res.save(tmp_path / "t.png")
-        assert png.read_bytes()[:4] == b"\x89PNG"
-    except RuntimeError as e:
-        assert "kaleido" in str(e)
-    assert not list(tmp_path.glob(".tmp-*"))  # atomic writes leave no temporaries
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # atomic writes leave no temporaries
+
+
+def _script_srcs(html: str) -> list[str]:
+    return re.findall(r"<script[^>]*\ssrc=\"([^\"]+)\"", html)
+
+
+def test_html_loads_one_local_plotly_js_per_folder(tmp_path):
+    # offline: no CDN; one plotly.min.js beside the figures, written once, rewritten when missing
+    res = _res()
+    a = res.save(tmp_path / "a.html")
+    js = tmp_path / PLOTLY_JS
+    assert _script_srcs(a.read_text()) == [PLOTLY_JS]
+    assert "cdn.plot.ly" not in a.read_text() and len(a.read_text()) < 100_000  # not inlined either
+    assert js.read_text(encoding="utf-8") == get_plotlyjs()
+    inode = js.stat().st_ino
+    save_figure(plot_traces([_res("resid"), res]), tmp_path / "b.html")
+    assert js.stat().st_ino == inode  # not rewritten: same file
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.html", "b.html", PLOTLY_JS]
+    js.unlink()
+    res.save(tmp_path / "c.html")
+    assert js.read_text(encoding="utf-8") == get_plotlyjs()
+    js.write_text("truncated")  # e.g. another plotly version's copy, or a broken one
+    res.save(tmp_path / "d.html")
+    assert js.read_text(encoding="utf-8") == get_plotlyjs()
+
+
+def test_html_can_share_one_plotly_js_across_folders(tmp_path):
+    shared = tmp_path / "plotly.min.js"
+    out = save_figure(_res().plot(), tmp_path / "run" / "figure.html", plotly_js=shared)
+    assert _script_srcs(out.read_text()) == ["../plotly.min.js"]
+    assert shared.stat().st_size == len(get_plotlyjs().encode()) and not (tmp_path / "run" / PLOTLY_JS).exists()
+    assert _script_srcs(figure_html(_res().plot(), tmp_path, plotly_js=shared)) == ["plotly.min.js"]
+    with pytest.raises(ValueError, match="plotly_js"):
+        figure_html(_res().plot(), tmp_path, plotly_js=tmp_path / "plotly")
+
+
+def _browser() -> str | None:
+    return next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
+
+
+def _png_size(data: bytes) -> tuple[int, int]:
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    return struct.unpack(">II", data[16:24])
+
+
+@pytest.mark.skipif(_browser() is None, reason="no chromium, chromium-browser or google-chrome on PATH "
+                    "(apt-get install chromium): PNG export needs one")
+def test_save_png(tmp_path):
+    fig = _res().plot()
+    png = _res().save(tmp_path / "t.png").read_bytes()
+    assert _png_size(png) == (fig.layout.width, fig.layout.height) == (520, 198)
+    assert len(png) > 2000  # a drawn heatmap, not an empty canvas
+    assert not [p for p in tmp_path.iterdir() if p.name != "t.png"]  # written atomically
+
+
+def test_png_without_kaleido_names_what_to_install(tmp_path, monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "kaleido" else real(name, *a))
+    with pytest.raises(RuntimeError, match=r"romelens\[png\].*apt-get install chromium"):
+        save_figure(_res().plot(), tmp_path / "t.png")
+    assert not (tmp_path / "t.png").exists()
+
+
+def test_png_without_browser_names_what_to_install(tmp_path, monkeypatch):
+    pytest.importorskip("kaleido", reason="kaleido is in the dev extra; install it (pip install 'romelens[png]')")
+    monkeypatch.setenv("BROWSER_PATH", str(tmp_path / "no-such-chrome"))
+    with pytest.raises(RuntimeError, match=r"no Chrome or Chromium browser was found.*apt-get install chromium"):
+        save_figure(_res().plot(), tmp_path / "t.png")
+    assert list(tmp_path.iterdir()) == []
