@@ -173,6 +173,9 @@ def check_reach(model, method: str, requests: Sequence, reaching: Sequence[int],
     last = int(model.cfg.n_layers) - 1
     if any(l < last for l in reaching):
         return
+    hint = f"a layer <= {last - 1}"
+    if method == "MEMIT":
+        hint = f"layers ending at <= {last - 1}, spread='joint' with layers below {last}"
     for i, r in enumerate(requests):
         p = locate_subject(model, r.prompt, r.subject)
         if p.last_subject != len(p.ids) - 1:
@@ -181,8 +184,8 @@ def check_reach(model, method: str, requests: Sequence, reaching: Sequence[int],
                 f"block of this {last + 1}-layer model, for request {i} ({r.filled!r}): the subject's last token "
                 f"(position {p.last_subject}) is not the prompt's last token (position {len(p.ids) - 1}), where "
                 "the target is predicted, and a change to the last block's MLP output reaches no later position, "
-                f"so the edit would be a zero delta. Use a layer <= {last - 1}, or FT-L (which trains W_out at "
-                "the prediction position)"
+                f"so the edit would be a zero delta. Use {hint}, or FT-L (which trains W_out at the prediction "
+                "position)"
             )
 
 
