@@ -156,6 +156,23 @@ def _reapply(model, path: Path):
     return apply_saved(model, path)
 
 
+def edit_summary(edit) -> dict:
+    """What a record's line keeps about its edit: the final target NLL of the value
+    optimisation (each request's, ROME/MEMIT), FT-L's last loss, and `‖ΔW_l‖/‖W_out,l‖`."""
+    diag = getattr(edit, "diagnostics", None) or {}
+    out: dict = {}
+    curves = [s["nll_curve"] for s in diag.get("steps", [])] or diag.get("nll_curves") or []
+    if curves:
+        out["edit_final_nll"] = [c[-1] for c in curves if c]
+        out["edit_steps"] = [len(c) for c in curves]
+    elif diag.get("nll_curve"):
+        out["edit_final_nll"] = [diag["nll_curve"][-1]]
+        out["edit_steps"] = [len(diag["nll_curve"])]
+    if "delta_ratio" in diag:
+        out["delta_ratio"] = {str(k): v for k, v in diag["delta_ratio"].items()}
+    return out
+
+
 def perplexity_before(out_dir: str | os.PathLike, model, perplexity: Callable[[Any], float]) -> float:
     """The unedited model's perplexity, computed once per run directory and stored."""
     path = Path(out_dir) / PPL_BEFORE
@@ -273,6 +290,7 @@ def run_records(
                     t0 = time.perf_counter()
                     if j == 0:
                         row["edit_seconds"] = edit_seconds  # the whole group's edit (K edits with --batch K)
+                        row |= edit_summary(edit)
                         if ppl_after is not None:
                             row["ppl_after"] = ppl_after
                     write(row)

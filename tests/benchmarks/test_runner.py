@@ -215,3 +215,16 @@ def test_hparams_record_names_the_resolved_hparams(tiny_model):
     over = ROMEHParams(layer=0)
     assert runner.hparams_record(method, tiny_model, over) == f"overridden: {over!r}"
     assert runner.hparams_record(object(), tiny_model, None) is None  # 'none' has no hparams
+
+
+def test_edit_summary_reads_each_method_diagnostics():
+    class E:
+        def __init__(self, d):
+            self.diagnostics = d
+
+    rome_like = E({"steps": [{"nll_curve": [3.0, 0.5, 0.04]}], "delta_ratio": {4: 0.05}})
+    assert runner.edit_summary(rome_like) == {"edit_final_nll": [0.04], "edit_steps": [3], "delta_ratio": {"4": 0.05}}
+    memit_like = E({"nll_curves": [[2.0, 0.1], [1.0, 0.3, 0.02]]})
+    assert runner.edit_summary(memit_like) == {"edit_final_nll": [0.1, 0.02], "edit_steps": [2, 3]}
+    assert runner.edit_summary(E({"nll_curve": [1.0, 0.2]}))["edit_final_nll"] == [0.2]
+    assert runner.edit_summary(object()) == {}
