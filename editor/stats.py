@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from tracer.files import atomic_path, safe_name
 from tracer.hooks import hook_name
-from tracer.model import model_device, model_name, weights_hash
+from tracer.model import bos_ids, model_device, model_name, weights_hash
 from tracer.offline import cache_dir as default_cache_dir, cache_root
 
 log = logging.getLogger(__name__)
@@ -97,8 +97,7 @@ def _tokenize(model, text: str, limit: int | None = None) -> list[int]:
 
 def _rows(model, ids: list[int], seq_len: int) -> Iterator[list[int]]:
     """Token rows of `seq_len` text tokens (BOS prepended when the model uses one)."""
-    tok = model.tokenizer
-    bos = [tok.bos_token_id] if getattr(model.cfg, "default_prepend_bos", True) and tok.bos_token_id is not None else []
+    bos = bos_ids(model)
     for i in range(0, len(ids), seq_len):
         row = ids[i : i + seq_len]
         if len(row) == seq_len or len(row) > 8:
@@ -139,7 +138,7 @@ def compute_stats(
     if n_tokens < 1:
         raise ValueError(f"n_tokens {n_tokens} must be >= 1")
     text, _, _ = _corpus_text(corpus or _default_corpus())
-    has_bos = getattr(model.cfg, "default_prepend_bos", True) and model.tokenizer.bos_token_id is not None
+    has_bos = bool(bos_ids(model))
     seq_len = min(seq_len, model.cfg.n_ctx - int(has_bos))  # rows must fit the context window
     device = model_device(model)
     d = model.cfg.d_mlp
