@@ -15,8 +15,10 @@ from tracer.model import w_out
 
 
 @pytest.fixture
-def no_tracing(monkeypatch):
-    """Fail if anything chooses the edit layer by causal tracing."""
+def no_tracing(monkeypatch, tmp_path):
+    """Fail if anything chooses the edit layer by causal tracing (with an empty cache, so no
+    cached choice can hide a call)."""
+    monkeypatch.setenv("ROMELENS_CACHE", str(tmp_path / "no-tracing-cache"))
     calls = []
 
     def traced(*a, **k):
