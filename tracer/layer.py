@@ -201,14 +201,17 @@ def cached_layer_choice(model, *, model_hash: str | None = None, cache_dir: str 
 def estimate_minutes(model, n: int, *, samples: int = 10, n_tokens: int = 12) -> float:
     """Rough minutes `choose_edit_layer(model, facts, n=n)` takes on this machine.
 
-    Times one forward pass of `samples` rows of `n_tokens` tokens (a corrupted run of a
-    typical known_1000 prompt) and counts about `n_layers + 2` such passes per fact: the
+    Times a forward pass of `samples` rows of `n_tokens` tokens (a corrupted run of a
+    typical known_1000 prompt; the fastest of 3, after one to warm up, so that a busy
+    moment does not inflate it) and counts about `n_layers + 2` such passes per fact: the
     clean and corrupted runs, and one restored run per layer at the last subject token.
     """
     device = model_device(model)
     tokens = torch.zeros(samples, min(n_tokens, int(getattr(model.cfg, "n_ctx", n_tokens) or n_tokens)), dtype=torch.long, device=device)
-    final_resid(model, tokens[:1, :2])  # warm up
-    start = time.perf_counter()
-    final_resid(model, tokens)
-    seconds = time.perf_counter() - start
-    return n * (model.cfg.n_layers + 2) * seconds / 60.0
+    final_resid(model, tokens)  # warm up
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        final_resid(model, tokens)
+        times.append(time.perf_counter() - start)
+    return n * (model.cfg.n_layers + 2) * min(times) / 60.0
