@@ -33,13 +33,15 @@ def perplexity(model, text: str, *, max_tokens: int = 4096, window: int = 256, b
         model: a TransformerLens model with a tokenizer.
         text: the evaluation text.
         max_tokens: how many tokens of `text` to score (bounded for cost).
-        window: tokens per forward pass (BOS is added in front of each window).
+        window: tokens per forward pass (BOS is added in front of each window where the
+            model uses one, `tracer.model.bos_ids`; without BOS a window's first token is
+            context only).
         block: positions unembedded at once.
 
     Returns:
         exp(mean next-token NLL) over the scored tokens.
     """
-    from tracer.model import final_logits, final_resid, model_device  # noqa: PLC0415
+    from tracer.model import bos_ids, final_logits, final_resid, model_device  # noqa: PLC0415
 
     if max_tokens < 2:
         raise ValueError(f"max_tokens {max_tokens} must be >= 2")
@@ -51,7 +53,7 @@ def perplexity(model, text: str, *, max_tokens: int = 4096, window: int = 256, b
     ids = tok(text[: max_tokens * 12], add_special_tokens=False)["input_ids"][:max_tokens]
     if len(ids) < 2:
         raise ValueError(f"text has {len(ids)} tokens; need at least 2 to measure perplexity")
-    bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+    bos = bos_ids(model)
     device = model_device(model)
     nll, count = 0.0, 0
     for s in range(0, len(ids), window):

@@ -311,11 +311,14 @@ def execute(args, *, records: Sequence[Any], evaluate: Callable[[Any, Any], dict
 
     from benchmarks.perplexity import wikitext_perplexity  # noqa: PLC0415
     from tracer import load_model, weights_hash  # noqa: PLC0415
+    from tracer.model import load_any  # noqa: PLC0415
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     method = get_method(args.method)
-    model = load_model(args.model, device=args.device)
+    loader = getattr(args, "model_loader", None)
+    # --model NAME or FOLDER (load_model), or --model-loader (load_any; without a loader the two are the same)
+    model = load_any(args.model, loader=loader, device=args.device) if loader else load_model(args.model, device=args.device)
     ppl = (lambda m: wikitext_perplexity(m, args.wikitext, max_tokens=args.ppl_tokens)) if args.ppl_tokens > 0 else None
     ppl_before = perplexity_before(args.out, model, ppl) if ppl else None
     hparams = method_hparams(method, model, args.hparam)
@@ -479,7 +482,9 @@ def write_summary(
 
 def add_common_args(parser) -> None:
     """The options `benchmarks.counterfact` and `benchmarks.zsre` share."""
-    parser.add_argument("--model", default="gemma-3-270m", help="model name for tracer.load_model")
+    from tracer.model import add_model_args  # noqa: PLC0415
+
+    add_model_args(parser)  # --model NAME or local folder, --model-loader MODULE:FUNCTION
     parser.add_argument("--method", default="none", help="none, or a name in editor.METHODS (rome, memit, ft-l)")
     parser.add_argument("--n", type=int, default=100, help="number of records (from --start)")
     parser.add_argument("--start", type=int, default=0, help="index of the first record")
@@ -491,7 +496,8 @@ def add_common_args(parser) -> None:
     parser.add_argument("--ppl-every", type=int, default=25, help="per-record runs: perplexity after every k-th edit")
     parser.add_argument("--wikitext", default=None, help="WikiText-2 raw test text (default: shared data)")
     parser.add_argument("--hparam", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a field of the method's preset for the model (repeatable), e.g. layer=5")
+                        help="override a field of the method's preset for the model (repeatable), e.g. layer=5; "
+                        "a layer (or layers) given here skips choosing one by causal tracing")
     parser.add_argument("--cache-dir", default=None,
                         help="editor cache root for key statistics (default: romelens's cache, ~/.cache/romelens)")
     parser.add_argument("--max-minutes", type=float, default=None, help="stop after this long, summarize, resume later")
@@ -501,6 +507,9 @@ def add_common_args(parser) -> None:
 
 def method_hparams(method, model, overrides: Sequence[str]):
     """The method's preset for `model` with `KEY=VALUE` overrides (values parsed as JSON), or None.
+
+    A `layer` (or MEMIT `layers`) override is passed to `hparams_for`, so a model without a
+    preset gets its hparams at that layer without choosing one by causal tracing.
 
     Example:
         >>> method_hparams(editor.METHODS["rome"], model, ["layer=5", "mom2_n_tokens=20000"])
@@ -521,7 +530,11 @@ def method_hparams(method, model, overrides: Sequence[str]):
         except ValueError:
             val = value
         fields[key.strip()] = tuple(val) if isinstance(val, list) else val
-    base = method.hparams_for(model)
+    layer = fields.get("layer")
+    if layer is None and isinstance(fields.get("layers"), tuple) and fields["layers"]:
+        layer = max(fields["layers"])
+    explicit = isinstance(layer, int) and not isinstance(layer, bool)
+    base = method.hparams_for(model, layer=layer) if explicit else method.hparams_for(model)
     names = {f.name for f in dataclasses.fields(base)}
     unknown = sorted(set(fields) - names)
     if unknown:

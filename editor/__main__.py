@@ -3,6 +3,10 @@
 Example:
     python -m editor --model gemma-3-270m --prompt "{} is located in the city of" \\
         --subject "Eiffel Tower" --new Rome --save eiffel.safetensors
+    python -m editor --model runs/my-llama --layer 5 --new Rome     # a local Hugging Face folder
+
+A model without a preset gets its edit layer from `editor.hparams.default_layer` (a cached
+causal-tracing choice, or a new one, announced with its cost); `--layer` skips that.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import sys
 from dataclasses import replace
 
 import torch
+
+from tracer.model import add_model_args
 
 
 def _top(model, prompt: str, k: int = 3) -> list[tuple[str, float]]:
@@ -33,7 +39,7 @@ def _fmt(preds) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m editor", description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="gemma-3-270m", help="TransformerLens model name")
+    add_model_args(ap)
     ap.add_argument("--prompt", default="{} is located in the city of", help="template with {} for the subject")
     ap.add_argument("--subject", default="The Eiffel Tower")
     ap.add_argument("--new", required=True, help="new target, e.g. Rome")
@@ -43,7 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--neighbor", default="The Louvre is located in the city of",
                     help="an unrelated prompt that should not change")
     ap.add_argument("--method", choices=("rome", "memit", "ft-l"), default="rome")
-    ap.add_argument("--layer", type=int, default=None, help="override the preset's edit layer (ROME/FT-L)")
+    ap.add_argument("--layer", type=int, default=None,
+                    help="edit this layer (ROME/FT-L; MEMIT: the last of its range) instead of the preset's; "
+                    "for a model without a preset this skips choosing the layer by causal tracing")
     ap.add_argument("--stats-tokens", type=int, default=None, help="tokens for the key covariance")
     ap.add_argument("--data-dir", default=None, help="shared data folder (default ../shared/data or $ROMELENS_DATA)")
     ap.add_argument("--corpus", default=None, help="text file for the statistics (default <data-dir>/wikitext-2-raw-test.txt)")
@@ -55,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
     from editor import METHODS, EditRequest  # noqa: PLC0415
-    from tracer import load_model  # noqa: PLC0415
+    from tracer.model import load_any  # noqa: PLC0415
 
     if args.data_dir:
         os.environ["ROMELENS_DATA"] = args.data_dir
@@ -65,11 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     paraphrase = args.paraphrase or "Here is a fact about a famous place. " + args.prompt
     prompts = {"prompt": req.filled, "paraphrase": paraphrase.replace("{}", args.subject), "neighbor": args.neighbor}
 
-    model = load_model(args.model, device=args.device)
+    model = load_any(args.model, loader=args.model_loader, device=args.device)
     method = METHODS[args.method]
-    hp = method.hparams_for(model)
-    if args.layer is not None:
-        hp = replace(hp, layer=args.layer) if hasattr(hp, "layer") else replace(hp, layers=tuple(range(max(0, args.layer - len(hp.layers) + 1), args.layer + 1)))
+    # an explicit layer builds the hparams directly: no causal tracing for a model without a preset
+    hp = method.hparams_for(model) if args.layer is None else method.hparams_for(model, layer=args.layer)
     if args.stats_tokens is not None and hasattr(hp, "mom2_n_tokens"):
         hp = replace(hp, mom2_n_tokens=args.stats_tokens)
     before = {k: _top(model, p) for k, p in prompts.items()}

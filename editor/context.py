@@ -25,7 +25,7 @@ import re
 import torch
 
 from tracer.files import atomic_write_text, safe_name
-from tracer.model import final_logits, final_resid, model_device, model_name, weights_hash
+from tracer.model import bos_ids, final_logits, final_resid, model_device, model_name, weights_hash
 from tracer.offline import cache_root
 
 log = logging.getLogger(__name__)
@@ -35,10 +35,15 @@ OPENERS: tuple[str, ...] = ("The", "Therefore", "Because", "I", "You")
 
 @torch.no_grad()
 def generate_templates(model, *, n: int = 10, length: int = 10, seed: int = 0, top_k: int = 5) -> list[str]:
-    """Sample `n` prefixes of `length` tokens (top-k sampling, seeded) and make templates."""
+    """Sample `n` prefixes of `length` tokens (top-k sampling, seeded) and make templates.
+
+    Each prefix starts from an opener word, after BOS only where the model uses one
+    (`tracer.model.bos_ids`); without BOS the opener's own tokens start the sequence, and
+    the first sampled token is predicted from them.
+    """
     tok = model.tokenizer
     device = model_device(model)
-    bos = [tok.bos_token_id] if getattr(model.cfg, "default_prepend_bos", True) and tok.bos_token_id is not None else []
+    bos = bos_ids(model)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     openers = [OPENERS[i % len(OPENERS)] for i in range(n)]
     seqs = [bos + tok(o, add_special_tokens=False)["input_ids"] for o in openers]
@@ -93,7 +98,7 @@ def context_templates(
     root = cache_root(cache_dir)
     safe = safe_name(model_name(model))
     path = root / "context" / safe / f"{whash[:16]}.json" if root is not None else None
-    key = f"n={n},length={length},seed={seed}"
+    key = f"n={n},length={length},seed={seed}" + ("" if bos_ids(model) else ",no-bos")  # templates differ with BOS
     table: dict = {}
     if path is not None and path.exists():
         try:

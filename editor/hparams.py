@@ -3,8 +3,9 @@
 Presets reproduce the papers' settings for GPT-2 medium / large / XL and GPT-J (from
 kmeng01/rome `hparams/ROME/*.json` and kmeng01/memit `hparams/MEMIT/*.json`), plus a
 preset for the offline default Gemma-3-270m. Any other TransformerLens model gets the
-papers' defaults with the edit layer picked by `tracer.choose_edit_layer` (causal
-tracing), imported lazily. Use `dataclasses.replace` for sweeps.
+papers' defaults with the edit layer from `default_layer`: a choice cached by
+`tracer.choose_edit_layer` (causal tracing), or a new one, announced with its cost. Pass a
+`layer` (or hparams) to skip it. Use `dataclasses.replace` for sweeps.
 
 The papers' `v_loss_layer` is always the last layer, so our loss is read at the model's
 output and there is no such field. The statistics corpus and token count are not part of
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Literal
 
 from editor.checks import check_layer, check_layers, check_positive_int
@@ -233,60 +235,79 @@ FT_PRESETS: dict[str, FTHParams] = {
 }
 
 
-_CHOSEN_LAYERS: dict[str, int] = {}  # per process: "<model>-<weights hash>" -> layer
+def _fallback_layer(n_layers: int) -> int:
+    """The paper's relative depth (GPT-2 XL: layer 17 of 48), for when tracing is impossible."""
+    return max(0, min(n_layers - 1, round(n_layers * 17 / 48)))
 
 
-def default_layer(model, *, cache_dir=None) -> int:
-    """The edit layer for a model without a preset: `tracer.choose_edit_layer` (lazy import).
+def default_layer(model, *, facts=None, n: int = 100, cache_dir=None) -> int:
+    """The edit layer for a model without a preset: the cached causal-tracing choice, or a new one.
 
-    Tracing 100 known facts takes minutes, and every edit without hparams asks for the
-    layer, so the choice is kept per model weights (hash before any romelens edit): in
-    memory, and as JSON under the cache root (`<root>/edit_layer/`, `cache_dir="none"` turns
-    the file off). Falls back to the paper's relative depth (GPT-2 XL: 17 of 48 layers),
-    not cached, when causal tracing is unavailable (no `tracer.layer`, or no known-facts data).
+    The rule (README, "What happens for a model with no preset"):
+
+    1. the choice cached for these weights (the hash from before any romelens edit), which
+       any earlier `tracer.choose_edit_layer(model, facts, n=...)` run wrote, whatever its
+       `n`: it is read from disk, never kept in memory;
+    2. else `tracer.choose_edit_layer` over `n` known facts (the paper's defaults: window
+       10, 10 noise samples), announced first by a WARNING with its estimated cost and how
+       to skip it, with a progress bar; its choice is cached;
+    3. else (no facts file, or tracing failed) the paper's relative depth, 17/48 of the
+       layers, with a warning; not cached.
+
+    Args:
+        model: the model (not a name: the choice depends on its weights).
+        facts: known_1000.json path; default `known_1000.json` in `$ROMELENS_DATA`, else in
+            the project's data folder (`tracer.dataset.default_data_dir()`, `../shared/data`).
+        n: known facts to trace.
+        cache_dir: cache root; "none" neither reads nor writes a cached choice.
+
+    Returns:
+        The block index to edit.
     """
-    import json  # noqa: PLC0415
-    import os  # noqa: PLC0415
-    from pathlib import Path  # noqa: PLC0415
-
     from editor.rome import base_hash  # noqa: PLC0415  (rome imports this module)
-    from tracer.files import atomic_write_text, safe_name  # noqa: PLC0415
+    from tracer import layer as tlayer  # noqa: PLC0415  (heavy, only when needed)
+    from tracer.dataset import default_data_dir  # noqa: PLC0415
     from tracer.model import model_name  # noqa: PLC0415
-    from tracer.offline import cache_root  # noqa: PLC0415
 
-    n = model.cfg.n_layers
-    name = safe_name(_norm(model_name(model)), "_")
-    key = f"{name}-{base_hash(model)}"
-    if key in _CHOSEN_LAYERS:
-        return _CHOSEN_LAYERS[key]
-    root = cache_root(cache_dir)
-    path = root / "edit_layer" / f"{key}.json" if root is not None else None
-    if path is not None and path.exists():
-        try:
-            layer = json.loads(path.read_text())["layer"]
-            if isinstance(layer, int) and 0 <= layer < n:
-                _CHOSEN_LAYERS[key] = layer
-                return layer
-        except (ValueError, KeyError, TypeError):
-            pass
-        log.warning("ignoring unreadable cached edit layer %s; tracing again", path)
+    n_layers = model.cfg.n_layers
+    name = model_name(model)
+    bh = base_hash(model)
+    cached = tlayer.cached_layer_choice(model, model_hash=bh, cache_dir=cache_dir)
+    if cached is not None:
+        log.info("edit layer %d for %s from %s (%s facts)", cached["layer"], name, cached["path"], cached.get("n_facts", "?"))
+        return int(cached["layer"])
+    skip = (
+        "pass hparams with a layer (ROMEHParams(layer=...), MEMITHParams(layers=...), FTHParams(layer=...); "
+        "--layer or --hparam layer=... on the command line), or run tracer.choose_edit_layer(model, facts) "
+        "once: its choice is cached for these weights"
+    )
+    path = Path(facts) if facts is not None else default_data_dir() / "known_1000.json"
+    if not path.exists():
+        layer = _fallback_layer(n_layers)
+        log.warning("no preset for %s and no known-facts file at %s to choose the edit layer by causal tracing; "
+                    "using layer %d (17/48 of the depth, as GPT-2 XL's preset). To choose it properly, %s",
+                    name, path, layer, skip)
+        return layer
+    minutes = tlayer.estimate_minutes(model, n)
+    log.warning("no preset for %s: choosing the edit layer by causal tracing over %d known facts from %s "
+                "(~%.0f min on this machine); to skip this, %s", name, n, path, max(minutes, 1.0), skip)
     try:
-        from tracer.layer import choose_edit_layer  # noqa: PLC0415  (heavy, only when needed)
-
-        data = Path(os.environ.get("ROMELENS_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
         # the paper's tracing defaults: known facts, window 10, 10 noise samples
-        choice = choose_edit_layer(model, str(data / "known_1000.json"), n=100, window=10, samples=10)
+        choice = tlayer.choose_edit_layer(model, str(path), n=n, window=10, samples=10, cache_dir=cache_dir)
     except Exception as err:  # noqa: BLE001  (any failure -> documented fallback)
-        layer = max(0, min(n - 1, round(n * 17 / 48)))
-        log.warning("choose_edit_layer unavailable (%s); using layer %d (17/48 of depth)", err, layer)
+        layer = _fallback_layer(n_layers)
+        log.warning("choosing the edit layer failed (%s: %s); using layer %d (17/48 of the depth)", type(err).__name__, err, layer)
         return layer
     layer = int(choice.layer)
-    log.info("edit layer %d from causal tracing (curve %s)", layer, choice.curve)
-    _CHOSEN_LAYERS[key] = layer
-    if path is not None:
-        curve = [float(x) for x in getattr(choice, "curve", [])]
-        atomic_write_text(path, json.dumps({"layer": layer, "curve": curve, "model": name}) + "\n")
+    log.warning("edit layer %d for %s, from causal tracing over %d facts", layer, name, getattr(choice, "n_facts", n))
+    tlayer.save_layer_choice(model, choice, model_hash=bh, cache_dir=cache_dir)  # keyed on the unedited weights
     return layer
+
+
+def _lookup(presets: dict, model_or_name):
+    """The preset for a model or model name, or None."""
+    name = model_or_name if isinstance(model_or_name, str) else str(getattr(model_or_name.cfg, "model_name", ""))
+    return presets.get(_norm(name))
 
 
 def _preset(presets: dict, method: str, model_or_name):
@@ -299,22 +320,38 @@ def _preset(presets: dict, method: str, model_or_name):
     return None
 
 
-def rome_hparams(model_or_name) -> ROMEHParams:
-    """Preset for a model (or model name); other models: paper defaults at `default_layer`."""
+def rome_hparams(model_or_name, *, layer: int | None = None) -> ROMEHParams:
+    """Preset for a model (or model name); other models: paper defaults at `default_layer`.
+
+    With `layer`, that layer replaces the preset's, and a model without a preset gets the
+    paper's defaults there: no causal tracing runs.
+    """
+    if layer is not None:
+        return replace(_lookup(ROME_PRESETS, model_or_name) or ROMEHParams(layer=layer), layer=layer)
     return _preset(ROME_PRESETS, "ROME", model_or_name) or ROMEHParams(layer=default_layer(model_or_name))
 
 
-def memit_hparams(model_or_name) -> MEMITHParams:
+def memit_hparams(model_or_name, *, layer: int | None = None) -> MEMITHParams:
     """Preset for a model; other models: five layers ending at `default_layer`, λ scaled to
     the model's d_mlp, and, for models that normalise the MLP output before the residual
-    (Gemma-2/3 style), the Gemma-3-270m preset's `spread="joint"` with clamp 0.5."""
-    hp = _preset(MEMIT_PRESETS, "MEMIT", model_or_name)  # a bare name without one raises
+    (Gemma-2/3 style), the Gemma-3-270m preset's `spread="joint"` with clamp 0.5.
+
+    With `layer`, the edited range ends there (a preset keeps its number of layers) and no
+    causal tracing runs.
+    """
+    if layer is not None and layer < 0:
+        raise ValueError(f"layer {layer} must be >= 0")
+    hp = _lookup(MEMIT_PRESETS, model_or_name) if layer is not None else _preset(MEMIT_PRESETS, "MEMIT", model_or_name)
     if hp is not None:
-        return hp
+        if layer is None:
+            return hp
+        return replace(hp, layers=tuple(range(max(0, layer - len(hp.layers) + 1), layer + 1)))
+    if isinstance(model_or_name, str):
+        raise ValueError(f"model {model_or_name!r} has no MEMIT preset ({sorted(MEMIT_PRESETS)}); pass the model instead")
     from tracer.model import mlp_post_norm  # noqa: PLC0415
 
     model = model_or_name
-    top = default_layer(model)
+    top = default_layer(model) if layer is None else layer
     hp = MEMITHParams(layers=tuple(range(max(0, top - 4), top + 1)), mom2_update_weight=scaled_lambda(model.cfg.d_mlp))
     if mlp_post_norm(model, top) is not None:
         hp = replace(hp, spread="joint", clamp_norm_factor=0.5)
@@ -339,6 +376,9 @@ def scaled_lambda(d_mlp: int, base: float = 15000.0) -> float:
     return base * d_mlp / GPTJ_D_MLP
 
 
-def ft_hparams(model_or_name) -> FTHParams:
-    """Preset for a model; other models: FT-L at `default_layer`."""
+def ft_hparams(model_or_name, *, layer: int | None = None) -> FTHParams:
+    """Preset for a model; other models: FT-L at `default_layer`. With `layer`, that layer
+    (no causal tracing)."""
+    if layer is not None:
+        return replace(_lookup(FT_PRESETS, model_or_name) or FTHParams(layer=layer), layer=layer)
     return _preset(FT_PRESETS, "FT-L", model_or_name) or FTHParams(layer=default_layer(model_or_name))

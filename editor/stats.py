@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from editor.checks import check_layer, check_layers, check_positive_int, check_stats_tokens
 from tracer.files import atomic_path, safe_name
 from tracer.hooks import hook_name
-from tracer.model import model_device, model_name, weights_hash
+from tracer.model import bos_ids, model_device, model_name, weights_hash
 from tracer.offline import cache_dir as default_cache_dir, cache_root
 
 log = logging.getLogger(__name__)
@@ -98,8 +98,7 @@ def _tokenize(model, text: str, limit: int | None = None) -> list[int]:
 
 def _rows(model, ids: list[int], seq_len: int) -> Iterator[list[int]]:
     """Token rows of `seq_len` text tokens (BOS prepended when the model uses one)."""
-    tok = model.tokenizer
-    bos = [tok.bos_token_id] if getattr(model.cfg, "default_prepend_bos", True) and tok.bos_token_id is not None else []
+    bos = bos_ids(model)
     for i in range(0, len(ids), seq_len):
         row = ids[i : i + seq_len]
         if len(row) == seq_len or len(row) > 8:
@@ -146,7 +145,7 @@ def compute_stats(
     check_positive_int(n_tokens, "n_tokens")
     min_tokens = _min_tokens(model, n_tokens, min_tokens)
     text, _, _ = _corpus_text(corpus or _default_corpus())
-    has_bos = getattr(model.cfg, "default_prepend_bos", True) and model.tokenizer.bos_token_id is not None
+    has_bos = bool(bos_ids(model))
     seq_len = min(seq_len, model.cfg.n_ctx - int(has_bos))  # rows must fit the context window
     device = model_device(model)
     d = model.cfg.d_mlp

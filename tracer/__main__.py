@@ -15,11 +15,12 @@ import sys
 from pathlib import Path
 
 from tracer.hooks import KINDS
+from tracer.model import add_model_args
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m tracer", description="Causal tracing (Meng et al. 2022) on TransformerLens models.")
-    p.add_argument("--model", default="gemma-3-270m", help="model name (default: the offline gemma-3-270m)")
+    add_model_args(p)
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     one = p.add_argument_group("single prompt")
     one.add_argument("--prompt", help="the prompt, subject included")
@@ -50,13 +51,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.facts is None and (args.prompt is None or args.subject is None):
         _parser().error("give --prompt and --subject, or --facts")
-    from tracer.model import load_model  # noqa: PLC0415
+    from tracer.model import load_any  # noqa: PLC0415
 
-    model = load_model(args.model, device=args.device)
+    model = load_any(args.model, loader=args.model_loader, device=args.device)
     common = dict(window=args.window, samples=args.samples, noise=args.noise, seed=args.seed, batch_size=args.batch_size)
     if args.facts is not None:
         from tracer.dataset import trace_dataset  # noqa: PLC0415
-        from tracer.layer import choose_from_result  # noqa: PLC0415
+        from tracer.layer import choose_edit_layer  # noqa: PLC0415
 
         kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
         ref = args.noise_reference or args.facts
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
                     best = int(m.nan_to_num(nan=-float("inf")).argmax())
                     print(f"{k:5s} {g:16s}: peak AIE {float(m[best]):.4f} ± {float(c[best]):.4f} at layer {best}")
             if "mlp" in kinds:
-                ch = choose_from_result(res)
+                ch = choose_edit_layer(model, res)  # also cached for the editors' default_layer
                 print(f"chosen edit layer: {ch.layer} (MLP AIE at last subject token {ch.curve[ch.layer]:.4f} ± {ch.ci[ch.layer]:.4f}, runner-up layer {ch.runner_up}, margin {ch.margin:.4f}, {ch.n_facts} facts)")
         if args.out:
             res.save(args.out)

@@ -5,6 +5,11 @@ average indirect effect over known facts (paper, section 2.2 and Fig. 2). This m
 computes that choice from a `DatasetTraceResult` (or traces the facts first) and returns
 the evidence with it.
 
+Every choice made for a model (any number of facts) is written to
+`<cache root>/edit_layer/<model>-<weights hash>.json`, the file that the editors'
+`default_layer` reads for a model without a preset: run `choose_edit_layer` once, with as
+many facts as you like, and no edit traces again. `cache_dir="none"` writes nothing.
+
 Example:
     >>> from tracer import load_model
     >>> from tracer.layer import choose_edit_layer
@@ -15,12 +20,22 @@ Example:
 
 from __future__ import annotations
 
+import json
+import logging
+import math
 import os
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from tracer.dataset import DatasetTraceResult, trace_dataset
+from tracer.files import atomic_write_text, safe_name
+from tracer.model import final_resid, model_device, model_name, weights_hash
+from tracer.offline import cache_root
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -96,6 +111,7 @@ def choose_edit_layer(
     window: int = 10,
     samples: int = 10,
     out: str | os.PathLike | None = None,
+    cache_dir: str | os.PathLike | None = None,
     **trace_kwargs,
 ) -> LayerChoice:
     """Choose ROME's edit layer: the MLP with the largest average indirect effect at the last subject token.
@@ -107,6 +123,8 @@ def choose_edit_layer(
         window: MLP restoration window.
         samples: noise samples.
         out: folder for resumable per-fact traces.
+        cache_dir: cache root for the choice (`edit_layer_path`); "none" writes nothing.
+            Written whenever `model` is given, whatever `n`.
         **trace_kwargs: more `trace_dataset` options (noise, seed, batch_size, ...).
 
     Returns:
@@ -116,9 +134,84 @@ def choose_edit_layer(
         >>> choose_edit_layer(model, "known_1000.json", n=50).layer
     """
     if isinstance(facts, DatasetTraceResult):
-        return choose_from_result(facts)
-    if model is None or facts is None:
+        choice = choose_from_result(facts)
+    elif model is None or facts is None:
         raise ValueError(f"choose_edit_layer needs a model and facts, or a DatasetTraceResult; got facts={type(facts).__name__}")
-    trace_kwargs.setdefault("groups", ("last_subject",))  # all the choice needs: ~n_tokens times cheaper
-    result = trace_dataset(model, facts, kinds=("mlp",), n=n, window=window, samples=samples, out=out, **trace_kwargs)
-    return choose_from_result(result)
+    else:
+        trace_kwargs.setdefault("groups", ("last_subject",))  # all the choice needs: ~n_tokens times cheaper
+        result = trace_dataset(model, facts, kinds=("mlp",), n=n, window=window, samples=samples, out=out, **trace_kwargs)
+        choice = choose_from_result(result)
+    if model is not None and choice.n_facts > 0 and math.isfinite(choice.curve[choice.layer]):
+        save_layer_choice(model, choice, cache_dir=cache_dir)
+    return choice
+
+
+def edit_layer_path(model, *, model_hash: str | None = None, cache_dir: str | os.PathLike | None = None) -> Path | None:
+    """Where the edit-layer choice for `model`'s weights is cached, or None where caching is off.
+
+    `<cache root>/edit_layer/<model name>-<weights hash>.json`; `model_hash` defaults to
+    `weights_hash(model)` (the editors pass the hash from before any edit they applied).
+    """
+    root = cache_root(cache_dir)
+    if root is None:
+        return None
+    name = safe_name(model_name(model).split("/")[-1].lower(), "_")
+    return root / "edit_layer" / f"{name}-{model_hash or weights_hash(model)}.json"
+
+
+def save_layer_choice(model, choice, *, model_hash: str | None = None, cache_dir: str | os.PathLike | None = None) -> Path | None:
+    """Write `choice` (a `LayerChoice`) where `cached_layer_choice` finds it; atomic. Returns the path."""
+    path = edit_layer_path(model, model_hash=model_hash, cache_dir=cache_dir)
+    if path is None:
+        return None
+    record = {
+        "layer": int(choice.layer),
+        "n_facts": int(getattr(choice, "n_facts", 0)),
+        "window": getattr(choice, "window", None),
+        "curve": [float(x) for x in getattr(choice, "curve", ())],
+        "ci": [float(x) for x in getattr(choice, "ci", ())],
+        "model": model_name(model),
+    }
+    atomic_write_text(path, json.dumps(record) + "\n")
+    log.info("edit layer %d (%d facts) cached at %s", record["layer"], record["n_facts"], path)
+    return path
+
+
+def cached_layer_choice(model, *, model_hash: str | None = None, cache_dir: str | os.PathLike | None = None) -> dict | None:
+    """The cached edit-layer choice for `model`'s weights (`{"layer", "n_facts", "curve", ...}`), or None.
+
+    An unreadable or out-of-range file is ignored with a warning (and replaced by the next
+    choice).
+    """
+    path = edit_layer_path(model, model_hash=model_hash, cache_dir=cache_dir)
+    if path is None or not path.exists():
+        return None
+    try:
+        record = json.loads(path.read_text())
+        layer = record["layer"]
+        if isinstance(layer, int) and not isinstance(layer, bool) and 0 <= layer < model.cfg.n_layers:
+            return {**record, "path": str(path)}
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    log.warning("ignoring the unreadable cached edit layer %s", path)
+    return None
+
+
+@torch.no_grad()
+def estimate_minutes(model, n: int, *, samples: int = 10, n_tokens: int = 12) -> float:
+    """Rough minutes `choose_edit_layer(model, facts, n=n)` takes on this machine.
+
+    Times a forward pass of `samples` rows of `n_tokens` tokens (a corrupted run of a
+    typical known_1000 prompt; the fastest of 3, after one to warm up, so that a busy
+    moment does not inflate it) and counts about `n_layers + 2` such passes per fact: the
+    clean and corrupted runs, and one restored run per layer at the last subject token.
+    """
+    device = model_device(model)
+    tokens = torch.zeros(samples, min(n_tokens, int(getattr(model.cfg, "n_ctx", n_tokens) or n_tokens)), dtype=torch.long, device=device)
+    final_resid(model, tokens)  # warm up
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        final_resid(model, tokens)
+        times.append(time.perf_counter() - start)
+    return n * (model.cfg.n_layers + 2) * min(times) / 60.0

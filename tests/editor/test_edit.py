@@ -260,36 +260,46 @@ def test_memit_lambda_scales_with_d_mlp(tiny_model, monkeypatch):
     assert hp.spread == "joint" and hp.clamp_norm_factor == 0.5
 
 
-def test_default_layer_traces_once_per_model_and_caches_on_disk(tiny_model, monkeypatch, tmp_path):
+def test_default_layer_warns_traces_once_and_caches_on_disk_only(tiny_model, monkeypatch, tmp_path, caplog):
+    import logging
     from types import SimpleNamespace
 
     import tracer.layer
     from editor import hparams
 
+    facts = tmp_path / "known_1000.json"
+    facts.write_text("[]")
+    monkeypatch.setenv("ROMELENS_DATA", str(tmp_path))  # the facts path: $ROMELENS_DATA/known_1000.json
     calls = []
 
     def fake_choose(model, facts, **kw):
-        calls.append(facts)
-        return SimpleNamespace(layer=1, curve=[0.1, 0.3])
+        calls.append((facts, kw["n"]))
+        return SimpleNamespace(layer=1, curve=[0.1, 0.3], n_facts=kw["n"])
 
     monkeypatch.setattr(tracer.layer, "choose_edit_layer", fake_choose)
-    monkeypatch.setattr(hparams, "_CHOSEN_LAYERS", {})
-    assert hparams.default_layer(tiny_model, cache_dir=tmp_path) == 1
-    assert hparams.default_layer(tiny_model, cache_dir=tmp_path) == 1
-    assert len(calls) == 1  # the second call did not trace
+    monkeypatch.setattr(tracer.layer, "estimate_minutes", lambda model, n: 9.0)
+    with caplog.at_level(logging.WARNING, logger="editor.hparams"):
+        assert hparams.default_layer(tiny_model, cache_dir=tmp_path) == 1
+    assert calls == [(str(facts), 100)]
+    text = caplog.text
+    assert "causal tracing over 100 known facts" in text and "~9 min on this machine" in text  # the cost
+    assert "ROMEHParams(layer=...)" in text and "tracer.choose_edit_layer" in text  # how to skip it
+    assert not hasattr(hparams, "_CHOSEN_LAYERS")  # no module-level memory: the disk is the cache
     (cached,) = (tmp_path / "edit_layer").iterdir()
-    monkeypatch.setattr(hparams, "_CHOSEN_LAYERS", {})  # a new process: read from disk
-    assert hparams.default_layer(tiny_model, cache_dir=tmp_path) == 1 and len(calls) == 1
+    assert hparams.default_layer(tiny_model, cache_dir=tmp_path) == 1 and len(calls) == 1  # read from disk
     cached.write_text("{not json")  # corrupt: traced again, never used
-    monkeypatch.setattr(hparams, "_CHOSEN_LAYERS", {})
     assert hparams.default_layer(tiny_model, cache_dir=tmp_path) == 1 and len(calls) == 2
-    monkeypatch.setattr(hparams, "_CHOSEN_LAYERS", {})
     assert hparams.default_layer(tiny_model, cache_dir="none") == 1 and len(calls) == 3  # caching off
+    assert hparams.default_layer(tiny_model, facts=facts, n=20, cache_dir="none") == 1 and calls[-1] == (str(facts), 20)
 
     def broken(model, facts, **kw):
-        raise FileNotFoundError(facts)
+        raise RuntimeError("tracing broke")
 
     monkeypatch.setattr(tracer.layer, "choose_edit_layer", broken)
-    monkeypatch.setattr(hparams, "_CHOSEN_LAYERS", {})
     fallback = hparams.default_layer(tiny_model, cache_dir=tmp_path / "other")
     assert fallback == round(tiny_model.cfg.n_layers * 17 / 48) and not (tmp_path / "other").exists()
+    monkeypatch.setenv("ROMELENS_DATA", str(tmp_path / "no-data"))  # no facts: fallback without tracing
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="editor.hparams"):
+        assert hparams.default_layer(tiny_model, cache_dir=tmp_path / "other") == fallback
+    assert "no known-facts file" in caplog.text

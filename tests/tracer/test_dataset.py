@@ -110,7 +110,7 @@ def test_known_mask_matches_clean_top1(tiny_model):
     assert known_mask(tiny_model, wrong) == [False, False, False]
 
 
-def test_choose_edit_layer_takes_the_mlp_peak_at_the_last_subject_token(tiny_model):
+def test_choose_edit_layer_takes_the_mlp_peak_at_the_last_subject_token(tiny_model, tmp_path):
     res = trace_dataset(tiny_model, FACTS, kinds=("mlp",), samples=2, noise=NOISE, window=1, progress=False)
     choice = choose_edit_layer(facts=res)
     assert isinstance(choice, LayerChoice)
@@ -118,10 +118,34 @@ def test_choose_edit_layer_takes_the_mlp_peak_at_the_last_subject_token(tiny_mod
     assert choice.layer == int(mean.argmax())
     assert choice.n_facts == 3 and len(choice.curve) == tiny_model.cfg.n_layers
     assert choice.margin >= 0 and choice.runner_up != choice.layer
-    direct = choose_edit_layer(tiny_model, FACTS, samples=2, noise=NOISE, window=1, progress=False)
+    direct = choose_edit_layer(tiny_model, FACTS, samples=2, noise=NOISE, window=1, progress=False, cache_dir=tmp_path)
     expect = choose_from_result(res)
     assert direct.layer == expect.layer and direct.n_facts == expect.n_facts
     assert torch.allclose(torch.tensor(direct.curve), torch.tensor(expect.curve), atol=1e-6)
+
+
+def test_choose_edit_layer_with_any_n_fills_the_cache_the_editors_read(tiny_model, tmp_path, monkeypatch):
+    """A 2-fact choice is cached under the weights hash; `default_layer` then reads it and traces nothing."""
+    import tracer.layer
+    from editor import hparams
+    from tracer.layer import cached_layer_choice, edit_layer_path
+
+    choice = choose_edit_layer(tiny_model, FACTS, n=2, samples=2, noise=NOISE, window=1, progress=False, cache_dir=tmp_path)
+    cached = cached_layer_choice(tiny_model, cache_dir=tmp_path)
+    assert cached["layer"] == choice.layer and cached["n_facts"] == 2
+    assert cached["curve"] == pytest.approx(list(choice.curve))
+    path = edit_layer_path(tiny_model, cache_dir=tmp_path)
+    assert path.parent == tmp_path / "edit_layer" and path.exists()
+
+    def must_not_trace(*a, **k):
+        raise AssertionError("default_layer traced although a choice is cached")
+
+    monkeypatch.setattr(tracer.layer, "choose_edit_layer", must_not_trace)
+    assert hparams.default_layer(tiny_model, cache_dir=tmp_path) == choice.layer
+    monkeypatch.setenv("ROMELENS_CACHE", str(tmp_path))  # the editors' default cache root
+    assert hparams.rome_hparams(tiny_model).layer == choice.layer
+    assert hparams.memit_hparams(tiny_model).layers[-1] == choice.layer
+    assert edit_layer_path(tiny_model, cache_dir="none") is None
 
 
 def test_trace_dataset_groups_restrict_tokens(tiny_model):

@@ -39,3 +39,22 @@ def test_cli_dataset_mode_prints_layer(cli_model, tmp_path, capsys):
 def test_cli_needs_prompt_and_subject_or_facts(capsys):
     with pytest.raises(SystemExit):
         main(["--prompt", "Tokyo is"])
+
+
+def test_cli_traces_a_local_hf_folder(tokenizer, tmp_path, monkeypatch, capsys):
+    from tests.tracer.hf_tiny import save_folder, tiny_gpt2
+
+    monkeypatch.setenv("ROMELENS_CACHE", str(tmp_path / "cache"))
+    folder = save_folder(tiny_gpt2(tokenizer), tokenizer, tmp_path / "my-gpt2")
+    rc = main(["--model", str(folder), "--prompt", "Tokyo is the capital of", "--subject", "Tokyo", "--kind", "mlp", "--samples", "1", "--window", "1", "-q"])
+    assert rc == 0 and "max indirect effect" in capsys.readouterr().out
+
+
+def test_cli_dataset_choice_is_cached_for_the_editors(cli_model, tmp_path, capsys):
+    from tracer.layer import cached_layer_choice
+
+    facts = tmp_path / "k.json"
+    facts.write_text(json.dumps([{"known_id": 0, "prompt": "Tokyo is the capital of", "subject": "Tokyo", "attribute": None}]))
+    assert main(["--facts", str(facts), "--kinds", "mlp", "--groups", "last_subject", "--samples", "1", "--window", "1", "-q"]) == 0
+    layer = int(capsys.readouterr().out.split("chosen edit layer: ")[1].split()[0])
+    assert cached_layer_choice(cli_model, cache_dir=tmp_path / "cache")["layer"] == layer

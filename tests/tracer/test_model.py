@@ -98,15 +98,35 @@ def test_prepare_model_rejects_missing_w_out(tiny_model):
         prepare_model(moe)
 
 
-def test_unknown_name_is_a_clear_error():
-    with pytest.raises(ModelLoadError, match="not a name TransformerLens supports"):
-        load_model("no-such-model-anywhere")
+def test_unlisted_name_offline_blames_the_network_not_the_name(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError) as err:
+        load_model("someorg/some-model")
+    text = str(err.value)
+    assert "HF_HUB_OFFLINE=1 is set" in text and "not a name TransformerLens supports" not in text
+    assert "--model PATH" in text and "hf_model=" in text
 
 
 def test_online_name_offline_says_what_to_do(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ModelLoadError, match=r"unreachable.*gemma-3-270m.*hf_model="):
+    with pytest.raises(ModelLoadError, match=r"HF_HUB_OFFLINE=1 is set.*--model PATH.*hf_model=.*gemma-3-270m"):
         load_model("gpt2")
+
+
+@pytest.mark.skipif(TL_API != 3, reason="4.x tries the Hub for any name; 3.x refuses unlisted names first")
+def test_unlisted_name_online_is_not_supported_on_3x(monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    with pytest.raises(ModelLoadError, match=r"not a name TransformerLens supports.*--model PATH"):
+        load_model("no-such-model-anywhere")
+
+
+def test_missing_model_folder_is_named(tmp_path):
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load_model(str(tmp_path / "nowhere"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        load_model(str(tmp_path / "empty"))
 
 
 def test_missing_offline_package_names_the_extra(monkeypatch, tmp_path):
@@ -194,3 +214,150 @@ def test_weights_stored_in_use_order_change_nothing(tokenizer, gated):
         assert torch.equal(model(tokens), before)
         mlp.W_out[0, 0] += 1.0  # in-place edits still reach the forward pass
         assert not torch.equal(model(tokens), before)
+
+
+# ----------------------------------------------------------------------------- your own model
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_local_hf_folder_loads_on_both_apis(tokenizer, tmp_path, arch):
+    """`load_model(PATH)` reads a save_pretrained folder with transformers; no Hub, any name."""
+    from tests.tracer.hf_tiny import save_folder, tiny_gpt2, tiny_llama
+
+    hf = (tiny_gpt2 if arch == "gpt2" else tiny_llama)(tokenizer)
+    folder = save_folder(hf, tokenizer, tmp_path / f"my-{arch}")
+    model = load_model(str(folder))
+    assert model.cfg.n_layers == 2 and tuple(w_out(model, 0).shape) == (model.cfg.d_mlp, model.cfg.d_model)
+    ids = torch.tensor([tokenizer(PROMPT, add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        ours = model(ids)[0].log_softmax(-1)
+        ref = hf(ids).logits[0].log_softmax(-1)
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_hf_model_under_an_unlisted_name_loads_on_both_apis(tokenizer):
+    """Weights in hand need no Hub: 3.x takes the config from `hf_model.config`."""
+    from tests.tracer.hf_tiny import tiny_llama
+
+    hf = tiny_llama(tokenizer)
+    model = load_model("someorg/my-chat-model", hf_model=hf, tokenizer=tokenizer)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids)[0].log_softmax(-1), hf(ids).logits[0].log_softmax(-1), rtol=1e-4, atol=1e-4)
+
+
+def _write_loader(folder, body: str) -> str:
+    (folder / "my_loader.py").write_text(body)
+    return "my_loader:load"
+
+
+def test_model_loader_hook_pair_model_and_junk(tokenizer, tiny_model, tmp_path, monkeypatch):
+    from tests.tracer.hf_tiny import save_folder, tiny_llama
+    from tracer.model import load_any
+
+    save_folder(tiny_llama(tokenizer), tokenizer, tmp_path / "weights")
+    spec = _write_loader(tmp_path, (
+        "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+        "def load(spec):\n"
+        "    return AutoModelForCausalLM.from_pretrained(spec), AutoTokenizer.from_pretrained(spec)\n"
+        "def junk(spec):\n"
+        "    return 'not a model'\n"
+    ))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    model = load_any(str(tmp_path / "weights"), loader=spec)  # an (hf_model, tokenizer) pair
+    assert model.cfg.n_layers == 2 and model.cfg.d_model == 32
+    same = load_any("anything", loader=lambda s: tiny_model)  # a TransformerLens model, prepared
+    assert same is tiny_model
+    by_file = load_any(str(tmp_path / "weights"), loader=f"{tmp_path / 'my_loader.py'}:load")
+    assert by_file.cfg.n_layers == 2
+    with pytest.raises(ModelLoadError, match="returned str; expected a TransformerLens model or an"):
+        load_any("x", loader="my_loader:junk")
+    with pytest.raises(ModelLoadError, match="has no function 'nope'"):
+        load_any("x", loader="my_loader:nope")
+    with pytest.raises(ModelLoadError, match="not 'module:function'"):
+        load_any("x", loader="my_loader")
+
+
+# ----------------------------------------------------------------------------- BOS: one rule
+
+
+def test_tokenizer_convention_decides_bos(tokenizer, tiny_model):
+    from tracer.model import bos_ids, prepends_bos, set_prepend_bos, tokenizer_adds_bos
+
+    # the test tokenizer defines a BOS token but does not add it (like a chat model's)
+    assert tokenizer.bos_token_id is not None and tokenizer.add_bos_token is False
+    assert tokenizer_adds_bos(tokenizer) is False
+    # TransformerLens re-wraps it with add_bos_token=True: that tokenizer adds BOS
+    assert tokenizer_adds_bos(tiny_model.tokenizer) is True and bos_ids(tiny_model) == [tokenizer.bos_token_id]
+    set_prepend_bos(tiny_model, False)  # your override wins
+    assert bos_ids(tiny_model) == [] and tiny_model.cfg.default_prepend_bos is False
+    set_prepend_bos(tiny_model, None)
+    assert prepends_bos(tiny_model)
+    with pytest.raises(ValueError, match="prepend_bos 'yes'"):
+        set_prepend_bos(tiny_model, "yes")
+
+
+def test_no_bos_chat_model_gets_no_bos_anywhere(tokenizer, tmp_path):
+    """A Llama-style model whose tokenizer adds no BOS, loaded with hf_model=/tokenizer=:
+    prompts, subject spans, context templates and key-statistics rows all start without BOS."""
+    from editor import context, stats
+    from tests.tracer.hf_tiny import tiny_llama
+    from tracer import encode, locate_subject
+    from tracer.model import bos_ids
+
+    model = load_model("tiny-chat", hf_model=tiny_llama(tokenizer), tokenizer=tokenizer)
+    assert bos_ids(model) == []
+    plain = tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
+    assert encode(model, PROMPT) == plain
+    p = locate_subject(model, "Eiffel Tower is located in the city of", "Eiffel Tower")
+    assert p.subject[0] == 0 and "".join(p.subject_tokens).replace("Ġ", " ") == "Eiffel Tower"
+    assert list(stats._rows(model, plain * 3, 9))[0] == (plain * 3)[:9]
+    seen = []
+    real = context.final_resid
+
+    def spy(m, tokens, **kw):
+        seen.append(tokens[:, 0].tolist())
+        return real(m, tokens, **kw)
+
+    import unittest.mock
+
+    with unittest.mock.patch.object(context, "final_resid", spy):
+        templates = context.generate_templates(model, n=3, length=2)
+    openers = context.OPENERS[:3]
+    assert seen[0] == [tokenizer(o, add_special_tokens=False)["input_ids"][0] for o in openers]  # no BOS first
+    assert all(t.startswith(o) for t, o in zip(templates[1:], openers))
+    # the same model with the override gets BOS back everywhere
+    model2 = load_model("tiny-chat", hf_model=tiny_llama(tokenizer), tokenizer=tokenizer, prepend_bos=True)
+    assert encode(model2, PROMPT) == [tokenizer.bos_token_id] + plain
+    assert locate_subject(model2, "Eiffel Tower is located in", "Eiffel Tower").subject[0] == 1
+    assert list(stats._rows(model2, plain * 3, 9))[0][0] == tokenizer.bos_token_id
+
+
+def test_context_template_cache_is_keyed_on_bos(tokenizer, tiny_model, tmp_path):
+    from editor.context import context_templates
+    from tracer.model import set_prepend_bos
+
+    with_bos = context_templates(tiny_model, n=2, length=3, cache_dir=tmp_path)
+    set_prepend_bos(tiny_model, False)
+    without = context_templates(tiny_model, n=2, length=3, cache_dir=tmp_path)  # not the cached BOS ones
+    (cached,) = (tmp_path / "context").rglob("*.json")
+    import json
+
+    keys = sorted(json.loads(cached.read_text())["templates"])
+    assert keys == ["n=2,length=3,seed=0", "n=2,length=3,seed=0,no-bos"]
+    assert len(with_bos) == len(without) == 3
+
+
+# ----------------------------------------------------------------------------- context length
+
+
+def test_forward_passes_longer_than_n_ctx_are_refused(tiny_model):
+    from tracer.model import greedy_tokens, run_until
+
+    n_ctx = tiny_model.cfg.n_ctx
+    with pytest.raises(ValueError, match=rf"{n_ctx + 6} tokens long .*n_ctx={n_ctx}"):
+        run_until(tiny_model, torch.zeros(2, n_ctx + 6, dtype=torch.long), hook_name("resid", 0))
+    with pytest.raises(ValueError, match=rf"n_ctx={n_ctx}"):
+        greedy_tokens(tiny_model, [[1] * (n_ctx - 3)], 10)
+    out = greedy_tokens(tiny_model, [[1] * (n_ctx - 3)], 4)  # fits: the 4th new token is never fed
+    assert out is None or len(out[0]) == 4  # None: a 4.x bridge has no cache

@@ -54,7 +54,23 @@ def test_target_gets_leading_space(tiny_model):
     ids = target_ids(tiny_model, PROMPT, "Paris")
     assert tok.convert_ids_to_tokens(ids) == ["ĠParis"]
     assert target_ids(tiny_model, PROMPT, " Paris") == ids
-    assert target_ids(tiny_model, PROMPT + " ", "Paris") != ids  # the prompt already has the space
+
+
+@pytest.mark.parametrize("prompt,target", [(PROMPT + " ", "Paris"), (PROMPT + "  ", "Paris"), (PROMPT + " ", " Paris")])
+def test_trailing_space_is_scored_as_the_text_tokenizes(tiny_model, prompt, target):
+    """"... of " + "Paris" is the text "... of Paris": tokens [..., "Ġof", "ĠParis"], never a
+    lone "Ġ" followed by a space-less "Paris"."""
+    assert encode(tiny_model, prompt) == encode(tiny_model, PROMPT)
+    assert tiny_model.tokenizer.convert_ids_to_tokens(target_ids(tiny_model, prompt, target)) == ["ĠParis"]
+    assert locate_subject(tiny_model, prompt, "Eiffel Tower").ids == locate_subject(tiny_model, PROMPT, "Eiffel Tower").ids
+    got = target_probs(tiny_model, [prompt, PROMPT], [target, "Paris"])
+    assert got.first[0] == got.first[1] and got.seq[0] == got.seq[1]
+
+
+def test_newline_boundary_is_kept(tiny_model):
+    tok = tiny_model.tokenizer
+    assert target_ids(tiny_model, "Q: capital of France?\n", "Paris") == tok("\nParis", add_special_tokens=False)["input_ids"][1:]
+    assert encode(tiny_model, "Q: capital of France?\n")[-1] == tok("\n", add_special_tokens=False)["input_ids"][-1]
 
 
 def test_multi_token_target_and_ids(tiny_model):
@@ -95,3 +111,27 @@ def test_target_probs_do_not_depend_on_batching(tiny_model):
 def test_target_probs_bad_lengths(tiny_model):
     with pytest.raises(ValueError, match="differ in length"):
         target_probs(tiny_model, [PROMPT], ["a", "b"])
+
+
+def test_prompts_longer_than_the_context_raise_before_the_forward_pass(tiny_model):
+    from benchmarks.metrics import greedy_generate
+    from tracer import trace_prompt
+
+    n_ctx = tiny_model.cfg.n_ctx
+    long = "The Eiffel Tower is " + "very " * n_ctx + "tall"
+    for call in (
+        lambda: encode(tiny_model, long),
+        lambda: locate_subject(tiny_model, long, "Eiffel Tower"),
+        lambda: target_probs(tiny_model, [long], ["Paris"]),
+        lambda: trace_prompt(tiny_model, long, "Eiffel Tower", kind="mlp", samples=1),
+        lambda: greedy_generate(tiny_model, [long], max_new_tokens=3),
+    ):
+        with pytest.raises(ValueError, match=rf"prompt 'The Eiffel Tower is very.*' is \d+ tokens long .*n_ctx={n_ctx}"):
+            call()
+    # prompt and target fit alone but not together: the scored sequence is refused
+    short = "The Eiffel Tower is"
+    while len(encode(tiny_model, short + " city")) <= n_ctx - 2:
+        short += " city"
+    assert len(encode(tiny_model, short)) == n_ctx - 2
+    with pytest.raises(ValueError, match=rf"with target 'Paris and Rome and Tokyo.*n_ctx={n_ctx}"):
+        target_probs(tiny_model, [short], ["Paris and Rome and Tokyo and Berlin and London"])
