@@ -33,6 +33,16 @@ def _prob(target_id):
     return lambda logits: logits[:, -1].float().softmax(-1)[:, target_id]
 
 
+def _logit(target_id):
+    """Per-row target logit: the tiny 4.x model's probabilities are nearly flat (spread ~1e-5),
+    its logits spread ~1e-3, so comparisons of logits can tell cells apart on both versions."""
+    return lambda logits: logits[:, -1, target_id]
+
+
+#: (metric factory, tolerance of an equality, least spread of a trace table)
+METRICS = {"prob": (_prob, 1e-6, 0.0), "logit": (_logit, 1e-5, 1e-4)}
+
+
 @pytest.mark.parametrize("noise", [NOISE, 2.0])
 def test_corruption_hooks_add_the_noise_trace_prompt_adds(tiny_model, noise):
     cache = NoiseCache(use_disk=False)
@@ -67,22 +77,55 @@ def test_corruption_batch_is_the_prompt_repeated(tiny_model):
         corruption_hooks(tiny_model, tokens, pt.subject, noise=NOISE, samples=0)
 
 
+@pytest.mark.parametrize("metric", list(METRICS))
 @pytest.mark.parametrize("kind,window", [("resid", 1), ("mlp", 2), ("attn", 3)])
-def test_restoration_hooks_give_trace_prompt_scores(tiny_model, runs, kind, window):
+def test_restoration_hooks_give_trace_prompt_scores(tiny_model, runs, kind, window, metric):
+    make, tol, spread = METRICS[metric]
+    fn = make(runs.target_id)
     pt = runs.prompt
     tokens = pt.tensor()
     n = tiny_model.cfg.n_layers
     _, clean = tiny_model.run_with_cache(tokens)
-    res = trace_prompt(tiny_model, PROMPT, SUBJECT, kind=kind, window=window, runs=runs)
+    res = trace_prompt(tiny_model, PROMPT, SUBJECT, kind=kind, window=window, runs=runs, metric=None if metric == "prob" else fn)
+    assert float(res.scores.max() - res.scores.min()) > spread
     corrupt = corruption_hooks(tiny_model, tokens, pt.subject, noise=NOISE, samples=S, seed=1)
     for t in range(pt.subject[0], len(pt.ids)):
         for layer in range(n):
             layers = [layer] if kind == "resid" else window_layers(layer, window, n)
             with tiny_model.hooks(fwd_hooks=corrupt + restoration_hooks(clean, kind=kind, positions=t, layers=layers)):
-                p = float(_prob(runs.target_id)(tiny_model(tokens.expand(S, -1))).mean())
-            assert p == pytest.approx(float(res.scores[t, layer]), abs=1e-6), (t, layer)
-    if kind == "resid":  # and the same as the reference implementation's patch
+                p = float(fn(tiny_model(tokens.expand(S, -1))).mean())
+            assert p == pytest.approx(float(res.scores[t, layer]), abs=tol), (t, layer)
+    if kind == "resid" and metric == "prob":  # and the same as the reference implementation's patch
         assert patched_score(tiny_model, runs, [(4, 1)]) == pytest.approx(float(res.scores[4, 1]), abs=1e-6)
+
+
+def test_restoring_from_a_corrupted_cache_severs_a_path(tiny_model, runs):
+    # trace_prompt(severed="mlp"): restore resid (t, l), hold the MLP output at t at its
+    # corrupted value in layers l+1.. ; with hooks, "restore" from the corrupted run's cache
+    pt = runs.prompt
+    tokens = pt.tensor()
+    n = tiny_model.cfg.n_layers
+    corrupt = corruption_hooks(tiny_model, tokens, pt.subject, noise=NOISE, samples=S, seed=1)
+    _, clean = tiny_model.run_with_cache(tokens)
+    with tiny_model.hooks(fwd_hooks=corrupt):
+        _, corrupted = tiny_model.run_with_cache(tokens.expand(S, -1))  # batch S: one row per sample
+    # the target's logit: the tiny 4.x model's probabilities are too flat to show severing
+    logit = lambda logits: logits[:, -1, runs.target_id]  # noqa: E731
+    res = trace_prompt(tiny_model, PROMPT, SUBJECT, severed="mlp", runs=runs, metric=logit)
+    plain = trace_prompt(tiny_model, PROMPT, SUBJECT, runs=runs, metric=logit)
+    assert (plain.scores - res.scores).abs().max() > 1e-4  # severing matters somewhere (TL 4 tiny: 7e-4)
+    for t in range(pt.subject[0], len(pt.ids)):
+        for layer in range(n):
+            hooks = corrupt + restoration_hooks(clean, kind="resid", positions=t, layers=layer)
+            if layer + 1 < n:
+                hooks += restoration_hooks(corrupted, kind="mlp", positions=t, layers=range(layer + 1, n))
+            with tiny_model.hooks(fwd_hooks=hooks):
+                p = float(logit(tiny_model(tokens.expand(S, -1))).mean())
+            assert p == pytest.approx(float(res.scores[t, layer]), abs=1e-5), (t, layer)
+    t = pt.last_subject
+    with tiny_model.hooks(fwd_hooks=restoration_hooks(corrupted, kind="mlp", positions=t, layers=0)):
+        with pytest.raises(ValueError, match="clean_cache has batch 3"):
+            tiny_model(tokens.expand(2, -1))
 
 
 def test_restoration_hooks_bad_input(tiny_model):
@@ -101,25 +144,29 @@ def test_restoration_hooks_bad_input(tiny_model):
 # --- docs/interop.md, example (a): TransformerLens patching on our corrupted input ----------
 
 
+@pytest.mark.parametrize("metric", list(METRICS))
 @pytest.mark.parametrize("tl_fn,kind", [("get_act_patch_resid_pre", "resid"), ("get_act_patch_mlp_out", "mlp"), ("get_act_patch_attn_out", "attn")])
-def test_transformer_lens_patching_inside_corruption_hooks_matches_trace_prompt(tiny_model, tl_fn, kind):
+def test_transformer_lens_patching_inside_corruption_hooks_matches_trace_prompt(tiny_model, tl_fn, kind, metric):
     from transformer_lens import patching
 
     model = tiny_model
+    make, tol, spread = METRICS[metric]
     pt = locate_subject(model, PROMPT, SUBJECT)
     tokens = pt.tensor()  # [1, pos]
     _, clean_cache = model.run_with_cache(tokens)
-    res = trace_prompt(model, PROMPT, SUBJECT, kind=kind, window=1, samples=S, noise=NOISE, seed=1)
-    prob = _prob(res.target_id)
+    target = target_ids(model, PROMPT, "Paris")[0]
+    fn = make(target)
+    # metric="prob" is trace_prompt's default (target probability) path
+    res = trace_prompt(model, PROMPT, SUBJECT, target=target, kind=kind, window=1, samples=S, noise=NOISE, seed=1, metric=None if metric == "prob" else fn)
     with model.hooks(fwd_hooks=corruption_hooks(model, tokens, pt.subject, noise=NOISE, samples=S, seed=1)):
         # TransformerLens 3.9's metric returns a scalar: average the noise samples (the batch)
-        tl = getattr(patching, tl_fn)(model, tokens.expand(S, -1), clean_cache, lambda logits: prob(logits).mean())
+        tl = getattr(patching, tl_fn)(model, tokens.expand(S, -1), clean_cache, lambda logits: fn(logits).mean())
     assert tl.shape == (model.cfg.n_layers, len(pt.ids))  # [layer, pos]
     if kind == "resid":  # resid_pre[l + 1] is resid_post[l]: TL's layers 1.. are our layers ..n-2
-        assert (tl[1:].T - res.scores[:, :-1]).abs().max() < 1e-6
+        assert (tl[1:].T - res.scores[:, :-1]).abs().max() < tol
     else:  # one layer at a time is our window of 1
-        assert (tl.T - res.scores).abs().max() < 1e-6
-    assert res.scores.std() > 0
+        assert (tl.T - res.scores).abs().max() < tol
+    assert float(res.scores.max() - res.scores.min()) > spread
 
 
 def test_transformer_lens_4_reduce_mean_takes_our_per_row_metric(tiny_model):
@@ -131,11 +178,14 @@ def test_transformer_lens_4_reduce_mean_takes_our_per_row_metric(tiny_model):
     pt = locate_subject(model, PROMPT, SUBJECT)
     tokens = pt.tensor()
     _, clean_cache = model.run_with_cache(tokens)
-    res = trace_prompt(model, PROMPT, SUBJECT, kind="resid", samples=S, noise=NOISE, seed=1)
+    target = target_ids(model, PROMPT, "Paris")[0]
+    res = trace_prompt(model, PROMPT, SUBJECT, kind="resid", samples=S, noise=NOISE, seed=1, metric=_logit(target))
     with model.hooks(fwd_hooks=corruption_hooks(model, tokens, pt.subject, noise=NOISE, samples=S, seed=1)):
-        out = patching.get_act_patch_resid_pre(model, tokens.expand(S, -1), clean_cache, _prob(res.target_id), reduce="none", baseline=True)
-    assert (out.mean()[1:].T - res.scores[:, :-1]).abs().max() < 1e-6
-    assert float(out.baseline.mean()) == pytest.approx(res.low, abs=1e-6)
+        out = patching.get_act_patch_resid_pre(model, tokens.expand(S, -1), clean_cache, _logit(target), reduce="none", baseline=True)
+    assert out.values.shape == (model.cfg.n_layers, len(pt.ids), S)  # per noise sample
+    assert (out.mean()[1:].T - res.scores[:, :-1]).abs().max() < 1e-5
+    assert float(out.baseline.mean()) == pytest.approx(res.low, abs=1e-5)
+    assert float(res.scores.max() - res.scores.min()) > 1e-4
 
 
 # --- docs/interop.md, example (b): a logit-difference trace ---------------------------------
@@ -163,7 +213,7 @@ def test_logit_difference_trace(tiny_model):
             with model.hooks(fwd_hooks=hooks):
                 want = float(logit_diff(model(tokens.expand(S, -1))).mean())
             assert float(res.scores[t, layer]) == pytest.approx(want, abs=1e-5), (t, layer)
-    assert res.scores.std() > 0 and abs(res.high - res.low) > 1e-4
+    assert float(res.scores.max() - res.scores.min()) > 1e-4 and abs(res.high - res.low) > 1e-4
 
 
 def test_probability_metric_reproduces_the_default_trace(tiny_model, runs):
