@@ -50,10 +50,12 @@ __all__ = [
     "weights_hash",
 ]
 
-# Causal tracing (tracer/trace.py and friends).
+# Causal tracing (tracer/trace.py and friends); its corruption and restoration as
+# TransformerLens hooks (tracer/patching.py, docs/interop.md).
 from tracer.dataset import DatasetTraceResult, trace_dataset  # noqa: E402
 from tracer.layer import LayerChoice, choose_edit_layer  # noqa: E402
 from tracer.noise import NoiseCache, NoiseScale  # noqa: E402
+from tracer.patching import corruption_hooks, restoration_hooks  # noqa: E402
 from tracer.result import TraceResult, plot_traces  # noqa: E402
 from tracer.trace import trace_all, trace_prompt  # noqa: E402
 
@@ -64,7 +66,9 @@ __all__ += [
     "NoiseScale",
     "TraceResult",
     "choose_edit_layer",
+    "corruption_hooks",
     "plot_traces",
+    "restoration_hooks",
     "trace_all",
     "trace_dataset",
     "trace_prompt",

@@ -181,18 +181,52 @@ def embedding_stats(model, subjects: Sequence[str], *, reference: str = "custom"
     return EmbeddingStats(std=float(r.std()), embed_to_resid=slope, n_tokens=int(e.shape[0]), reference=reference)
 
 
+def _embedding_weights(model) -> list[tuple[str, torch.Tensor]]:
+    """The floating-point state-dict entries whose name contains "embed", sorted by name."""
+    return [
+        (name, p) for name, p in sorted(model.state_dict().items())
+        if "embed" in name and torch.is_tensor(p) and p.is_floating_point()
+    ]
+
+
 def embedding_hash(model) -> str:
     """sha256 (hex) over the model's embedding weights (the only weights the stats depend on)."""
     h = hashlib.sha256()
-    for name, p in sorted(model.state_dict().items()):
-        if "embed" in name and torch.is_tensor(p) and p.is_floating_point():
-            h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+    for _, p in _embedding_weights(model):
+        h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def embedding_fingerprint(model) -> str:
+    """A fast fingerprint of the embedding weights, for `NoiseCache`'s in-memory key.
+
+    Hashing every byte (`embedding_hash`) of Gemma-3's 262,144-row embedding takes seconds,
+    too slow for every `trace_prompt` call (this takes about 0.1 s there). It hashes each
+    token/position embedding's name, shape, an exact integer sum of its bits and 4,096
+    evenly spaced entries (as `tracer.model.weights_hash` does for whole models): a
+    different model, or any change to its embedding, changes it.
+    """
+    h = hashlib.sha256()
+    for name, p in _embedding_weights(model):
+        if "unembed" in name:  # the statistics never read the unembedding
+            continue
+        flat = p.detach().float().reshape(-1).contiguous()
+        idx = torch.linspace(0, flat.numel() - 1, min(4096, flat.numel()), dtype=torch.float64, device=flat.device).long()
+        # exact and order-free: int64 sums wrap modulo 2**64; pairs of float32 words read as
+        # one int64 sum 20x faster than widening each int32
+        words = flat.view(torch.int64) if flat.numel() % 2 == 0 else flat.view(torch.int32).long()
+        h.update(f"{name}{tuple(p.shape)}{int(words.sum())}".encode())
+        h.update(flat[idx].cpu().numpy().tobytes())
     return h.hexdigest()
 
 
 @dataclass(frozen=True, kw_only=True)
 class NoiseCache:
     """Computes embedding statistics once per model and keeps them in memory and on disk.
+
+    Both caches are keyed on the embedding weights (in memory a fast fingerprint, on disk
+    their sha256), the model name and the reference set, never on the model object, so a
+    new model, or one whose embedding changed, is measured afresh.
 
     Attributes:
         root: folder for the JSON files; None means `tracer.offline.cache_dir() / "noise"`.
@@ -213,7 +247,8 @@ class NoiseCache:
     def get(self, model, reference: str | os.PathLike | None = None) -> EmbeddingStats:
         """Statistics for `model` over the reference subjects (`known_1000.json` path or None)."""
         subjects, ref_id = reference_subjects(reference)
-        mem_key = (id(model), ref_id)
+        # keyed on the weights, not id(model): a freed model's id can be reused by another
+        mem_key = (model_name(model), embedding_fingerprint(model), ref_id)
         if mem_key in self._memory:
             return self._memory[mem_key]
         name = safe_name(model_name(model), "_")

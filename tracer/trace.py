@@ -10,6 +10,9 @@ Three runs of the model on one prompt:
 The score of a condition is the probability of the target token (the first token of the
 answer) at the last position, averaged over the noise samples. `high` is the clean score,
 `low` the corrupted score; `scores[t, l] - low` is the *indirect effect* of the state.
+`metric=` replaces the probability by any function of the last position's logits (e.g. a
+logit difference; see `trace_prompt`). The corruption and the restorations are also
+available as plain TransformerLens hooks in `tracer.patching` (docs/interop.md).
 
 Kinds of restored state, for token `t` and layer `l`:
 
@@ -49,6 +52,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from jaxtyping import Float
@@ -57,6 +61,7 @@ from torch import Tensor
 from tracer.hooks import EMBED, KINDS, hook_name
 from tracer.model import final_logits, final_resid, model_device, model_name, prefix_kv_cache, resume_with_prefix
 from tracer.noise import NoiseCache, NoiseScale, resolve_noise
+from tracer.patching import noise_hook, subject_noise
 from tracer.prompts import PromptTokens, encode, locate_subject, target_ids
 from tracer.result import TraceResult
 
@@ -118,6 +123,36 @@ def _target_prob(model, resid: Float[Tensor, "batch d_model"], target_id: int) -
     """Softmax probability of `target_id` from final-block residuals at one position."""
     logits = final_logits(model, resid).float()  # [batch, d_vocab], last position only
     return (logits[:, target_id] - logits.logsumexp(-1)).exp()
+
+
+#: A trace metric: the last position's logits, `[batch, 1, d_vocab]` (float32, position axis
+#: kept so that a TransformerLens-style `logits[:, -1]` works), to one number per row, `[batch]`.
+Metric = Callable[[Float[Tensor, "batch 1 d_vocab"]], Float[Tensor, " batch"]]
+
+
+def _metric_rows(model, resid: Float[Tensor, "batch d_model"], metric: Metric) -> Float[Tensor, " batch"]:
+    """`metric` of the logits unembedded from final-block residuals at the last position."""
+    logits = final_logits(model, resid).float()[:, None]  # [batch, 1, d_vocab]
+    out = metric(logits)
+    if not torch.is_tensor(out) or tuple(out.shape) != (resid.shape[0],):
+        shape = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
+        raise ValueError(
+            f"metric returned {shape}; expected one number per batch row, a tensor of shape "
+            f"[{resid.shape[0]}] (e.g. logits[:, -1, a] - logits[:, -1, b], without .mean())"
+        )
+    return out
+
+
+def metric_bounds(model, runs: Runs, metric: Metric | None = None) -> tuple[float, float]:
+    """`(high, low)`: the metric on the clean run and its mean over the corrupted samples.
+
+    With `metric=None`, the target probability (`runs.high`, `runs.low`).
+    """
+    if metric is None:
+        return runs.high, runs.low
+    high = float(_metric_rows(model, runs.clean_pre[-1, -1:], metric)[0])
+    low = float(_metric_rows(model, runs.corrupt_pre[-1, :, -1], metric).double().mean())
+    return high, low
 
 
 @torch.no_grad()
@@ -198,18 +233,10 @@ def prepare_runs(
     else:
         noise_std = resolve_noise(model, noise, reference=noise_reference, cache=noise_cache)
         a, b = pt.subject
-        gen = torch.Generator().manual_seed(int(seed))
-        d_model = model.cfg.d_model
-        delta = noise_std * torch.randn(samples, b - a, d_model, generator=gen)  # [samples, subj, d]
-
-        def add_noise(x, hook):  # x: [samples, pos, d_model]
-            x = x.clone()
-            x[:, a:b] += delta.to(device=x.device, dtype=x.dtype)
-            return x
-
+        delta = subject_noise(noise_std, samples, b - a, model.cfg.d_model, seed)  # [samples, subj, d]
         corrupt_tokens = tokens.expand(samples, -1)
         kv = prefix_kv_cache(model, samples)
-        corrupt_pre, corrupt_sub = _record_run(model, corrupt_tokens, embed_hook=add_noise, kv=kv)
+        corrupt_pre, corrupt_sub = _record_run(model, corrupt_tokens, embed_hook=noise_hook((a, b), delta), kv=kv)
         first_changed = a if noise_std > 0 else n_pos
     low = float(_target_prob(model, corrupt_pre[-1, :, -1], target_id).mean())
     return Runs(
@@ -267,6 +294,7 @@ def restore_scores(
     severed: str | None = None,
     batch_size: int = 128,
     tokens=None,
+    metric: Metric | None = None,
 ) -> Float[Tensor, "pos layer"]:
     """Scores of every (token, layer) restoration, batched and resumed from cached states.
 
@@ -278,9 +306,10 @@ def restore_scores(
         severed: None, or "mlp"/"attn" to freeze that sublayer at later layers (resid only).
         batch_size: most restored runs (rows) per forward pass.
         tokens: token positions to trace (None: all); rows of other tokens are NaN.
+        metric: None for the target probability, else a `Metric` (see `trace_prompt`).
 
     Returns:
-        `[pos, layer]` target probabilities averaged over noise samples.
+        `[pos, layer]` target probabilities (or metric values) averaged over noise samples.
     """
     if kind not in KINDS:
         raise ValueError(f"kind {kind!r} is unknown; expected one of {KINDS}")
@@ -304,7 +333,8 @@ def restore_scores(
             raise ValueError(f"tokens {bad} are outside the prompt's 0..{n_pos - 1}")
         skip = torch.ones(n_pos, dtype=torch.bool)
         skip[tokens] = False
-    sums.view(n_pos, n)[:first] = runs.low * samples  # restoring an unchanged state is a no-op
+    low = runs.low if metric is None else metric_bounds(model, runs, metric)[1]
+    sums.view(n_pos, n)[:first] = low * samples  # restoring an unchanged state is a no-op
     if tokens is not None:
         sums.view(n_pos, n)[skip] = float("nan")
     patch_kind = None if kind == "resid" else kind
@@ -316,7 +346,9 @@ def restore_scores(
         cells = torch.cat([c for _, c in pending])
         pending.clear()
         for b in range(0, len(resid), batch_size):
-            p = _target_prob(model, resid[b : b + batch_size], runs.target_id).double().cpu()
+            chunk = resid[b : b + batch_size]
+            p = _target_prob(model, chunk, runs.target_id) if metric is None else _metric_rows(model, chunk, metric)
+            p = p.double().cpu()
             sums.index_add_(0, cells[b : b + batch_size], p)
 
     for cond in _conditions(kind, n_pos, n, first, window, tokens):
@@ -398,15 +430,7 @@ def patched_score(
     n = model.cfg.n_layers
     hooks = []
     if runs.embed_delta is not None:
-        a, b = runs.prompt.subject
-        delta = runs.embed_delta
-
-        def add_noise(x, hook):
-            x = x.clone()
-            x[:, a:b] += delta.to(device=x.device, dtype=x.dtype)
-            return x
-
-        hooks.append((EMBED, add_noise))
+        hooks.append((EMBED, noise_hook(runs.prompt.subject, runs.embed_delta)))
     groups: dict[tuple[str, int], list[tuple[int, Tensor]]] = {}
     for t, l in states:
         if not (0 <= l < n):
@@ -514,6 +538,7 @@ def trace_prompt(
     noise_cache: NoiseCache | None = None,
     device: str | torch.device | None = None,
     runs: Runs | None = None,
+    metric: Metric | None = None,
 ) -> TraceResult:
     """Causal trace of one prompt: the target probability after restoring each (token, layer).
 
@@ -540,13 +565,31 @@ def trace_prompt(
         device: where the cached states live; None for the model's device.
         runs: states from `prepare_runs` to reuse across kinds (the other arguments that
             shape them are then ignored).
+        metric: None (default) for the target probability, or a function of the **last
+            position's** logits, `[batch, 1, d_vocab]` float32 (the position axis is kept, so a
+            TransformerLens-style metric reading `logits[:, -1]` works unchanged), returning
+            one number per row, `[batch]`. Rows mix restored conditions and noise samples,
+            so the metric must treat each row on its own. Each score is the metric's mean
+            over the noise samples; `high` is the metric on the clean run, `low` its mean
+            over the corrupted samples. This is `transformer_lens.patching`'s
+            `reduce="mean"` convention (TransformerLens 4.x); TransformerLens 3.9's
+            patching wants a scalar: pass it `lambda logits: metric(logits).mean()`.
 
     Returns:
-        A `TraceResult` with `scores[pos, layer]`, `low`, `high` and metadata.
+        A `TraceResult` with `scores[pos, layer]`, `low`, `high` and metadata (with a
+        `metric`, `target`/`target_id` still name the clean top-1 or given target).
+
+    Raises:
+        ValueError: bad arguments (see `prepare_runs`), or a metric that does not return
+            a `[batch]` tensor.
 
     Example:
         >>> res = trace_prompt(model, "The Eiffel Tower is located in the city of", "Eiffel Tower")
         >>> fig = res.plot()
+        >>> paris, rome = target_ids(model, res.prompt, "Paris")[0], target_ids(model, res.prompt, "Rome")[0]
+        >>> diff = trace_prompt(model, res.prompt, "Eiffel Tower",
+        ...                     metric=lambda logits: logits[:, -1, paris] - logits[:, -1, rome])
+        >>> diff.high, diff.low            # logit(Paris) - logit(Rome), clean and corrupted
     """
     if kind not in KINDS:
         raise ValueError(f"kind {kind!r} is unknown; expected one of {KINDS}")
@@ -568,12 +611,13 @@ def trace_prompt(
             noise_cache=noise_cache,
             device=device,
         )
-    scores = restore_scores(model, runs, kind=kind, window=window, severed=severed, batch_size=batch_size)
+    scores = restore_scores(model, runs, kind=kind, window=window, severed=severed, batch_size=batch_size, metric=metric)
+    high, low = metric_bounds(model, runs, metric)
     tok = model.tokenizer
     return TraceResult(
         scores=scores,
-        low=runs.low,
-        high=runs.high,
+        low=low,
+        high=high,
         prompt=runs.prompt.prompt,
         tokens=runs.prompt.tokens,
         subject=runs.prompt.subject,
