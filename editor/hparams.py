@@ -72,8 +72,10 @@ class ROMEHParams:
             - "r-rome": Gupta et al. 2024 ("Rebuilding ROME"), as their code and EasyEdit
               implement it: `v = (W k₀ + δ - W k*) / (k*·u)`, so `k* ↦ W k₀ + δ`, the
               optimised value `v*` (ROME Eq. 2 with `k*` throughout);
-            - "mean-key-shift": romelens's earlier default: `v = δ / (k*·u)`, so
-              `k* ↦ W k* + δ` (the averaged key keeps its own value, shifted by `δ`).
+            - "mean-key-shift" (the default until the comparison on the validation slice
+              decides, so every result reported so far keeps its meaning; it was called
+              "r-rome" before 2026-11-29): `v = δ / (k*·u)`, so `k* ↦ W k* + δ` (the
+              averaged key keeps its own value, shifted by `δ`).
         kl_position: where the essence-drift KL (ROME Eq. 4) is read on the `kl_prompts`:
             "last" (the prompt's last token, predicting what follows "{subject} is a", as the
             paper's equation writes it) or "subject" (the subject's last token, where the
@@ -94,7 +96,7 @@ class ROMEHParams:
     context_lengths: tuple[tuple[int, int], ...] = ((5, 10), (10, 10))
     mom2_n_tokens: int = 100_000
     mom2_adjustment: bool = True
-    key: Literal["r-rome", "original", "mean-key-shift"] = "r-rome"
+    key: Literal["r-rome", "original", "mean-key-shift"] = "mean-key-shift"
     kl_position: Literal["last", "subject"] = "last"
     early_stop_on: Literal["nll", "loss"] = "nll"
 

@@ -2,7 +2,7 @@
 
 One fact `(subject, relation) -> target_new` is written into `W_out` of one block as
 
-    W_out += outer(u, v),   u = C⁻¹k* / ‖C⁻¹k*‖ ∈ R^{d_mlp},   v = δ / (k·u) ∈ R^{d_model}
+    W_out += outer(u, v),   u = C⁻¹k* / ‖C⁻¹k*‖ ∈ R^{d_mlp},   v ∈ R^{d_model} from `right_vector`
 
 in our `[d_mlp, d_model]` orientation (`out = k @ W_out`), which is the paper's
 `Ŵ = W + Λ (C⁻¹k*)ᵀ` transposed. Here
@@ -11,7 +11,7 @@ in our `[d_mlp, d_model]` orientation (`out = k @ W_out`), which is the paper's
   self-generated context templates (`editor.context`) and the bare prompt;
 - `C = E[k kᵀ]` over text (`editor.stats`);
 - `δ` is the change of the raw MLP output at that token found by gradient descent
-  (`editor.optimize.optimize_values`), so `v* = W k + δ`;
+  (`editor.optimize.optimize_values`) at the bare prompt, so `v* = W k₀ + δ`;
 - `v` depends on which key the update is solved for (`ROMEHParams.key`, see
   `right_vector`): "original" (kmeng01/rome) maps the bare prompt's key `k₀` to
   `W k₀ + δ`; "r-rome" (Gupta et al. 2024, "Rebuilding ROME", as their code and EasyEdit
@@ -100,7 +100,9 @@ def right_vector(
         u: `[d_mlp]` the unit left factor `C⁻¹k* / ‖C⁻¹k*‖`.
         k_star: `[d_mlp]` key averaged over the context templates.
         k_bare: `[d_mlp]` key of the bare prompt.
-        w: `[d_mlp, d_model]` the unedited `W_out` (only read by "r-rome").
+        w: `[d_mlp, d_model]` the `W_out` the factors are computed against (the current one:
+            in `edit_many`'s sequential loop it holds the earlier requests' edits); only
+            "r-rome" reads it.
 
     Raises:
         ValueError: for an unknown `key`.
