@@ -505,6 +505,33 @@ def add_common_args(parser) -> None:
                         help="torch CPU threads (1 avoids oversubscription on shared CPUs)")
 
 
+def parse_overrides(items: Sequence[str], *, what: str = "--hparam") -> dict[str, Any]:
+    """`KEY=VALUE` strings to `{KEY: value}`: values parsed as JSON where they parse (else
+    kept as strings), lists turned into tuples all the way down (hparams hold tuples).
+
+    Raises:
+        ValueError: for an item without `=` or without a key.
+
+    Example:
+        >>> parse_overrides(["layer=5", "context_lengths=[[10, 5]]", "key=original"])
+        {'layer': 5, 'context_lengths': ((10, 5),), 'key': 'original'}
+    """
+    def tuples(v):
+        return tuple(tuples(x) for x in v) if isinstance(v, list) else v
+
+    fields = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"{what} {item!r} is not KEY=VALUE")
+        try:
+            val = json.loads(value)
+        except ValueError:
+            val = value
+        fields[key.strip()] = tuples(val)
+    return fields
+
+
 def method_hparams(method, model, overrides: Sequence[str]):
     """The method's preset for `model` with `KEY=VALUE` overrides (values parsed as JSON), or None.
 
@@ -520,16 +547,7 @@ def method_hparams(method, model, overrides: Sequence[str]):
 
     if not hasattr(method, "hparams_for"):
         raise ValueError(f"--hparam {list(overrides)} given, but method {getattr(method, 'name', method)!r} has no presets")
-    fields = {}
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--hparam {item!r} is not KEY=VALUE")
-        try:
-            val = json.loads(value)
-        except ValueError:
-            val = value
-        fields[key.strip()] = tuple(val) if isinstance(val, list) else val
+    fields = parse_overrides(overrides)
     layer = fields.get("layer")
     if layer is None and isinstance(fields.get("layers"), tuple) and fields["layers"]:
         layer = max(fields["layers"])

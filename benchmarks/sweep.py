@@ -37,6 +37,8 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
+from benchmarks.runner import parse_overrides
+
 log = logging.getLogger(__name__)
 
 
@@ -53,16 +55,11 @@ def parse_configs(specs: Sequence[str]) -> dict[str, dict]:
             raise ValueError(f"config {spec!r} is not NAME:key=value,... (NAME of letters, digits, '-', '_', '.')")
         if name in out:
             raise ValueError(f"config name {name!r} is given twice")
-        fields = {}
-        for item in filter(None, re.split(r",(?=\s*[A-Za-z_]\w*=)", rest)):  # commas inside JSON values stay
-            key, eq, value = item.partition("=")
-            if not eq or not key:
-                raise ValueError(f"config {spec!r}: {item!r} is not key=value")
-            try:
-                val = json.loads(value)
-            except ValueError:
-                val = value
-            fields[key.strip()] = tuple(tuple(v) if isinstance(v, list) else v for v in val) if isinstance(val, list) else val
+        items = [i for i in re.split(r",(?=\s*[A-Za-z_]\w*=)", rest) if i]  # commas inside JSON values stay
+        try:
+            fields = parse_overrides(items, what=f"config {spec!r}:")
+        except ValueError as err:
+            raise ValueError(str(err).replace("is not KEY=VALUE", "is not key=value")) from None
         out[name] = fields
     return out
 
@@ -102,7 +99,10 @@ def run_sweep(
     """
     from benchmarks.counterfact import evaluate_counterfact  # noqa: PLC0415
     from benchmarks.runner import RECORDS, read_rows  # noqa: PLC0415
+    from benchmarks.runner import edit_summary  # noqa: PLC0415
     from editor import rome, rome_hparams  # noqa: PLC0415
+    from editor.checks import check_edit  # noqa: PLC0415
+    from editor.hparams import ROME_KEYS  # noqa: PLC0415
     from editor.result import LayerDelta, apply_deltas  # noqa: PLC0415
     from editor.stats import layer_stats  # noqa: PLC0415
 
@@ -110,8 +110,12 @@ def run_sweep(
     base = base or rome_hparams(model)
     folders = {"none": None}
     hps = {}
+    bad = [k for k in keys if k not in ROME_KEYS]
+    if bad or not keys:
+        raise ValueError(f"keys {list(keys)} must be a non-empty subset of {ROME_KEYS}")
     for name, fields in configs.items():
         hps[name] = replace(base, **fields)  # unknown fields raise TypeError here, before any work
+        check_edit(model, "rome", [r.request() for r in records], hps[name])  # the editor's own guards
         for k in keys:
             folders[f"{name}-{k}"] = (name, k)
     done = {f: {r["case_id"] for r in read_rows(out / f / RECORDS, repair=True)} for f in folders}
@@ -134,10 +138,10 @@ def run_sweep(
                     continue
                 t1 = time.perf_counter()
                 delta = LayerDelta(u=f["u"][:, None], v=f["v"][k][None])
-                with apply_deltas(model, {hp.layer: delta}, method="rome", requests=[r.request()], model_hash=bh):
+                with apply_deltas(model, {hp.layer: delta}, method="rome", requests=[r.request()], model_hash=bh,
+                                  diagnostics={"steps": [f["info"]]}) as applied:
                     row = evaluate_counterfact(model, r, gen_tokens=0)
-                row = {"case_id": r.case_id, **row, "nll_steps": len(f["info"]["nll_curve"]),
-                       "final_nll": f["info"]["nll_curve"][-1], "delta_norm": f["info"]["delta_norm"],
+                row = {"case_id": r.case_id, **row, **edit_summary(applied), "delta_norm": f["info"]["delta_norm"],
                        "v_norm": float(f["v"][k].norm()), "edit_seconds": edit_seconds,
                        "seconds": edit_seconds / len(keys) + time.perf_counter() - t1}
                 _append(out / folder / RECORDS, row)
@@ -174,10 +178,10 @@ def main(argv=None) -> str:
     from benchmarks.data import load_counterfact  # noqa: PLC0415
     from editor import rome_hparams  # noqa: PLC0415
     from editor.hparams import ROME_KEYS  # noqa: PLC0415
-    from tracer import load_model  # noqa: PLC0415
+    from tracer.model import add_model_args, load_any  # noqa: PLC0415
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="gemma-3-270m")
+    add_model_args(ap)
     ap.add_argument("--data", default=None, help="CounterFact JSON (default: shared counterfact_dev.json)")
     ap.add_argument("--start", type=int, required=True, help="first record of the validation slice")
     ap.add_argument("--n", type=int, required=True, help="records in the validation slice")
@@ -199,7 +203,7 @@ def main(argv=None) -> str:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     records = load_counterfact(args.data, n=args.n, start=args.start)
-    model = load_model(args.model, device=args.device)
+    model = load_any(args.model, loader=args.model_loader, device=args.device)
     base = rome_hparams(model)
     for name, fields in configs.items():
         replace(base, **fields)  # bad fields fail before the model is touched

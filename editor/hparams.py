@@ -36,7 +36,8 @@ KL_POSITIONS = ("last", "subject")
 EARLY_STOP_ON = ("nll", "loss")
 
 
-def _one_of(field: str, value, allowed: tuple[str, ...]) -> None:
+def one_of(field: str, value, allowed: tuple[str, ...]) -> None:
+    """Raise `ValueError` naming `field` unless `value` is one of `allowed`."""
     if value not in allowed:
         raise ValueError(f"{field} {value!r} must be one of {allowed}")
 
@@ -101,9 +102,9 @@ class ROMEHParams:
     early_stop_on: Literal["nll", "loss"] = "nll"
 
     def __post_init__(self):
-        _one_of("key", self.key, ROME_KEYS)
-        _one_of("kl_position", self.kl_position, KL_POSITIONS)
-        _one_of("early_stop_on", self.early_stop_on, EARLY_STOP_ON)
+        one_of("key", self.key, ROME_KEYS)
+        one_of("kl_position", self.kl_position, KL_POSITIONS)
+        one_of("early_stop_on", self.early_stop_on, EARLY_STOP_ON)
         check_layer(self.layer, "layer")
         check_positive_int(self.mom2_n_tokens, "mom2_n_tokens")
 

@@ -22,6 +22,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import Tensor
 
+from editor.hparams import EARLY_STOP_ON, KL_POSITIONS, one_of
 from editor.requests import EditRequest
 from tracer.hooks import hook_name
 from tracer.model import final_logits, final_resid, mlp_output_delta, model_device, run_until
@@ -213,10 +214,8 @@ def optimize_values(
     """
     device = model_device(model)
     n = len(requests)
-    if kl_position not in ("last", "subject"):
-        raise ValueError(f"kl_position {kl_position!r} must be 'last' or 'subject'")
-    if early_stop_on not in ("nll", "loss"):
-        raise ValueError(f"early_stop_on {early_stop_on!r} must be 'nll' or 'loss'")
+    one_of("kl_position", kl_position, KL_POSITIONS)
+    one_of("early_stop_on", early_stop_on, EARLY_STOP_ON)
     batch = _build(model, requests, templates, kl_prompts, device, kl_position)
     n_t = len(templates)
     n_kl = len(kl_prompts)

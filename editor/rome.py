@@ -42,7 +42,7 @@ from torch import Tensor
 
 from editor.checks import check_edit
 from editor.context import context_templates
-from editor.hparams import ROMEHParams, rome_hparams
+from editor.hparams import ROME_KEYS, ROMEHParams, one_of, rome_hparams
 from editor.optimize import block_values, optimize_values, subject_keys
 from editor.requests import EditRequest, as_requests
 from editor.result import EditResult, LayerDelta, apply_deltas, edit_stack
@@ -113,7 +113,7 @@ def right_vector(
         return delta / (k_star @ u)
     if key == "r-rome":
         return (delta + (k_bare - k_star) @ w.float()) / (k_star @ u)
-    raise ValueError(f"key {key!r} must be one of ('r-rome', 'original', 'mean-key-shift')")
+    raise ValueError(f"key {key!r} must be one of {ROME_KEYS}")
 
 
 def compute_factors(
@@ -146,6 +146,8 @@ def compute_factors(
     """
     layer = hp.layer
     keys = tuple(keys or (hp.key,))
+    for k in keys:  # before the optimisation, not after it
+        one_of("key", k, ROME_KEYS)
     K = subject_keys(model, requests, templates, layer)  # [n, templates, d_mlp]
     k_star = K.mean(1)  # averaged key k*, [n, d_mlp]
     k_bare = K[:, 0]  # templates[0] is the bare "{}"

@@ -52,6 +52,8 @@ def test_sweep_shares_the_optimisation_and_resumes(tiny_model, tmp_path, monkeyp
     # key choices share δ but give different edits, hence different scores
     a, b = runs["base-r-rome"][2][0], runs["base-original"][2][0]
     assert a["delta_norm"] == b["delta_norm"] and a["v_norm"] != b["v_norm"]
+    assert a["edit_final_nll"] == b["edit_final_nll"] and 1 <= a["edit_steps"][0] <= HP.v_num_grad_steps
+    assert set(a["delta_ratio"]) == {"1"}
     # a resumed sweep redoes nothing; a lost line is redone alone
     calls.clear()
     sweep.run_sweep(tiny_model, records, out=tmp_path, configs=configs, keys=keys, base=HP, cache_dir="none")
@@ -71,4 +73,13 @@ def test_sweep_rejects_unknown_fields_before_work(tiny_model, tmp_path):
     records = load_counterfact(FIXTURES / "counterfact_tiny.json")[:1]
     with pytest.raises(TypeError, match="clamp"):
         sweep.run_sweep(tiny_model, records, out=tmp_path, configs={"x": {"clamp": 1.0}}, keys=["r-rome"], base=HP)
+    assert not (tmp_path / "none").exists()
+
+
+def test_sweep_runs_the_editor_guards_first(tiny_model, tmp_path):
+    records = load_counterfact(FIXTURES / "counterfact_tiny.json")[:1]
+    with pytest.raises(ValueError, match="key"):
+        sweep.run_sweep(tiny_model, records, out=tmp_path, configs={"b": {}}, keys=["rrome"], base=HP)
+    with pytest.raises(ValueError, match="layer"):  # past the model: refused by editor.checks
+        sweep.run_sweep(tiny_model, records, out=tmp_path, configs={"b": {"layer": 7}}, keys=["r-rome"], base=HP)
     assert not (tmp_path / "none").exists()
