@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from editor.checks import check_layer, check_layers, check_positive_int, check_stats_tokens
 from tracer.files import atomic_path, safe_name
 from tracer.hooks import hook_name
-from tracer.model import bos_ids, model_device, model_name, weights_hash
+from tracer.model import bos_cache_tag, bos_ids, model_device, model_name, weights_hash
 from tracer.offline import cache_dir as default_cache_dir, cache_root
 
 log = logging.getLogger(__name__)
@@ -342,7 +342,7 @@ def layer_stats(
     missing = []
     for l in wanted:
         expect = meta_of(l)
-        C = _load_checked(_path(root, name, whash, l, cid, n_tokens, dtype), expect, min_tokens) if use_cache else None
+        C = _load_checked(_path(root, name + bos_cache_tag(model), whash, l, cid, n_tokens, dtype), expect, min_tokens) if use_cache else None
         if C is None:
             missing.append(l)
         else:
@@ -356,7 +356,7 @@ def layer_stats(
             out[l] = C.to(dtype)
             if use_cache:
                 meta = {**meta_of(l), "n_tokens": str(count)}
-                path = _path(root, name, whash, l, cid, n_tokens, dtype)
+                path = _path(root, name + bos_cache_tag(model), whash, l, cid, n_tokens, dtype)
                 _atomic_save({"mom2": out[l]}, meta, path)
                 log.info("saved key stats for layer %d (%d tokens) to %s", l, count, path)
     return out[wanted[0]] if single else {l: out[l] for l in wanted}
@@ -368,4 +368,4 @@ def stats_path(model, layer: int, *, corpus: str | None = None, n_tokens: int = 
     """Where `layer_stats` caches layer `layer` (for inspection and tests)."""
     _, cid, _ = _corpus_text(corpus or _default_corpus())
     root = default_cache_dir(cache_dir)
-    return _path(root, model_name(model), model_hash or weights_hash(model), layer, cid, n_tokens, dtype)
+    return _path(root, model_name(model) + bos_cache_tag(model), model_hash or weights_hash(model), layer, cid, n_tokens, dtype)

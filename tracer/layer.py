@@ -32,7 +32,7 @@ import torch
 
 from tracer.dataset import DatasetTraceResult, trace_dataset
 from tracer.files import atomic_write_text, safe_name
-from tracer.model import final_resid, model_device, model_name, weights_hash
+from tracer.model import bos_cache_tag, final_resid, model_device, model_name, weights_hash
 from tracer.offline import cache_root
 
 log = logging.getLogger(__name__)
@@ -156,7 +156,7 @@ def edit_layer_path(model, *, model_hash: str | None = None, cache_dir: str | os
     if root is None:
         return None
     name = safe_name(model_name(model).split("/")[-1].lower(), "_")
-    return root / "edit_layer" / f"{name}-{model_hash or weights_hash(model)}.json"
+    return root / "edit_layer" / f"{name}{bos_cache_tag(model)}-{model_hash or weights_hash(model)}.json"
 
 
 def save_layer_choice(model, choice, *, model_hash: str | None = None, cache_dir: str | os.PathLike | None = None) -> Path | None:

@@ -152,6 +152,14 @@ def bos_ids(model) -> list[int]:
     return [int(model.tokenizer.bos_token_id)] if prepends_bos(model) else []
 
 
+def bos_cache_tag(model) -> str:
+    """`""` for a model whose sequences start with BOS, `"-nobos"` otherwise: appended to the
+    names of caches whose contents depend on it (key statistics, the edit-layer choice), so a
+    checkpoint loaded with and without BOS never shares them. Models with BOS (Gemma) keep
+    the names they always had."""
+    return "" if bos_ids(model) else "-nobos"
+
+
 def check_context(model, n_tokens: int, what: str) -> None:
     """Raise `ValueError` when a sequence of `n_tokens` does not fit the model's context `n_ctx`.
 

@@ -90,3 +90,21 @@ def test_bad_arguments(tiny_model, corpus):
         compute_stats(tiny_model, [0], corpus="/no/such/file.txt", progress=False)
     with pytest.raises(ValueError, match="layers"):
         compute_stats(tiny_model, [7], corpus=corpus, progress=False)
+
+
+def test_bos_and_no_bos_never_share_a_cache(tiny_model, corpus, tmp_path):
+    """Statistics and the edit-layer choice depend on whether sequences start with BOS; the
+    same weights loaded both ways must not read each other's files."""
+    from tracer.layer import edit_layer_path
+    from tracer.model import bos_ids, set_prepend_bos
+
+    assert bos_ids(tiny_model)  # the tiny model starts with BOS
+    with_bos = stats_path(tiny_model, 1, corpus=corpus, n_tokens=200, cache_dir=tmp_path)
+    layer_with = edit_layer_path(tiny_model, cache_dir=tmp_path)
+    C_bos = layer_stats(tiny_model, 1, corpus=corpus, n_tokens=200, cache_dir=tmp_path, progress=False)
+    set_prepend_bos(tiny_model, False)
+    without = stats_path(tiny_model, 1, corpus=corpus, n_tokens=200, cache_dir=tmp_path)
+    assert without != with_bos and edit_layer_path(tiny_model, cache_dir=tmp_path) != layer_with
+    C_plain = layer_stats(tiny_model, 1, corpus=corpus, n_tokens=200, cache_dir=tmp_path, progress=False)
+    assert not torch.equal(C_bos, C_plain)  # recomputed without BOS, not read from the BOS file
+    assert with_bos.exists() and without.exists()
