@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from editor.requests import EditRequest
-from editor.result import AppliedEdit, LayerDelta, _hparams_dict, _what, apply_deltas, edit_stack, read_edit_file, write_edit_file
+from editor.result import AppliedEdit, LayerDelta, _what, apply_deltas, edit_stack, read_edit_file, write_edit_file
 from tracer.model import model_name as _model_name
 from tracer.model import weights_hash
 
@@ -114,11 +114,12 @@ class Edit:
         now = weights_hash(model)
         if now != self.model_hash and not force:
             applied = len(edit_stack(model))
-            hint = f" ({applied} romelens edit{'s' if applied != 1 else ''} applied to it now)" if applied else ""
+            hint = f", with {applied} romelens edit{'s' if applied != 1 else ''} applied" if applied else ""
             raise ValueError(
                 f"{self.method} edit of {_what(self.requests)} was computed for {self.model_name!r} with weights hash "
-                f"{self.model_hash[:12]}..., but this model ({_model_name(model)!r}){hint} hashes to {now[:12]}...; "
-                "apply it to the model (and weights state) it was computed for, or pass force=True to apply it anyway"
+                f"{self.model_hash[:12]}..., but this model ({_model_name(model)!r}{hint}) hashes to {now[:12]}...; "
+                "apply it to the weights it was computed for (restore later edits first), or pass force=True to "
+                "apply it anyway"
             )
         if now != self.model_hash:
             log.warning("applying %r to a model whose weights hash %s... differs (force=True)", self, now[:12])

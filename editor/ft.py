@@ -137,7 +137,6 @@ def compute(
         raise ValueError(f"hparams {hp!r} is not an FTHParams")
     check_edit(model, "ft-l", requests, hp, device=device)
     now_hash = weights_hash(model)
-    before = probe(model, requests)
     grads = layer_grad_norms(model, requests)
     batch = _batch(model, requests)
     dev = model_device(model)
@@ -154,6 +153,10 @@ def compute(
         opt.step()
         with torch.no_grad():
             delta.clamp_(-hp.norm_constraint, hp.norm_constraint)
+    # probed last, on the (restored) unedited weights: the same numbers as before the optimisation, and a
+    # no-grad pass, so a TransformerLens 4 bridge, which keeps each attention block's last pattern, does not
+    # hold on to the optimisation's autograd graph (which also made copy.deepcopy(model) fail)
+    before = probe(model, requests)
     return Edit(
         method="ft-l", requests=requests, deltas={hp.layer: LayerDelta(dense=delta.detach().clone())}, hparams=hp,
         model_name=model_name(model), model_hash=now_hash,

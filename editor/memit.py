@@ -251,9 +251,12 @@ def compute(
     if stats is None:
         stats = layer_stats(model, list(hp.layers), corpus=corpus, n_tokens=hp.mom2_n_tokens, cache_dir=cache_dir, model_hash=bh)
     templates = templates_for(model, hp.context_lengths, cache_dir=cache_dir, model_hash=bh)
-    before = probe(model, requests)
     zs, curves, raw_targets = compute_zs(model, requests, hp, templates)  # [n, d_model]
     deltas, layer_info = spread_updates(model, requests, zs, hp, stats, templates, raw_targets)
+    # probed last, on the (restored) unedited weights: the same numbers as before the optimisation, and a
+    # no-grad pass, so a TransformerLens 4 bridge, which keeps each attention block's last pattern, does not
+    # hold on to the optimisation's autograd graph (which also made copy.deepcopy(model) fail)
+    before = probe(model, requests)
     return Edit(
         method="memit", requests=requests, deltas=deltas, hparams=hp, model_name=model_name(model),
         model_hash=now_hash,

@@ -240,7 +240,6 @@ def compute(
         C = stats
     C = C.to(model_device(model))
     templates = templates_for(model, hp.context_lengths, cache_dir=cache_dir, model_hash=bh)
-    before = probe(model, requests)
     w = w_out(model, hp.layer)
     us, vs, infos = [], [], []
     with restoring_weights(model, [hp.layer]):  # the model is unchanged at the end, exceptions included
@@ -253,6 +252,10 @@ def compute(
                 with torch.no_grad():
                     w.add_(torch.outer(u, v).to(w.dtype))  # later requests see this edit
             log.info("ROME %s -> %r: nll %s", r.subject, r.target_new, info["nll_curve"][-1])
+    # probed last, on the (restored) unedited weights: the same numbers as before the optimisation, and a
+    # no-grad pass, so a TransformerLens 4 bridge, which keeps each attention block's last pattern, does not
+    # hold on to the optimisation's autograd graph (which also made copy.deepcopy(model) fail)
+    before = probe(model, requests)
     delta = LayerDelta(u=torch.stack(us, 1), v=torch.stack(vs, 0))  # [d_mlp, r], [r, d_model]
     return Edit(
         method="rome", requests=requests, deltas={hp.layer: delta}, hparams=hp, model_name=model_name(model),
