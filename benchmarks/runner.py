@@ -145,19 +145,19 @@ def _chunks(items: Sequence[Any], size: int) -> list[list[Any]]:
 def _apply(method, model, requests, hparams, edit_kwargs, save_to: Path | None = None):
     """Edit the model for `requests`; returns the applied edit (a context manager that restores).
 
-    A method with `compute` (every `editor.METHODS` entry) computes an `Edit`, saves it to
-    `save_to` when given (before anything is written into the model, so a failed save leaves
-    the model unedited), then applies it. Other methods (`none`, test fakes) use `edit_many`.
+    With `save_to` (a batch), a method with `compute` (every `editor.METHODS` entry) computes
+    an `Edit`, saves it there before anything is written into the model (so a failed save
+    leaves the model unedited), then applies it. Otherwise `edit_many` (compute and apply in
+    one call, for `editor` methods; also the `none` method and test fakes).
     """
     kw = dict(edit_kwargs or {})
     if hparams is not None:
         kw["hparams"] = hparams
     compute = getattr(method, "compute", None)
-    if compute is None:
+    if save_to is None or compute is None:
         return method.edit_many(model, requests, **kw)
     edit = compute(model, requests, **kw)
-    if save_to is not None:
-        edit.save(save_to)  # a batch edit can take many minutes: keep it for resuming
+    edit.save(save_to)  # a batch edit can take many minutes: keep it for resuming
     return edit.apply(model)
 
 
@@ -198,10 +198,10 @@ def run_records(
 
     Args:
         model: the model; unchanged when this returns (each edit is restored).
-        method: an `editor.METHODS` entry (its `compute` gives an `Edit`, which the runner
-            applies, and saves first with `batch`), or any object with
-            `edit_many(model, requests, hparams=None)` returning an edit result that
-            `.restore()`s and is a context manager.
+        method: an object with `edit_many(model, requests, hparams=None)` returning an
+            edit result that `.restore()`s and is a context manager. With `batch`, a method
+            that also has `compute` (an `editor.METHODS` entry) has its `Edit` saved under
+            `edits/` before it is applied, and a resumed batch applies the saved `Edit`.
         records: records with `.case_id` and `.request()`.
         out_dir: run directory; `records.jsonl` there is resumed.
         evaluate: `evaluate(model, record) -> dict` of metrics on the (edited) model. If it

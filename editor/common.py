@@ -132,9 +132,11 @@ def one_request(request) -> list[EditRequest]:
 def apply_and_probe(edit: "Edit", model) -> "AppliedEdit":
     """`edit.apply(model)`, then `diagnostics["after"] = probe(model, requests)`.
 
+    For an `edit` just computed on `model` by `compute`: its recorded hash is the model's
+    (`compute` hashed these weights and left them bit-identical), so it is not hashed again.
     If the probe fails, the edit is restored before the error propagates.
     """
-    applied = edit.apply(model)
+    applied = edit._write(model, edit.model_hash)
     try:
         applied.diagnostics["after"] = probe(model, edit.requests)
     except BaseException:

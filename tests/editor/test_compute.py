@@ -107,10 +107,11 @@ def test_compute_that_raises_midway_leaves_the_model_bit_identical(tiny_model, t
 
 @pytest.mark.parametrize("name", ["rome", "memit", "ft-l"])
 def test_computed_saved_loaded_applied_edit_gives_the_weights_of_edit(tiny_model, tmp_path, name):
-    w0 = outs(tiny_model)
+    w0, h0 = outs(tiny_model), weights_hash(tiny_model)
     with METHODS[name].edit_many(tiny_model, TWO, HPS[name], stats=stats_for(tiny_model, name), cache_dir=tmp_path) as a:
         edited = outs(tiny_model)
         assert "after" in a.diagnostics and a.edit is not None and isinstance(a, AppliedEdit)
+        assert a.model_hash == a.edit.model_hash == h0 and edit_stack(tiny_model) == [a]
     assert all(torch.equal(x, y) for x, y in zip(outs(tiny_model), w0))
     e = compute(tiny_model, name, TWO, tmp_path)
     path = e.save(tmp_path / f"{name}.safetensors")
