@@ -142,18 +142,31 @@ def _chunks(items: Sequence[Any], size: int) -> list[list[Any]]:
     return [list(items[i : i + size]) for i in range(0, len(items), size)]
 
 
-def _apply(method, model, requests, hparams, edit_kwargs):
+def _apply(method, model, requests, hparams, edit_kwargs, save_to: Path | None = None):
+    """Edit the model for `requests`; returns the applied edit (a context manager that restores).
+
+    With `save_to` (a batch), a method with `compute` (every `editor.METHODS` entry) computes
+    an `Edit`, saves it there before anything is written into the model (so a failed save
+    leaves the model unedited), then applies it. Otherwise `edit_many` (compute and apply in
+    one call, for `editor` methods; also the `none` method and test fakes).
+    """
     kw = dict(edit_kwargs or {})
     if hparams is not None:
         kw["hparams"] = hparams
-    return method.edit_many(model, requests, **kw)
+    compute = getattr(method, "compute", None)
+    if save_to is None or compute is None:
+        return method.edit_many(model, requests, **kw)
+    edit = compute(model, requests, **kw)
+    edit.save(save_to)  # a batch edit can take many minutes: keep it for resuming
+    return edit.apply(model)
 
 
 def _reapply(model, path: Path):
-    from editor import apply_saved  # noqa: PLC0415
+    """`Edit.load(path).apply(model)`: the saved batch edit, on the model it was computed for."""
+    from editor import Edit  # noqa: PLC0415
 
     log.info("resuming with the saved batch edit %s", path)
-    return apply_saved(model, path)
+    return Edit.load(path).apply(model)
 
 
 def edit_summary(edit) -> dict:
@@ -203,7 +216,9 @@ def run_records(
     Args:
         model: the model; unchanged when this returns (each edit is restored).
         method: an object with `edit_many(model, requests, hparams=None)` returning an
-            edit result that `.restore()`s and is a context manager.
+            edit result that `.restore()`s and is a context manager. With `batch`, a method
+            that also has `compute` (an `editor.METHODS` entry) has its `Edit` saved under
+            `edits/` before it is applied, and a resumed batch applies the saved `Edit`.
         records: records with `.case_id` and `.request()`.
         out_dir: run directory; `records.jsonl` there is resumed.
         evaluate: `evaluate(model, record) -> dict` of metrics on the (edited) model. If it
@@ -267,9 +282,8 @@ def run_records(
                 if batch and saved.exists():  # resuming a batch: reuse its saved edit
                     edit = _reapply(model, saved)
                 else:
-                    edit = _apply(method, model, [r.request() for r in group], hparams, edit_kwargs)
-                    if batch and hasattr(edit, "save"):
-                        edit.save(saved)  # a batch edit can take many minutes: keep it for resuming
+                    edit = _apply(method, model, [r.request() for r in group], hparams, edit_kwargs,
+                                  save_to=saved if batch else None)
                 edit_seconds = time.perf_counter() - t0
             except Exception as err:  # a failed edit is recorded, not fatal
                 log.warning("edit failed for case_ids %s: %s: %s", [r.case_id for r in group], type(err).__name__, err)

@@ -1,14 +1,21 @@
 """romelens editor: ROME, MEMIT and FT-L edits with exact undo, on any TransformerLens model.
 
-`METHODS` maps a method name to its module-like entry (`edit`, `edit_many`, `HParams`,
-`hparams_for`). Every method shares the signature
-`edit_many(model, requests, hparams=None, **kw) -> EditResult` (and `edit` for one request).
+Compute first, apply on request. Every method in `METHODS` shares the signatures
+
+- `compute(model, requests, hparams=None, **kw) -> Edit`: the deltas and diagnostics; the
+  model's weights are bit-identical afterwards;
+- `edit_many(model, requests, hparams=None, **kw) -> AppliedEdit` (and `edit` for one
+  request): `compute`, then `Edit.apply`, with `diagnostics["after"]`.
+
+`kw` is `stats=`, `corpus=`, `cache_dir=`, `device=`. A new method is one more `Method`
+entry. `EditResult` is the earlier name of `AppliedEdit`.
 
 Example:
     >>> from editor import METHODS, EditRequest
     >>> req = EditRequest(prompt="{} is located in the city of", subject="Eiffel Tower", target_new="Rome")
-    >>> with METHODS["rome"].edit(model, req) as e:
-    ...     pass                                   # model edited here, restored after
+    >>> e = METHODS["rome"].compute(model, req)      # model unchanged
+    >>> with e.applied(model):
+    ...     pass                                     # model edited here, restored after
 """
 
 from __future__ import annotations
@@ -17,25 +24,28 @@ from dataclasses import dataclass
 from typing import Callable
 
 from editor import ft, memit, rome
+from editor.edit import Edit
 from editor.hparams import FTHParams, MEMITHParams, ROMEHParams, ft_hparams, memit_hparams, rome_hparams
 from editor.requests import EditRequest, EditRequestError, as_requests
-from editor.result import EditOrderError, EditResult, LayerDelta, apply_saved, edit_stack
+from editor.result import AppliedEdit, EditOrderError, EditResult, LayerDelta, apply_saved, edit_stack
 from editor.stats import layer_stats
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Method:
     """One editing method in the registry.
 
     Attributes:
-        name: registry key.
-        edit: `edit(model, request, hparams=None, **kw) -> EditResult`.
-        edit_many: `edit_many(model, requests, hparams=None, **kw) -> EditResult`.
-        HParams: its hyperparameter dataclass.
+        name: registry key (also `Edit.method`).
+        compute: `compute(model, requests, hparams=None, **kw) -> Edit`; the model is unchanged.
+        edit: `edit(model, request, hparams=None, **kw) -> AppliedEdit`.
+        edit_many: `edit_many(model, requests, hparams=None, **kw) -> AppliedEdit`.
+        HParams: its hyperparameter dataclass (`Edit.load` rebuilds saved hparams with it).
         hparams_for: preset lookup, `hparams_for(model_or_name) -> HParams`.
     """
 
     name: str
+    compute: Callable
     edit: Callable
     edit_many: Callable
     HParams: type
@@ -43,13 +53,21 @@ class Method:
 
 
 METHODS: dict[str, Method] = {
-    "rome": Method("rome", rome.edit, rome.edit_many, ROMEHParams, rome_hparams),
-    "memit": Method("memit", memit.edit, memit.edit_many, MEMITHParams, memit_hparams),
-    "ft-l": Method("ft-l", ft.edit, ft.edit_many, FTHParams, ft_hparams),
+    m.name: m
+    for m in (
+        Method(name="rome", compute=rome.compute, edit=rome.edit, edit_many=rome.edit_many, HParams=ROMEHParams,
+               hparams_for=rome_hparams),
+        Method(name="memit", compute=memit.compute, edit=memit.edit, edit_many=memit.edit_many, HParams=MEMITHParams,
+               hparams_for=memit_hparams),
+        Method(name="ft-l", compute=ft.compute, edit=ft.edit, edit_many=ft.edit_many, HParams=FTHParams,
+               hparams_for=ft_hparams),
+    )
 }
 
 __all__ = [
     "METHODS",
+    "AppliedEdit",
+    "Edit",
     "EditOrderError",
     "EditRequest",
     "EditRequestError",

@@ -3,15 +3,18 @@
 A dense delta `Δ [d_mlp, d_model]` is optimised with Adam on the NLL of `target_new` after
 each edit prompt, applied as `out + key @ Δ` on the raw MLP output (`tracer.mlp_output_delta`,
 with the key from `blocks.{l}.mlp.hook_post`), and clamped to `|Δ_ij| ≤ norm_constraint`
-after every step (the paper's L∞ constraint). Then `W_out += Δ`.
+after every step (the paper's L∞ constraint). `compute` returns `Δ` as an `editor.Edit`
+(the model is not changed); applying it writes `W_out += Δ`.
 
 `layer_grad_norms` reports the gradient norm of every layer's `W_out` on the edit loss
 (zero deltas at each layer, one backward pass), to compare with the causal-tracing location.
 
 Example:
     >>> from editor import ft
-    >>> with ft.edit(model, req) as e:
-    ...     print(e.diagnostics["grad_norms"])
+    >>> e = ft.compute(model, req)          # nothing written yet
+    >>> e.diagnostics["grad_norms"]          # per-layer ‖∂NLL/∂W_out‖ of the unedited model
+    >>> with e.applied(model):
+    ...     ...
 """
 
 from __future__ import annotations
@@ -19,20 +22,19 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from dataclasses import asdict
 from typing import Sequence
 
 import torch
 from torch import Tensor
 
 from editor.checks import check_edit
+from editor.common import apply_and_probe, one_request, pad_tokens, probe
+from editor.edit import Edit
 from editor.hparams import FTHParams, ft_hparams
-from editor.optimize import _pad
 from editor.requests import EditRequest, as_requests
-from editor.result import EditResult, LayerDelta, apply_deltas
-from editor.rome import probe
+from editor.result import AppliedEdit, LayerDelta
 from tracer.hooks import hook_name
-from tracer.model import final_logits, final_resid, mlp_output_delta, model_device, weights_hash
+from tracer.model import final_logits, final_resid, mlp_output_delta, model_device, model_name, weights_hash
 from tracer.prompts import encode, target_ids
 
 log = logging.getLogger(__name__)
@@ -52,7 +54,7 @@ def _batch(model, requests: Sequence[EditRequest]):
             tgt.append(tid)
         seqs.append(p + t[:-1])
     tt = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
-    return _pad(model, seqs, device), tt(rows), tt(cols), tt(tgt)
+    return pad_tokens(model, seqs, device), tt(rows), tt(cols), tt(tgt)
 
 
 def _nll(model, batch, deltas: dict[int, Tensor]) -> Tensor:
@@ -89,7 +91,7 @@ def layer_grad_norms(model, requests) -> list[float]:
     return [float(zeros[l].grad.norm()) for l in range(model.cfg.n_layers)]
 
 
-def edit_many(
+def compute(
     model,
     requests,
     hparams: FTHParams | None = None,
@@ -98,14 +100,17 @@ def edit_many(
     corpus: str | None = None,
     cache_dir: str | os.PathLike | None = None,
     device=None,
-) -> EditResult:
-    """Fine-tune `W_out` of one layer under an L∞ constraint on all requests together.
+) -> Edit:
+    """Fine-tune `W_out` of one layer under an L∞ constraint on all requests together; the
+    model's weights are bit-identical when this returns or raises.
 
-    Takes the same keywords as `rome.edit_many` and `memit.edit_many`, so a caller (the
-    benchmark runner) can pass them uniformly; any other keyword is a `TypeError`.
+    FT-L (the ROME paper's FT+L baseline, Sec. 4, after Zhu et al. 2020): minimise the mean
+    NLL of the new targets over a dense `Δ [d_mlp, d_model]` added as `out + k @ Δ` (so
+    `W_out + Δ`), with `|Δ_ij| ≤ norm_constraint` after every Adam step. `Δ` is optimised in
+    float32 on a model of any dtype and rounded once, to the weights' dtype, when applied.
 
-    The delta is optimised in float32 on a model of any dtype and rounded once, to the
-    weights' dtype, when it is written (`apply_deltas`).
+    Takes the same keywords as `rome.compute` and `memit.compute`, so a caller (the benchmark
+    runner) can pass them uniformly; any other keyword is a `TypeError`.
 
     Args:
         model: a TransformerLens model.
@@ -116,11 +121,14 @@ def edit_many(
         device: where to compute; default (and only) the model's device.
 
     Returns:
-        An applied `EditResult` with a dense delta; `diagnostics["grad_norms"]` has the
-        per-layer gradient norms of the unedited model.
+        An `Edit` (not applied) with a dense delta; `diagnostics` has `before`, `nll_curve`
+        and `grad_norms` (the per-layer gradient norms of the unedited model).
 
     Raises:
         ValueError: bad hparams, layer, device or conflicting requests (`editor.checks`).
+
+    Example:
+        >>> e = ft.compute(model, requests, FTHParams(layer=4)); e.deltas[4].dense.abs().max()
     """
     del stats, corpus, cache_dir  # the shared keyword set; FT-L uses none of them
     requests = as_requests(requests)
@@ -129,7 +137,6 @@ def edit_many(
         raise ValueError(f"hparams {hp!r} is not an FTHParams")
     check_edit(model, "ft-l", requests, hp, device=device)
     now_hash = weights_hash(model)
-    before = probe(model, requests)
     grads = layer_grad_norms(model, requests)
     batch = _batch(model, requests)
     dev = model_device(model)
@@ -146,18 +153,33 @@ def edit_many(
         opt.step()
         with torch.no_grad():
             delta.clamp_(-hp.norm_constraint, hp.norm_constraint)
-    diag = {"before": before, "nll_curve": curve, "grad_norms": grads}
-    res = apply_deltas(
-        model, {hp.layer: LayerDelta(dense=delta.detach().clone())}, method="ft-l", requests=requests,
-        diagnostics=diag, hparams=asdict(hp), model_hash=now_hash,
+    # probed last, on the (restored) unedited weights: the same numbers as before the optimisation, and a
+    # no-grad pass, so a TransformerLens 4 bridge, which keeps each attention block's last pattern, does not
+    # hold on to the optimisation's autograd graph (which also made copy.deepcopy(model) fail)
+    before = probe(model, requests)
+    return Edit(
+        method="ft-l", requests=requests, deltas={hp.layer: LayerDelta(dense=delta.detach().clone())}, hparams=hp,
+        model_name=model_name(model), model_hash=now_hash,
+        diagnostics={"before": before, "nll_curve": curve, "grad_norms": grads},
     )
-    diag["after"] = probe(model, requests)
-    return res
 
 
-def edit(model, request, hparams: FTHParams | None = None, **kw) -> EditResult:
-    """FT-L on one request; see `edit_many`."""
-    reqs = as_requests(request)
-    if len(reqs) != 1:
-        raise ValueError(f"request must be one EditRequest, got {len(reqs)}; use edit_many")
-    return edit_many(model, reqs, hparams, **kw)
+def edit_many(model, requests, hparams: FTHParams | None = None, **kw) -> AppliedEdit:
+    """`compute(...)`, then apply it; `diagnostics["after"]` holds the probabilities after.
+
+    Takes `compute`'s arguments and raises what it raises.
+
+    Example:
+        >>> with ft.edit_many(model, requests, FTHParams(layer=4)) as e:
+        ...     print(e.diagnostics["after"]["new_first"])
+    """
+    return apply_and_probe(compute(model, requests, hparams, **kw), model)
+
+
+def edit(model, request, hparams: FTHParams | None = None, **kw) -> AppliedEdit:
+    """FT-L on one request; see `edit_many`.
+
+    Raises:
+        ValueError: more than one request (use `edit_many`), or as `compute`.
+    """
+    return edit_many(model, one_request(request), hparams, **kw)

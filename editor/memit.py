@@ -16,7 +16,8 @@ For a batch of requests, over a range of blocks `layers = (l_1 .. L)`:
    When block `l` has a post-MLP norm, the residual change `R` is turned into the raw-output
    change that produces it (a few Gauss-Newton steps through the norm).
    The update is applied before the next layer's keys and residuals are computed.
-3. All updates are undone, then applied together as one `EditResult`.
+3. All updates are undone: `compute` returns them as an `editor.Edit` (the model's weights
+   bit-identical, exceptions included), which `Edit.apply` (or `edit_many`) writes together.
 
 `hparams.spread="joint"` (the Gemma-3-270m preset) replaces the equal residual shares of
 step 2: step 1 optimises one raw-output delta per layer together against the same loss
@@ -28,15 +29,16 @@ a layer can add; its own delta never does.
 
 Example:
     >>> from editor import memit
-    >>> e = memit.edit_many(model, requests)     # hundreds of requests are fine
-    >>> e.restore()
+    >>> e = memit.compute(model, requests)       # hundreds of requests are fine; nothing written
+    >>> e.diagnostics["layers"][-1]["resid_norm_after"]
+    >>> with e.applied(model):
+    ...     ...                                  # all requests edited here
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from dataclasses import asdict
 from typing import Sequence
 
 import torch
@@ -44,13 +46,16 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from editor.checks import check_edit
+from editor.common import apply_and_probe, base_hash, one_request, pad_tokens, probe, restoring_weights, templates_for
+from editor.edit import Edit
 from editor.hparams import MEMITHParams, memit_hparams
-from editor.optimize import block_values, optimize_values, subject_keys
+from editor.optimize import block_values, optimize_values, shifted_mlp_outputs, subject_keys
 from editor.requests import EditRequest, as_requests
-from editor.result import EditResult, LayerDelta, apply_deltas, edit_stack
-from editor.rome import base_hash, probe, templates_for
+from editor.result import AppliedEdit, LayerDelta, edit_stack
 from editor.stats import layer_stats
-from tracer.model import mlp_post_norm, model_device, w_out, weights_hash
+from tracer.hooks import hook_name
+from tracer.model import mlp_post_norm, model_device, model_name, run_until, w_out, weights_hash
+from tracer.prompts import locate_subject
 
 log = logging.getLogger(__name__)
 
@@ -129,14 +134,9 @@ def compute_zs(model, requests: Sequence[EditRequest], hp: MEMITHParams, templat
 def _resid_with(model, requests, layers: Sequence[int], delta: Tensor) -> Tensor:
     """Residual after the last of `layers` at the last subject token with `delta[:, j]`
     added to block `layers[j]`'s raw MLP output; `delta`: `[n, len(layers), d_model]`."""
-    from editor.optimize import _pad, shifted_mlp_outputs  # noqa: PLC0415
-    from tracer.hooks import hook_name  # noqa: PLC0415
-    from tracer.model import run_until  # noqa: PLC0415
-    from tracer.prompts import locate_subject  # noqa: PLC0415
-
     device = model_device(model)
     ps = [locate_subject(model, r.prompt, r.subject) for r in requests]
-    tokens = _pad(model, [p.ids for p in ps], device)
+    tokens = pad_tokens(model, [p.ids for p in ps], device)
     pos = torch.tensor([p.last_subject for p in ps], device=device)
     rows = torch.arange(len(ps), device=device)
     with shifted_mlp_outputs(model, layers, (rows, pos), delta):
@@ -158,10 +158,9 @@ def spread_updates(
     """
     dev = model_device(model)
     top = hp.layers[-1]
-    originals = {l: w_out(model, l).detach().clone() for l in hp.layers}
     deltas: dict[int, LayerDelta] = {}
     layer_info = []
-    try:
+    with restoring_weights(model, hp.layers):  # unchanged at the end of delta computation, exceptions included
         for i, l in enumerate(hp.layers):
             K = subject_keys(model, requests, templates, l).mean(1)  # [n, d_mlp], averaged k
             h = block_values(model, requests, top, "resid")  # current residual at L, [n, d_model]
@@ -194,14 +193,10 @@ def spread_updates(
             log.info("MEMIT layer %d: mean |z - h| %.3f, |Δ| %.4f, reach %.3f", l, layer_info[-1]["resid_norm"], layer_info[-1]["update_norm"], reach)
         h = block_values(model, requests, top, "resid")  # with every update applied
         layer_info[-1]["resid_norm_after"] = float((zs - h).norm(dim=-1).mean())
-    finally:
-        with torch.no_grad():
-            for l, orig in originals.items():
-                w_out(model, l).copy_(orig)  # unchanged at the end of delta computation
     return deltas, layer_info
 
 
-def edit_many(
+def compute(
     model,
     requests,
     hparams: MEMITHParams | None = None,
@@ -210,29 +205,41 @@ def edit_many(
     corpus: str | None = None,
     cache_dir: str | os.PathLike | None = None,
     device=None,
-) -> EditResult:
-    """Apply MEMIT to a batch of requests.
+) -> Edit:
+    """Compute MEMIT for a batch of requests; the model's weights are bit-identical when this
+    returns or raises.
+
+    MEMIT Eq. 14, per layer `l` of `hparams.layers`: `Δ = R Kᵀ (λC + K Kᵀ)⁻¹`, in our
+    `[d_mlp, d_model]` orientation `ΔW_out = (λC + K Kᵀ)⁻¹ K Rᵀ`, kept factored as
+    `LayerDelta(u=A [d_mlp, n], v=Rᵀ [n, d_model])` with `A = (λC + KKᵀ)⁻¹K`; `K [d_mlp, n]`
+    are the keys averaged over context templates, `R` the residual change asked of the layer
+    (towards the targets `z` of MEMIT Eq. 16, `compute_zs`), `C` the key second moment.
 
     Args:
         model: a TransformerLens model.
         requests: `EditRequest`s (or CounterFact records / dicts).
         hparams: `MEMITHParams`; default the preset for the model.
-        stats: `{layer: C}` for every edited layer; default loaded or computed over `corpus`.
+        stats: `{layer: C [d_mlp, d_mlp]}` for every edited layer; default loaded or computed
+            over `corpus`.
         corpus: text for the statistics (default WikiText-2 test in `../shared/data`).
         cache_dir: cache root for statistics and context templates.
-        device: where to compute; default the model's device.
+        device: where to compute; must be the model's device (the default).
 
     Returns:
-        An applied `EditResult` with low-rank factors per layer.
+        An `Edit` (not applied) with rank-n factors per layer; `diagnostics` has `before`,
+        `nll_curves` (per request), `layers` (per layer: `resid_norm` |z − h|,
+        `update_norm` ‖ΔW‖, `key_reach`; the last also `resid_norm_after`) and `templates`.
 
     Raises:
-        ValueError: before anything runs (`editor.checks.check_edit`): a layer out of range,
-            requests that ask for different targets after the same prompt, stats that are
-            missing a layer, misshapen or not finite, `mom2_n_tokens` below `d_mlp`, or a top
-            layer at the last block (residual spread) for a prompt the subject does not end.
+        ValueError: before anything runs (`editor.checks.check_edit`): hparams that are not
+            `MEMITHParams`, a layer out of range, requests that ask for different targets
+            after the same prompt, stats that are missing a layer, misshapen or not finite,
+            `mom2_n_tokens` below `d_mlp`, or a top layer at the last block (residual spread)
+            for a prompt the subject does not end.
 
     Example:
-        >>> e = memit.edit_many(model, [EditRequest.from_counterfact(r) for r in records[:100]])
+        >>> e = memit.compute(model, [EditRequest.from_counterfact(r) for r in records[:100]])
+        >>> e.save("memit100.safetensors")
     """
     requests = as_requests(requests)
     hp = hparams or memit_hparams(model)
@@ -244,18 +251,35 @@ def edit_many(
     if stats is None:
         stats = layer_stats(model, list(hp.layers), corpus=corpus, n_tokens=hp.mom2_n_tokens, cache_dir=cache_dir, model_hash=bh)
     templates = templates_for(model, hp.context_lengths, cache_dir=cache_dir, model_hash=bh)
-    before = probe(model, requests)
     zs, curves, raw_targets = compute_zs(model, requests, hp, templates)  # [n, d_model]
     deltas, layer_info = spread_updates(model, requests, zs, hp, stats, templates, raw_targets)
-    diag = {"before": before, "nll_curves": curves, "layers": layer_info, "templates": templates}
-    res = apply_deltas(model, deltas, method="memit", requests=requests, diagnostics=diag, hparams=asdict(hp), model_hash=now_hash)
-    diag["after"] = probe(model, requests)
-    return res
+    # probed last, on the (restored) unedited weights: the same numbers as before the optimisation, and a
+    # no-grad pass, so a TransformerLens 4 bridge, which keeps each attention block's last pattern, does not
+    # hold on to the optimisation's autograd graph (which also made copy.deepcopy(model) fail)
+    before = probe(model, requests)
+    return Edit(
+        method="memit", requests=requests, deltas=deltas, hparams=hp, model_name=model_name(model),
+        model_hash=now_hash,
+        diagnostics={"before": before, "nll_curves": curves, "layers": layer_info, "templates": templates},
+    )
 
 
-def edit(model, request, hparams: MEMITHParams | None = None, **kw) -> EditResult:
-    """MEMIT on a single request; see `edit_many`."""
-    reqs = as_requests(request)
-    if len(reqs) != 1:
-        raise ValueError(f"request must be one EditRequest, got {len(reqs)}; use edit_many")
-    return edit_many(model, reqs, hparams, **kw)
+def edit_many(model, requests, hparams: MEMITHParams | None = None, **kw) -> AppliedEdit:
+    """`compute(...)`, then apply it; `diagnostics["after"]` holds the probabilities after.
+
+    Takes `compute`'s arguments and raises what it raises.
+
+    Example:
+        >>> with memit.edit_many(model, requests) as e:
+        ...     print(e.diagnostics["after"]["new_seq"])
+    """
+    return apply_and_probe(compute(model, requests, hparams, **kw), model)
+
+
+def edit(model, request, hparams: MEMITHParams | None = None, **kw) -> AppliedEdit:
+    """MEMIT on a single request; see `edit_many`.
+
+    Raises:
+        ValueError: more than one request (use `edit_many`), or as `compute`.
+    """
+    return edit_many(model, one_request(request), hparams, **kw)

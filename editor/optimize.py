@@ -22,6 +22,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import Tensor
 
+from editor.common import pad_tokens
 from editor.hparams import EARLY_STOP_ON, KL_POSITIONS, one_of
 from editor.requests import EditRequest
 from tracer.hooks import hook_name
@@ -29,15 +30,6 @@ from tracer.model import final_logits, final_resid, mlp_output_delta, model_devi
 from tracer.prompts import locate_subject, target_ids
 
 log = logging.getLogger(__name__)
-
-
-def _pad(model, seqs: Sequence[Sequence[int]], device) -> Tensor:
-    pad = model.tokenizer.pad_token_id or 0
-    width = max(len(s) for s in seqs)
-    tokens = torch.full((len(seqs), width), pad, dtype=torch.long, device=device)
-    for i, s in enumerate(seqs):
-        tokens[i, : len(s)] = torch.tensor(list(s), device=device)
-    return tokens
 
 
 def _fill(template: str, prompt: str) -> str:
@@ -59,7 +51,7 @@ def subject_keys(
     out = []
     for b in range(0, len(items), batch_size):
         chunk = items[b : b + batch_size]
-        tokens = _pad(model, [c[0] for c in chunk], device)
+        tokens = pad_tokens(model, [c[0] for c in chunk], device)
         k = run_until(model, tokens, hook_name("key", layer))
         pos = torch.tensor([c[1] for c in chunk], device=device)
         out.append(k[torch.arange(len(chunk), device=device), pos].float())
@@ -75,7 +67,7 @@ def block_values(model, requests: Sequence[EditRequest], layer: int, kind: str, 
     out = []
     for b in range(0, len(items), batch_size):
         chunk = items[b : b + batch_size]
-        tokens = _pad(model, [c.ids for c in chunk], device)
+        tokens = pad_tokens(model, [c.ids for c in chunk], device)
         if kind == "raw":  # the MLP module's output, kept on its way; the pass ends after the block
             seen = {}
             with mlp_output_delta(model, layer, lambda o: seen.setdefault("v", o)):
@@ -133,7 +125,7 @@ def _build(model, requests, templates, kl_prompts, device, kl_position: str = "l
             lg_cols.append(p.last_subject if kl_position == "subject" else len(p.ids) - 1)
     t = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
     return _Batch(
-        tokens=_pad(model, seqs, device),
+        tokens=pad_tokens(model, seqs, device),
         row_req=t(row_req),
         row_pos=t(row_pos),
         lg_rows=t(lg_rows),

@@ -1,12 +1,27 @@
-"""Edit results: the deltas an editor computed, exact undo, and saved edits.
+"""Applied edits: deltas written into a model, exact undo, and the saved-edit file format.
 
-Every editor returns an `EditResult`. It holds the weight deltas per layer (as low-rank
+An editor first computes an `editor.edit.Edit` (deltas and diagnostics; the model is not
+changed). Applying it (`Edit.apply`, or the `edit` / `edit_many` conveniences) goes through
+`apply_deltas`, which checks every delta, writes them into `W_out` and returns an
+`AppliedEdit` (also called `EditResult`). It holds the weight deltas per layer (low-rank
 factors `W_out[l] += U @ V` with `U: [d_mlp, r]`, `V: [r, d_model]`, or a dense
 `[d_mlp, d_model]` matrix), a clone of each edited `W_out` taken before the edit, and
 diagnostics. `restore()` copies the clones back, so the weights are bit-for-bit those from
-before the edit (nothing is subtracted). Edits on one model form a stack kept on the
-model object: they must be restored last-in first-out, and restoring out of order raises
-`EditOrderError`.
+before the edit (nothing is subtracted).
+
+**The edit stack.** The edits applied to one model form a stack (`edit_stack(model)`): they
+must be restored last-in first-out, and restoring out of order raises `EditOrderError`. The
+stacks live in a module-level table keyed by the model object's identity and held through a
+weak reference, not on the model itself, so:
+
+- `copy.deepcopy(model)` (or pickling it) copies no stack: the copy holds the edited weights
+  but no undo, and restoring an edit touches only the model it was applied to;
+- `model.to(device or dtype)` changes the same object in place, so its stack stays; a later
+  `restore()` writes each saved original into the moved or cast `W_out`, which gives exactly
+  the weights the unedited model would have had after the same `.to(...)` (a cast rounds each
+  entry alone, the same way both times);
+- a model's entry disappears when the model is garbage-collected. An `AppliedEdit` refers to
+  its model weakly too, so holding one does not keep a model alive.
 
 Example:
     >>> with rome.edit(model, request) as e:       # restored on exit, exceptions included
@@ -20,9 +35,10 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass, field
+import weakref
+from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -31,9 +47,11 @@ from editor.requests import EditRequest
 from tracer.files import atomic_path
 from tracer.model import model_name, w_out, weights_hash
 
+if TYPE_CHECKING:  # pragma: no cover
+    from editor.edit import Edit
+
 log = logging.getLogger(__name__)
 
-_STACK_ATTR = "_romelens_edit_stack"
 SAVE_FORMAT = "romelens-edit-1"
 
 # Above this ‖ΔW‖ / ‖W_out‖ (Frobenius, per layer) `apply_deltas` logs a warning. Normal edits
@@ -58,11 +76,27 @@ class LayerDelta:
         u: `[d_mlp, r]` left factor, or None.
         v: `[r, d_model]` right factor, or None.
         dense: `[d_mlp, d_model]` full delta, or None (exactly one of dense / (u, v) is set).
+
+    Raises:
+        ValueError: both or neither of `dense` and `(u, v)` given, a factor that is not a 2-D
+            tensor, or factors whose inner dimensions differ.
     """
 
     u: Tensor | None = None
     v: Tensor | None = None
     dense: Tensor | None = None
+
+    def __post_init__(self):
+        if self.dense is not None:
+            if self.u is not None or self.v is not None:
+                raise ValueError("LayerDelta takes either dense or (u, v), not both")
+            if not isinstance(self.dense, Tensor) or self.dense.ndim != 2:
+                raise ValueError(f"dense {_shape(self.dense)} must be a [d_mlp, d_model] tensor")
+            return
+        if not isinstance(self.u, Tensor) or not isinstance(self.v, Tensor):
+            raise ValueError("LayerDelta needs dense, or both u [d_mlp, r] and v [r, d_model]")
+        if self.u.ndim != 2 or self.v.ndim != 2 or self.u.shape[1] != self.v.shape[0]:
+            raise ValueError(f"u {_shape(self.u)} and v {_shape(self.v)} must be [d_mlp, r] and [r, d_model]")
 
     def matrix(self) -> Tensor:
         """The `[d_mlp, d_model]` delta; computed the same way wherever it is applied."""
@@ -75,29 +109,66 @@ class LayerDelta:
         return None if self.dense is not None else int(self.u.shape[1])
 
 
+def _shape(x) -> str:
+    return str(tuple(x.shape)) if isinstance(x, Tensor) else type(x).__name__
+
+
+# id(model) -> (weak reference to the model, its stack of applied edits, oldest first)
+_STACKS: dict[int, tuple[weakref.ref, list]] = {}
+
+
 def edit_stack(model) -> list:
-    """The edits currently applied to `model`, oldest first (kept on the model object)."""
-    stack = model.__dict__.get(_STACK_ATTR)
-    if stack is None:
-        stack = []
-        object.__setattr__(model, _STACK_ATTR, stack)
+    """The edits currently applied to `model`, oldest first.
+
+    Kept in a table keyed by the model's identity through a weak reference (see the module
+    docstring): a deep copy of the model starts with an empty stack, and the entry goes when
+    the model is garbage-collected.
+
+    Example:
+        >>> e = rome.edit(model, req); edit_stack(model)[-1] is e
+        True
+    """
+    key = id(model)
+    entry = _STACKS.get(key)
+    if entry is not None and entry[0]() is model:
+        return entry[1]
+    ref = weakref.ref(model, lambda r, key=key: _forget(key, r))
+    stack: list = []
+    _STACKS[key] = (ref, stack)
     return stack
 
 
+def _forget(key: int, ref: weakref.ref) -> None:
+    entry = _STACKS.get(key)
+    if entry is not None and entry[0] is ref:
+        del _STACKS[key]
+
+
+def _hparams_dict(hp) -> dict[str, Any]:
+    if hp is None:
+        return {}
+    if is_dataclass(hp) and not isinstance(hp, type):
+        return asdict(hp)
+    return dict(hp)
+
+
 @dataclass(eq=False)
-class EditResult:
-    """An applied edit: deltas, original weights, diagnostics; restorable and saveable.
+class AppliedEdit:
+    """An edit written into a model: deltas, original weights, diagnostics; restorable and saveable.
 
     Attributes:
-        method: "rome", "memit" or "ft-l" (or "saved:<method>").
+        method: "rome", "memit" or "ft-l".
         requests: the edit requests.
         layers: the edited blocks.
         deltas: `{layer: LayerDelta}`.
-        diagnostics: numbers about the edit: `before` / `after` probabilities of the
-            new and true targets on each edit prompt, loss curves, etc.
+        diagnostics: numbers about the edit: the `before` probabilities of the new and true
+            targets on each edit prompt, loss curves, etc. (the `Edit`'s), `delta_ratio` and
+            `delta_rounding` per layer (from `apply_deltas`), and `after` when applied by an
+            `edit` / `edit_many` convenience.
         model_name: id of the edited model.
         model_hash: weights hash of the model just before this edit.
         hparams: the hyperparameters used, as a dict.
+        edit: the `editor.edit.Edit` this was applied from, or None (deltas applied directly).
     """
 
     method: str
@@ -108,18 +179,31 @@ class EditResult:
     model_name: str = ""
     model_hash: str = ""
     hparams: dict[str, Any] = field(default_factory=dict)
-    _model: Any = field(default=None, repr=False)
+    edit: "Edit | None" = field(default=None, repr=False)
+    _model_ref: weakref.ref | None = field(default=None, repr=False)
     _originals: dict[int, Tensor] = field(default_factory=dict, repr=False)
 
     @property
+    def model(self):
+        """The model this edit is applied to, or None once restored (or garbage-collected)."""
+        return self._model_ref() if self._model_ref is not None else None
+
+    @property
     def applied(self) -> bool:
-        return self._model is not None
+        return self.model is not None
 
     def restore(self) -> None:
-        """Put back the exact weights from before this edit; must be the latest edit applied."""
-        if self._model is None:
-            raise EditOrderError(f"{self.method} edit of {self._what()} is not applied (already restored?)")
-        stack = edit_stack(self._model)
+        """Put back the exact weights from before this edit; must be the latest edit applied.
+
+        Raises:
+            EditOrderError: the edit is not applied (already restored, or its model is gone),
+                or a later edit on the same model is still applied.
+        """
+        model = self.model
+        if model is None:
+            gone = " (its model no longer exists)" if self._model_ref is not None else " (already restored?)"
+            raise EditOrderError(f"{self.method} edit of {self._what()} is not applied{gone}")
+        stack = edit_stack(model)
         if not stack or stack[-1] is not self:
             later = [e._what() for e in stack[stack.index(self) + 1 :]] if self in stack else []
             raise EditOrderError(
@@ -128,18 +212,20 @@ class EditResult:
             )
         with torch.no_grad():
             for layer, orig in self._originals.items():
-                w_out(self._model, layer).copy_(orig)
+                w_out(model, layer).copy_(orig)  # casts to the weights' device / dtype if the model moved
         stack.pop()
-        self._model = None
+        self._model_ref = None
         self._originals = {}
         log.info("restored %s edit of %s", self.method, self._what())
 
     def _what(self) -> str:
-        subj = [r.subject for r in self.requests[:3]]
-        more = f" +{len(self.requests) - 3}" if len(self.requests) > 3 else ""
-        return f"{subj}{more}"
+        return _what(self.requests)
 
-    def __enter__(self) -> "EditResult":
+    def __repr__(self) -> str:
+        state = "applied" if self.applied else "restored"
+        return f"AppliedEdit({self.method!r}, {self._what()}, layers={self.layers}, {state})"
+
+    def __enter__(self) -> "AppliedEdit":
         return self
 
     def __exit__(self, *exc) -> None:
@@ -147,45 +233,24 @@ class EditResult:
             self.restore()
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the deltas and metadata to a safetensors file (atomically).
+        """Write the deltas and metadata to a safetensors file (atomically); `Edit.load` reads it.
 
         Example:
             >>> e.save("edits/eiffel.safetensors")
         """
-        from safetensors.torch import save_file  # noqa: PLC0415
-
-        tensors = {}
-        for layer, d in self.deltas.items():
-            if d.dense is not None:
-                tensors[f"layer{layer}.dense"] = d.dense.detach().float().cpu().contiguous()
-            else:
-                tensors[f"layer{layer}.u"] = d.u.detach().float().cpu().contiguous()
-                tensors[f"layer{layer}.v"] = d.v.detach().float().cpu().contiguous()
-        diag = {k: v for k, v in self.diagnostics.items() if k in ("before", "after")}
-        meta = {
-            "format": SAVE_FORMAT,
-            "method": self.method,
-            "model_name": self.model_name,
-            "weights_hash": self.model_hash,
-            "layers": json.dumps(list(self.layers)),
-            "requests": json.dumps([r.to_dict() for r in self.requests]),
-            "hparams": json.dumps(self.hparams, default=str),
-            "diagnostics": json.dumps(_jsonable(diag)),
-        }
-        path = Path(path)
-        with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata=meta)
-        return path
+        return write_edit_file(
+            path, method=self.method, model_name=self.model_name, model_hash=self.model_hash,
+            deltas=self.deltas, requests=self.requests, hparams=self.hparams, diagnostics=self.diagnostics,
+        )
 
 
-def _jsonable(x):
-    if isinstance(x, Tensor):
-        return x.tolist()
-    if isinstance(x, dict):
-        return {k: _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    return x
+EditResult = AppliedEdit  # the name every editor returned before `compute` / `Edit.apply`
+
+
+def _what(requests) -> str:
+    subj = [r.subject for r in requests[:3]]
+    more = f" +{len(requests) - 3}" if len(requests) > 3 else ""
+    return f"{subj}{more}"
 
 
 def apply_deltas(
@@ -197,8 +262,13 @@ def apply_deltas(
     diagnostics: dict | None = None,
     hparams: dict | None = None,
     model_hash: str | None = None,
-) -> EditResult:
+    edit: "Edit | None" = None,
+) -> AppliedEdit:
     """Write `deltas` into the model's `W_out`s, keeping clones to restore; push on the edit stack.
+
+    The one place where romelens writes an edit into a model: `Edit.apply` (and so every
+    `edit` / `edit_many`) and `apply_saved` come here. `W_out[l] ← W_out[l] + ΔW_l` with
+    `ΔW_l = U @ V` (`U [d_mlp, r]`, `V [r, d_model]`) or a dense `[d_mlp, d_model]` delta.
 
     Every delta is checked before any weight changes: its shape must be `W_out`'s and its
     entries finite. The delta is formed in float32 and each `W_out` is rounded once, to
@@ -211,10 +281,25 @@ def apply_deltas(
     changes nothing), a ratio above `MAX_DELTA_RATIO`, and a rounding loss above
     `MAX_ROUNDING_LOSS`.
 
+    Args:
+        model: the TransformerLens model, changed in place.
+        deltas: `{layer: LayerDelta}`.
+        method, requests, hparams: recorded on the result (`hparams` a dataclass or a dict).
+        diagnostics: the result's diagnostics dict (gains the entries above).
+        model_hash: the model's weights hash now (computed when not given).
+        edit: the `Edit` being applied, recorded as `AppliedEdit.edit`.
+
+    Returns:
+        The `AppliedEdit`, on top of `edit_stack(model)`.
+
     Raises:
         ValueError: a delta has the wrong shape or a NaN / inf entry; no weight was changed.
+
+    Example:
+        >>> with apply_deltas(model, {4: LayerDelta(u=u[:, None], v=v[None])}, method="rome", requests=[req]):
+        ...     logits = model(tokens)     # W_out[4] += outer(u, v) here, restored after
     """
-    res = EditResult(
+    res = AppliedEdit(
         method=method,
         requests=tuple(requests),
         layers=tuple(sorted(deltas)),
@@ -222,7 +307,8 @@ def apply_deltas(
         diagnostics=diagnostics if diagnostics is not None else {},
         model_name=model_name(model),
         model_hash=model_hash or weights_hash(model),
-        hparams=hparams or {},
+        hparams=_hparams_dict(hparams),
+        edit=edit,
     )
     what = f"{method} edit of {res._what()}"
     ratios = {}
@@ -248,7 +334,7 @@ def apply_deltas(
             applied = w.float() - originals[layer].float()
             rounding[layer] = float((applied - delta).norm() / delta.norm()) if ratios[layer] > 0 else 0.0
     res._originals = originals
-    res._model = model
+    res._model_ref = weakref.ref(model)
     edit_stack(model).append(res)
     res.diagnostics["delta_ratio"] = ratios
     res.diagnostics["delta_rounding"] = rounding
@@ -274,19 +360,62 @@ def _delta_on(d: LayerDelta, w: Tensor) -> Tensor:
     return LayerDelta(u=on(d.u), v=on(d.v), dense=on(d.dense)).matrix()
 
 
-def apply_saved(model, path: str | os.PathLike, *, check_hash: bool = True) -> EditResult:
-    """Re-apply an edit written by `EditResult.save`, after checking it is the same model.
 
-    Args:
-        model: the model (in the state the edit was made on).
-        path: the `.safetensors` file.
-        check_hash: refuse a model whose weights hash differs from the saved one.
+
+# --------------------------------------------------------------------------- saved edits
+
+
+def write_edit_file(
+    path: str | os.PathLike,
+    *,
+    method: str,
+    model_name: str,
+    model_hash: str,
+    deltas: dict[int, LayerDelta],
+    requests,
+    hparams,
+    diagnostics: dict,
+) -> Path:
+    """Write an edit as safetensors (float32 factors) plus JSON metadata, atomically.
+
+    Format `romelens-edit-1`: tensors `layer{l}.u` / `layer{l}.v` (or `layer{l}.dense`), and
+    string metadata `format`, `method`, `model_name`, `weights_hash`, `layers`, `requests`,
+    `hparams` and `diagnostics` (the last four JSON; tensors in the diagnostics as lists).
+    """
+    from safetensors.torch import save_file  # noqa: PLC0415
+
+    tensors = {}
+    for layer, d in deltas.items():
+        if d.dense is not None:
+            tensors[f"layer{layer}.dense"] = d.dense.detach().float().cpu().contiguous()
+        else:
+            tensors[f"layer{layer}.u"] = d.u.detach().float().cpu().contiguous()
+            tensors[f"layer{layer}.v"] = d.v.detach().float().cpu().contiguous()
+    meta = {
+        "format": SAVE_FORMAT,
+        "method": method,
+        "model_name": model_name,
+        "weights_hash": model_hash,
+        "layers": json.dumps(sorted(deltas)),
+        "requests": json.dumps([r.to_dict() for r in requests]),
+        "hparams": json.dumps(_hparams_dict(hparams), default=str),
+        "diagnostics": json.dumps(_jsonable(diagnostics), default=str),
+    }
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+    return path
+
+
+def read_edit_file(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a file written by `write_edit_file` (or by any romelens version with format 1).
 
     Returns:
-        An applied `EditResult` that can `.restore()`.
+        `{"method", "model_name", "model_hash", "deltas", "requests", "hparams" (dict),
+        "diagnostics" (dict; `before` / `after` probabilities as float32 tensors)}`.
 
-    Example:
-        >>> e = apply_saved(model, "edits/eiffel.safetensors")
+    Raises:
+        ValueError: `path` is not a file, cannot be read as safetensors, or has another format.
     """
     from safetensors import safe_open  # noqa: PLC0415
 
@@ -297,31 +426,62 @@ def apply_saved(model, path: str | os.PathLike, *, check_hash: bool = True) -> E
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001  (any reader error: not a saved edit)
         raise ValueError(f"path {str(path)!r} is not a readable saved edit ({err})") from None
     if meta.get("format") != SAVE_FORMAT:
         raise ValueError(f"path {str(path)!r} has format {meta.get('format')!r}, expected {SAVE_FORMAT!r}")
-    whash = weights_hash(model)
-    if check_hash and meta["weights_hash"] != whash:
-        raise ValueError(
-            f"saved edit {str(path)!r} was made on {meta['model_name']!r} with weights hash "
-            f"{meta['weights_hash'][:12]}..., but this model ({model_name(model)!r}) hashes to {whash[:12]}...; "
-            "apply it to the same (unedited) model, or pass check_hash=False"
-        )
-    layers = json.loads(meta["layers"])
-    deltas = {}
-    for layer in layers:
-        if f"layer{layer}.dense" in tensors:
-            deltas[layer] = LayerDelta(dense=tensors[f"layer{layer}.dense"])
-        else:
-            deltas[layer] = LayerDelta(u=tensors[f"layer{layer}.u"], v=tensors[f"layer{layer}.v"])
-    requests = [EditRequest.from_dict(r) for r in json.loads(meta["requests"])]
-    return apply_deltas(
-        model,
-        deltas,
-        method=meta["method"],
-        requests=requests,
-        diagnostics={"saved": json.loads(meta.get("diagnostics", "{}")), "path": str(path)},
-        hparams=json.loads(meta.get("hparams", "{}")),
-        model_hash=whash,
-    )
+    try:
+        deltas = {}
+        for layer in json.loads(meta["layers"]):
+            if f"layer{layer}.dense" in tensors:
+                deltas[layer] = LayerDelta(dense=tensors[f"layer{layer}.dense"])
+            else:
+                deltas[layer] = LayerDelta(u=tensors[f"layer{layer}.u"], v=tensors[f"layer{layer}.v"])
+        requests = tuple(EditRequest.from_dict(r) for r in json.loads(meta["requests"]))
+        diagnostics = json.loads(meta.get("diagnostics", "{}"))
+    except (KeyError, ValueError, TypeError) as err:
+        raise ValueError(f"path {str(path)!r} is a damaged saved edit ({type(err).__name__}: {err})") from None
+    for when in ("before", "after"):
+        if isinstance(diagnostics.get(when), dict):
+            diagnostics[when] = {k: torch.tensor(v, dtype=torch.float32) for k, v in diagnostics[when].items()}
+    return {
+        "method": meta["method"],
+        "model_name": meta.get("model_name", ""),
+        "model_hash": meta["weights_hash"],
+        "deltas": deltas,
+        "requests": requests,
+        "hparams": json.loads(meta.get("hparams", "{}")),
+        "diagnostics": diagnostics,
+    }
+
+
+def _jsonable(x):
+    if isinstance(x, Tensor):
+        return x.tolist()
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    return x
+
+
+def apply_saved(model, path: str | os.PathLike, *, check_hash: bool = True) -> AppliedEdit:
+    """`Edit.load(path).apply(model, force=not check_hash)`: re-apply a saved edit.
+
+    Args:
+        model: the model (in the state the edit was computed on).
+        path: the `.safetensors` file (`Edit.save` or `AppliedEdit.save`).
+        check_hash: refuse a model whose weights hash differs from the saved one.
+
+    Returns:
+        An applied `AppliedEdit` that can `.restore()`.
+
+    Raises:
+        ValueError: an unreadable file, or (with `check_hash`) a model with other weights.
+
+    Example:
+        >>> e = apply_saved(model, "edits/eiffel.safetensors")
+    """
+    from editor.edit import Edit  # noqa: PLC0415  (edit.py builds on this module)
+
+    return Edit.load(path).apply(model, force=not check_hash)

@@ -20,65 +20,48 @@ in our `[d_mlp, d_model]` orientation (`out = k @ W_out`), which is the paper's
   removes the norm blow-up and collapse of sequential edits; "mean-key-shift" maps `k*`
   to `W k* + δ`.
 
-The model is unchanged while deltas are computed (sequential edits in `edit_many` are
-applied temporarily and undone in a `finally`), then the deltas are applied together.
+`compute` returns an `editor.Edit` and leaves the model's weights bit-identical (sequential
+requests are applied temporarily and always undone); `edit` / `edit_many` compute, then apply.
 
 Example:
     >>> from editor import rome, EditRequest
     >>> req = EditRequest(prompt="{} is located in the city of", subject="Eiffel Tower", target_new="Rome")
-    >>> with rome.edit(model, req) as e:
-    ...     print(e.diagnostics["after"]["new_first"])
+    >>> e = rome.compute(model, req)                 # nothing written yet
+    >>> e.diagnostics["before"]["new_first"], e.diagnostics["steps"][0]["nll_curve"]
+    >>> with e.applied(model):                       # written here, restored on exit
+    ...     logits = model("The Eiffel Tower is located in the city of")
+    >>> with rome.edit(model, req) as a:             # compute, then apply; restored on exit
+    ...     print(a.diagnostics["after"]["new_first"])
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from dataclasses import asdict
 from typing import Sequence
 
 import torch
 from torch import Tensor
 
 from editor.checks import check_edit
-from editor.context import context_templates
+from editor.common import apply_and_probe, base_hash, one_request, probe, restoring_weights, templates_for
+from editor.edit import Edit
 from editor.hparams import ROME_KEYS, ROMEHParams, one_of, rome_hparams
 from editor.optimize import block_values, optimize_values, subject_keys
 from editor.requests import EditRequest, as_requests
-from editor.result import EditResult, LayerDelta, apply_deltas, edit_stack
+from editor.result import AppliedEdit, LayerDelta, edit_stack
 from editor.stats import layer_stats
-from tracer.model import model_device, w_out, weights_hash
-from tracer.prompts import target_probs
+from tracer.model import model_device, model_name, w_out, weights_hash
 
 log = logging.getLogger(__name__)
 
 HParams = ROMEHParams
 
 
-def templates_for(model, lengths, *, cache_dir, model_hash) -> list[str]:
-    """`"{}"` plus the self-generated templates for each `(length, n)` pair."""
-    out = ["{}"]
-    for i, (length, n) in enumerate(lengths):
-        out += context_templates(model, n=n, length=length, seed=i, cache_dir=cache_dir, model_hash=model_hash)[1:]
-    return out
-
-
-def probe(model, requests: Sequence[EditRequest]) -> dict[str, Tensor]:
-    """Probabilities of the new and true targets on each bare edit prompt."""
-    prompts = [r.filled for r in requests]
-    new = target_probs(model, prompts, [r.target_new for r in requests])
-    out = {"new_first": new.first, "new_seq": new.seq}
-    has_true = [r for r in requests if r.target_true]
-    if len(has_true) == len(requests):
-        true = target_probs(model, prompts, [r.target_true for r in requests])
-        out |= {"true_first": true.first, "true_seq": true.seq}
-    return out
-
-
-def base_hash(model) -> str:
-    """Weights hash of the model before any romelens edit now applied (stats describe it)."""
-    stack = edit_stack(model)
-    return stack[0].model_hash if stack else weights_hash(model)
+# Re-exported for code that imported them from here (`editor.hparams.default_layer`,
+# `benchmarks.sweep`, `benchmarks.edit_speed`); they live in `editor.common`.
+__all__ = ["HParams", "base_hash", "compute", "compute_delta", "compute_factors", "edit", "edit_many", "probe",
+           "right_vector", "rome_hparams", "templates_for"]
 
 
 def right_vector(
@@ -204,7 +187,7 @@ def compute_delta(
     return f["u"], f["v"][hp.key], info
 
 
-def edit_many(
+def compute(
     model,
     requests,
     hparams: ROMEHParams | None = None,
@@ -213,45 +196,57 @@ def edit_many(
     corpus: str | None = None,
     cache_dir: str | os.PathLike | None = None,
     device=None,
-) -> EditResult:
-    """Apply ROME to each request in turn (each computed on the model edited by the previous
-    ones), returning one `EditResult` that restores all of them at once.
+) -> Edit:
+    """Compute ROME for each request in turn (each on the model with the previous ones
+    applied temporarily); the model's weights are bit-identical when this returns or raises.
+
+    ROME Eq. 2 (App. A): the rank-one `Ŵ = W + Λ (C⁻¹k*)ᵀ` that maps `k*` to `v*`, in our
+    `[d_mlp, d_model]` orientation `W_out += outer(u, v)` with `u = C⁻¹k* / ‖C⁻¹k*‖`
+    (`[d_mlp]`) and `v` from `right_vector` (`[d_model]`); `v*` from ROME Eq. 4
+    (`editor.optimize.optimize_values`). The r requests' factors are stacked into one
+    `LayerDelta(u [d_mlp, r], v [r, d_model])` at `hparams.layer`.
 
     Args:
         model: a TransformerLens model.
-        requests: `EditRequest`s (or CounterFact records / dicts).
+        requests: `EditRequest`s (or CounterFact records / dicts), or one.
         hparams: `ROMEHParams`; default the preset for the model (`rome_hparams`).
         stats: `C = E[k kᵀ]` at the edit layer, `[d_mlp, d_mlp]`; default loaded from the cache
             or computed over `corpus`.
         corpus: text for the statistics (default WikiText-2 test in `../shared/data`).
         cache_dir: cache root for statistics and context templates.
-        device: where to compute; default the model's device.
+        device: where to compute; must be the model's device (the default).
 
     Returns:
-        An applied `EditResult` (rank-r factors at the edit layer).
+        An `Edit` (not applied): `deltas {layer: LayerDelta}` and `diagnostics` with `before`
+        (target probabilities), `steps` (per request: `nll_curve`, `delta_norm` ‖δ‖,
+        `value_norm`, `key_dot` k·u) and `templates`.
+
+    Raises:
+        ValueError: `hparams` is not a `ROMEHParams`, or a check in `editor.checks.check_edit`
+            fails (layer out of range, device, conflicting requests, bad or too few-token
+            statistics, the last block for a prompt the subject does not end); nothing ran.
+
+    Example:
+        >>> e = rome.compute(model, EditRequest(prompt="{} is located in the city of",
+        ...                                     subject="The Eiffel Tower", target_new="Rome"))
+        >>> e.deltas[e.layers[0]].u.shape              # [d_mlp, 1]
     """
     requests = as_requests(requests)
     hp = hparams or rome_hparams(model)
     if not isinstance(hp, ROMEHParams):
         raise ValueError(f"hparams {hp!r} is not a ROMEHParams")
     check_edit(model, "rome", requests, hp, stats=stats, device=device)
-    if device is not None and torch.device(device) != model_device(model):
-        raise ValueError(f"device {device!r} differs from the model's {model_device(model)}; move the model first")
     bh = base_hash(model)
     now_hash = weights_hash(model) if edit_stack(model) else bh
     if stats is None:
         C = layer_stats(model, hp.layer, corpus=corpus, n_tokens=hp.mom2_n_tokens, cache_dir=cache_dir, model_hash=bh)
     else:
         C = stats
-        if tuple(C.shape) != (model.cfg.d_mlp, model.cfg.d_mlp):
-            raise ValueError(f"stats shape {tuple(C.shape)} is not [d_mlp, d_mlp] = {model.cfg.d_mlp}")
     C = C.to(model_device(model))
     templates = templates_for(model, hp.context_lengths, cache_dir=cache_dir, model_hash=bh)
-    before = probe(model, requests)
     w = w_out(model, hp.layer)
-    original = w.detach().clone()
     us, vs, infos = [], [], []
-    try:
+    with restoring_weights(model, [hp.layer]):  # the model is unchanged at the end, exceptions included
         for r in requests:
             u, v, info = compute_delta(model, r, hp, C=C, templates=templates)
             us.append(u)
@@ -261,28 +256,38 @@ def edit_many(
                 with torch.no_grad():
                     w.add_(torch.outer(u, v).to(w.dtype))  # later requests see this edit
             log.info("ROME %s -> %r: nll %s", r.subject, r.target_new, info["nll_curve"][-1])
-    finally:
-        with torch.no_grad():
-            w.copy_(original)  # the model is unchanged at the end of delta computation
+    # probed last, on the (restored) unedited weights: the same numbers as before the optimisation, and a
+    # no-grad pass, so a TransformerLens 4 bridge, which keeps each attention block's last pattern, does not
+    # hold on to the optimisation's autograd graph (which also made copy.deepcopy(model) fail)
+    before = probe(model, requests)
     delta = LayerDelta(u=torch.stack(us, 1), v=torch.stack(vs, 0))  # [d_mlp, r], [r, d_model]
-    diag = {"before": before, "steps": infos, "templates": templates}
-    res = apply_deltas(
-        model, {hp.layer: delta}, method="rome", requests=requests, diagnostics=diag,
-        hparams=asdict(hp), model_hash=now_hash,
+    return Edit(
+        method="rome", requests=requests, deltas={hp.layer: delta}, hparams=hp, model_name=model_name(model),
+        model_hash=now_hash, diagnostics={"before": before, "steps": infos, "templates": templates},
     )
-    diag["after"] = probe(model, requests)
-    return res
 
 
-def edit(model, request, hparams: ROMEHParams | None = None, **kw) -> EditResult:
-    """Apply one ROME edit; see `edit_many` for the arguments.
+def edit_many(model, requests, hparams: ROMEHParams | None = None, **kw) -> AppliedEdit:
+    """`compute(...)`, then apply it; `diagnostics["after"]` holds the probabilities after.
+
+    Takes `compute`'s arguments and raises what it raises.
+
+    Example:
+        >>> with rome.edit_many(model, requests) as e:
+        ...     print(e.diagnostics["after"]["new_first"])
+    """
+    return apply_and_probe(compute(model, requests, hparams, **kw), model)
+
+
+def edit(model, request, hparams: ROMEHParams | None = None, **kw) -> AppliedEdit:
+    """Apply one ROME edit: `edit_many` with one request.
+
+    Raises:
+        ValueError: more than one request (use `edit_many`), or as `compute`.
 
     Example:
         >>> e = rome.edit(model, EditRequest(prompt="{} is located in the city of",
         ...                                  subject="Eiffel Tower", target_new="Rome"))
         >>> e.restore()
     """
-    reqs = as_requests(request)
-    if len(reqs) != 1:
-        raise ValueError(f"request must be one EditRequest, got {len(reqs)}; use edit_many")
-    return edit_many(model, reqs, hparams, **kw)
+    return edit_many(model, one_request(request), hparams, **kw)

@@ -228,3 +228,25 @@ def test_edit_summary_reads_each_method_diagnostics():
     assert runner.edit_summary(memit_like) == {"edit_final_nll": [0.1, 0.02], "edit_steps": [2, 3]}
     assert runner.edit_summary(E({"nll_curve": [1.0, 0.2]}))["edit_final_nll"] == [0.2]
     assert runner.edit_summary(object()) == {}
+
+
+def test_batch_edit_is_saved_as_an_edit_before_it_is_applied(tiny_model, records, tmp_path, monkeypatch):
+    # the saved batch edit is an `editor.Edit` (requests, resolved hparams, the unedited model's
+    # hash) written before the model changes: a failed save is recorded and leaves the model unedited
+    from editor import METHODS, Edit, FTHParams
+
+    hp = FTHParams(layer=1, num_steps=3, lr=1e-2, norm_constraint=1e-2)
+    before = weights_hash(tiny_model)
+    runner.run_records(model=tiny_model, method=METHODS["ft-l"], records=records[:2], out_dir=tmp_path / "a",
+                       evaluate=evaluate, batch=2, hparams=hp)
+    e = Edit.load(tmp_path / "a" / "edits" / "batch0000.safetensors")
+    assert e.hparams == hp and e.model_hash == before and [r.subject for r in e.requests] == ["The Colosseum", "Michael Jordan"]
+
+    def full_disk(self, path):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Edit, "save", full_disk)
+    rows = runner.run_records(model=tiny_model, method=METHODS["ft-l"], records=records[:2], out_dir=tmp_path / "b",
+                              evaluate=evaluate, batch=2, hparams=hp)
+    assert all("disk full" in r["error"] for r in rows)
+    assert weights_hash(tiny_model) == before
