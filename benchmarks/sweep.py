@@ -177,7 +177,7 @@ def main(argv=None) -> str:
     from benchmarks import runner  # noqa: PLC0415
     from benchmarks.data import load_counterfact  # noqa: PLC0415
     from editor import rome_hparams  # noqa: PLC0415
-    from editor.hparams import ROME_KEYS  # noqa: PLC0415
+    from editor.hparams import ROME_KEYS, ROMEHParams  # noqa: PLC0415
     from tracer.model import add_model_args, load_any  # noqa: PLC0415
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -196,6 +196,11 @@ def main(argv=None) -> str:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     configs = parse_configs(args.config)
+    for name, fields in configs.items():  # every field checked before the model is loaded
+        try:
+            ROMEHParams(**{"layer": 0, **fields})
+        except TypeError as err:
+            raise ValueError(f"--config {name}: {err}") from None
     keys = [k.strip() for k in args.keys.split(",") if k.strip()]
     bad = [k for k in keys if k not in ROME_KEYS]
     if bad or not keys:

@@ -20,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Any, Mapping, Sequence
 
@@ -69,6 +70,54 @@ def check_positive_int(value: Any, field: str) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{field} {value!r} must be a positive int")
     return int(value)
+
+
+def check_real(value: Any, field: str, *, minimum: float | None = None, positive: bool = False) -> float:
+    """`value` as a finite float, or a `ValueError` naming `field`.
+
+    Strings (`"0.5"`, `"False"` from a command line), bools, NaN and infinities are refused;
+    `positive` asks for `> 0`, `minimum` for `>= minimum`.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{field} {value!r} must be a finite number, not {type(value).__name__}")
+    if positive and value <= 0:
+        raise ValueError(f"{field} {value!r} must be > 0")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{field} {value!r} must be >= {minimum}")
+    return float(value)
+
+
+def check_bool(value: Any, field: str) -> bool:
+    """`value` if it is a bool (not the string "False", not 0/1), else a `ValueError` naming `field`."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{field} {value!r} must be True or False, not {type(value).__name__}")
+    return value
+
+
+def check_prompts(values: Any, field: str) -> tuple[str, ...]:
+    """A tuple of prompt templates, each a string with exactly one `{}` for the subject."""
+    if isinstance(values, str) or not isinstance(values, Sequence):
+        raise ValueError(f"{field} {values!r} must be a tuple of strings with one '{{}}' each, e.g. ('{{}} is a',)")
+    for v in values:
+        if not isinstance(v, str) or v.count("{}") != 1:
+            raise ValueError(f"{field} entry {v!r} must be a string with exactly one '{{}}' for the subject")
+    return tuple(values)
+
+
+def check_context_lengths(values: Any, field: str = "context_lengths") -> tuple[tuple[int, int], ...]:
+    """`((length, n), ...)`: `n >= 0` generated templates of `length >= 1` tokens each."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+        raise ValueError(f"{field} {values!r} must be a tuple of (length, n) pairs, e.g. ((10, 5),)")
+    out = []
+    for pair in values:
+        if isinstance(pair, (str, bytes)) or not isinstance(pair, Sequence) or len(pair) != 2:
+            raise ValueError(f"{field} entry {pair!r} must be a (length, n) pair, e.g. (10, 5)")
+        length = check_positive_int(pair[0], f"{field} length")
+        n = pair[1]
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:
+            raise ValueError(f"{field} count {n!r} must be an int >= 0")
+        out.append((length, int(n)))
+    return tuple(out)
 
 
 def check_stats_tokens(model, n_tokens: int, field: str = "mom2_n_tokens") -> None:
@@ -138,8 +187,8 @@ def check_requests(model, requests: Sequence) -> None:
     """
     seen: dict[str, tuple[int, Any, list[int]]] = {}
     for i, r in enumerate(requests):
-        text = r.filled
-        tids = target_ids(model, text, r.target_new)
+        tids = target_ids(model, r.filled, r.target_new)
+        text = r.filled.rstrip()  # the scorers give trailing spaces to the target: "of " -> " Berlin" is "of" -> " Berlin"
         if text not in seen:
             seen[text] = (i, r, tids)
             continue

@@ -26,7 +26,15 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
-from editor.checks import check_layer, check_layers, check_positive_int
+from editor.checks import (
+    check_bool,
+    check_context_lengths,
+    check_layer,
+    check_layers,
+    check_positive_int,
+    check_prompts,
+    check_real,
+)
 
 log = logging.getLogger(__name__)
 
@@ -105,8 +113,8 @@ class ROMEHParams:
         one_of("key", self.key, ROME_KEYS)
         one_of("kl_position", self.kl_position, KL_POSITIONS)
         one_of("early_stop_on", self.early_stop_on, EARLY_STOP_ON)
-        check_layer(self.layer, "layer")
-        check_positive_int(self.mom2_n_tokens, "mom2_n_tokens")
+        _set(self, layer=check_layer(self.layer, "layer"), mom2_adjustment=check_bool(self.mom2_adjustment, "mom2_adjustment"))
+        _check_optimisation(self)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -153,9 +161,11 @@ class MEMITHParams:
     spread: Literal["residual", "joint"] = "residual"
 
     def __post_init__(self):
-        if self.spread not in ("residual", "joint"):
-            raise ValueError(f"spread {self.spread!r} must be 'residual' or 'joint'")
+        one_of("spread", self.spread, ("residual", "joint"))
         layers = check_layers(self.layers, "layers")
+        _set(self, layers=layers, mom2_update_weight=check_real(self.mom2_update_weight, "mom2_update_weight", positive=True),
+             z_batch_size=check_positive_int(self.z_batch_size, "z_batch_size"))
+        _check_optimisation(self)
         if layers != tuple(range(layers[0], layers[-1] + 1)):
             raise ValueError(
                 f"layers {tuple(self.layers)} must be a contiguous increasing range, e.g. "
@@ -184,7 +194,34 @@ class FTHParams:
     early_stop_nll: float = 0.01
 
     def __post_init__(self):
-        check_layer(self.layer, "layer")
+        _set(self, layer=check_layer(self.layer, "layer"), num_steps=check_positive_int(self.num_steps, "num_steps"),
+             lr=check_real(self.lr, "lr", positive=True),
+             norm_constraint=check_real(self.norm_constraint, "norm_constraint", positive=True),
+             early_stop_nll=check_real(self.early_stop_nll, "early_stop_nll"))
+
+
+def _set(hp, **values) -> None:
+    """Store checked, normalised values (a numpy int as an int, an int as a float where a
+    float is meant) on a frozen hparams object."""
+    for name, value in values.items():
+        object.__setattr__(hp, name, value)
+
+
+def _check_optimisation(hp) -> None:
+    """The value-optimisation fields ROME and MEMIT share: a command-line string such as
+    "0.5" or "False", a negative clamp or a step count of 0 is refused here, before any run."""
+    _set(
+        hp,
+        v_num_grad_steps=check_positive_int(hp.v_num_grad_steps, "v_num_grad_steps"),
+        v_lr=check_real(hp.v_lr, "v_lr", positive=True),
+        v_weight_decay=check_real(hp.v_weight_decay, "v_weight_decay", minimum=0.0),
+        clamp_norm_factor=check_real(hp.clamp_norm_factor, "clamp_norm_factor", positive=True),
+        kl_factor=check_real(hp.kl_factor, "kl_factor", minimum=0.0),
+        kl_prompts=check_prompts(hp.kl_prompts, "kl_prompts"),
+        early_stop_nll=check_real(hp.early_stop_nll, "early_stop_nll"),
+        context_lengths=check_context_lengths(hp.context_lengths),
+        mom2_n_tokens=check_positive_int(hp.mom2_n_tokens, "mom2_n_tokens"),
+    )
 
 
 def _norm(name: str) -> str:

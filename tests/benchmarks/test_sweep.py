@@ -83,3 +83,14 @@ def test_sweep_runs_the_editor_guards_first(tiny_model, tmp_path):
     with pytest.raises(ValueError, match="layer"):  # past the model: refused by editor.checks
         sweep.run_sweep(tiny_model, records, out=tmp_path, configs={"b": {"layer": 7}}, keys=["r-rome"], base=HP)
     assert not (tmp_path / "none").exists()
+
+
+@pytest.mark.parametrize("config,match", [("a:layr=3", "layr"), ("a:layer=-1", "layer"), ("a:key=R-ROME", "key"),
+                                          ("a:mom2_adjustment=False", "mom2_adjustment"), ("a:v_lr=.5", "v_lr")])
+def test_cli_checks_configs_before_loading_the_model(monkeypatch, tmp_path, config, match):
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the configs were checked")
+
+    monkeypatch.setattr("tracer.model.load_any", no_load)
+    with pytest.raises(ValueError, match=match):
+        sweep.main(["--start", "0", "--n", "1", "--out", str(tmp_path), "--config", config])

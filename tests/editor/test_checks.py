@@ -218,6 +218,14 @@ def test_conflicting_requests_are_refused(tiny_model, tmp_path, name):
             r"requests 0 and 2 ask for different targets \('Rome' vs 'Tokyo'\) .*both cannot hold")
 
 
+def test_a_trailing_space_does_not_hide_a_conflict(tiny_model):
+    from editor.checks import check_requests
+
+    spaced = replace(REQ, prompt=REQ.prompt + " ", target_new="Tokyo", target_true=None)
+    with pytest.raises(ValueError, match="different targets"):
+        check_requests(tiny_model, [REQ, spaced])
+
+
 def test_compatible_requests_are_not_conflicts(tiny_model):
     from editor.checks import check_requests
 
