@@ -304,7 +304,7 @@ def default_layer(model, *, facts=None, n: int = 100, cache_dir=None) -> int:
     Returns:
         The block index to edit.
     """
-    from editor.rome import base_hash  # noqa: PLC0415  (rome imports this module)
+    from editor.common import base_hash  # noqa: PLC0415
     from tracer import layer as tlayer  # noqa: PLC0415  (heavy, only when needed)
     from tracer.dataset import default_data_dir  # noqa: PLC0415
     from tracer.model import model_name  # noqa: PLC0415
@@ -333,7 +333,8 @@ def default_layer(model, *, facts=None, n: int = 100, cache_dir=None) -> int:
                 "(~%.0f min on this machine); to skip this, %s", name, n, path, max(minutes, 1.0), skip)
     try:
         # the paper's tracing defaults: known facts, window 10, 10 noise samples
-        choice = tlayer.choose_edit_layer(model, str(path), n=n, window=10, samples=10, cache_dir=cache_dir)
+        # cached once, below, under the unedited weights' hash (not also under the current weights')
+        choice = tlayer.choose_edit_layer(model, str(path), n=n, window=10, samples=10, cache_dir="none")
     except Exception as err:  # noqa: BLE001  (any failure -> documented fallback)
         layer = _fallback_layer(n_layers)
         log.warning("choosing the edit layer failed (%s: %s); using layer %d (17/48 of the depth)", type(err).__name__, err, layer)
