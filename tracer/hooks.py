@@ -17,7 +17,8 @@ Example:
 
 from __future__ import annotations
 
-from typing import Literal
+from contextlib import contextmanager
+from typing import Callable, Iterator, Literal
 
 try:  # TransformerLens 3.x
     from transformer_lens.utils import get_act_name
@@ -54,6 +55,60 @@ def hook_name(kind: str, layer: int) -> str:
     except KeyError:
         raise ValueError(f"kind {kind!r} is not one of {sorted(_ACT)}") from None
     return get_act_name(act, layer)
+
+
+#: sae-lens's `HookedSAETransformer.add_sae` splices an SAE in place of the hook point it
+#: reads: the name then leads to a wrapper whose `hook_sae_input` sees what the point
+#: received and whose `hook_sae_output` carries what flows on (the reconstruction, plus the
+#: error term with `use_error_term=True`).
+SAE_SIDES = {"output": "hook_sae_output", "input": "hook_sae_input"}
+
+
+def resolve_hook(model, name: str, *, side: str = "output") -> str:
+    """The hook point that carries `name`'s activation on `model`, SAEs included.
+
+    On a plain TransformerLens model this is `name`. Where sae-lens has attached an SAE at
+    `name` (`HookedSAETransformer.add_sae`), `name` is no longer a hook point: the stream
+    that later layers read is `name + ".hook_sae_output"` (`side="output"`, for reading
+    a state or writing a replacement for it) and what the point received is
+    `name + ".hook_sae_input"` (`side="input"`, for a state that is fed back into the model
+    at `start_at_layer`, which runs the SAE again).
+
+    Raises:
+        ValueError: `side` is not "output" or "input".
+
+    Example:
+        >>> resolve_hook(sae_model, "blocks.1.hook_resid_post")   # SAE attached there
+        'blocks.1.hook_resid_post.hook_sae_output'
+    """
+    if side not in SAE_SIDES:
+        raise ValueError(f"side {side!r} must be one of {tuple(SAE_SIDES)}")
+    points = getattr(model, "hook_dict", None)
+    if points is None or name in points:
+        return name
+    spliced = f"{name}.{SAE_SIDES[side]}"
+    return spliced if spliced in points else name
+
+
+@contextmanager
+def hooks(model, fwd_hooks: list[tuple[str, Callable]], *, side: str = "output") -> Iterator[None]:
+    """`model.hooks(fwd_hooks=...)` with every name passed through `resolve_hook`."""
+    with model.hooks(fwd_hooks=[(resolve_hook(model, n, side=side) if isinstance(n, str) else n, f) for n, f in fwd_hooks]):
+        yield
+
+
+def hook_layer(name: str, n_layers: int) -> int:
+    """The block a hook point belongs to: `l` for `blocks.l.*`, -1 before the first block
+    (`hook_embed`, `hook_pos_embed`), `n_layers` after the last (`ln_final.*`, `unembed.*`).
+
+    Example:
+        >>> hook_layer("blocks.1.hook_resid_post.hook_sae_acts_post", 18), hook_layer("hook_embed", 18)
+        (1, -1)
+    """
+    head, _, rest = name.partition(".")
+    if head == "blocks":
+        return int(rest.partition(".")[0])
+    return -1 if name.startswith(("hook_embed", "hook_pos_embed", "embed", "pos_embed")) else n_layers
 
 
 def check_kind(kind: str) -> str:

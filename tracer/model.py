@@ -47,7 +47,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from tracer.hooks import hook_name
+from tracer.hooks import hook_name, resolve_hook
 from tracer.offline import HF_NAME, OFFLINE_NAMES, load_gemma_hf
 
 log = logging.getLogger(__name__)
@@ -604,7 +604,8 @@ class _Stop(Exception):
 def run_until(model, tokens: Tensor, name: str, **kwargs) -> Tensor:
     """The activation at hook point `name`, ending the forward pass there (nothing later runs).
 
-    Hooks already active (`model.hooks(...)`, `mlp_output_delta`) apply as usual; `kwargs`
+    `name` goes through `tracer.hooks.resolve_hook` (an SAE spliced there by sae-lens: its
+    output). Hooks already active (`model.hooks(...)`, `mlp_output_delta`) apply as usual; `kwargs`
     go to the forward call (e.g. `start_at_layer`). Every romelens forward pass goes
     through here, so this is where a batch longer than the context is refused
     (`check_context`) rather than failing inside TransformerLens.
@@ -624,7 +625,7 @@ def run_until(model, tokens: Tensor, name: str, **kwargs) -> Tensor:
         raise _Stop
 
     try:
-        with model.hooks(fwd_hooks=[(name, grab)]):
+        with model.hooks(fwd_hooks=[(resolve_hook(model, name), grab)]):
             model(tokens, **kwargs)
     except _Stop:
         pass

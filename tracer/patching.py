@@ -43,7 +43,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from tracer.hooks import EMBED, check_kind, hook_name
+from tracer.hooks import EMBED, SAE_SIDES, check_kind, hook_name
 from tracer.noise import NoiseCache, NoiseScale, resolve_noise
 
 Hook = Callable[[Tensor, object], Tensor]
@@ -200,6 +200,8 @@ def restoration_hooks(
     hooks = []
     for layer in _ints(layers, "layers"):
         name = hook_name(kind, layer)
+        if name not in clean_cache and f"{name}.{SAE_SIDES['output']}" in clean_cache:
+            name = f"{name}.{SAE_SIDES['output']}"  # an SAE spliced in by sae-lens: its output flows on
         try:
             clean = clean_cache[name]  # [batch, pos, d_model]
         except KeyError:

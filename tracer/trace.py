@@ -58,8 +58,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from tracer.hooks import EMBED, KINDS, hook_name
-from tracer.model import final_logits, final_resid, model_device, model_name, prefix_kv_cache, resume_with_prefix
+from tracer.hooks import EMBED, KINDS, hook_layer, hook_name, hooks, resolve_hook
+from tracer.model import final_logits, final_resid, model_device, model_name, prefix_kv_cache, resume_with_prefix, run_until
 from tracer.noise import NoiseCache, NoiseScale, resolve_noise
 from tracer.patching import noise_hook, subject_noise
 from tracer.prompts import PromptTokens, encode, locate_subject, target_ids
@@ -127,31 +127,71 @@ def _target_prob(model, resid: Float[Tensor, "batch d_model"], target_id: int) -
 
 #: A trace metric: the last position's logits, `[batch, 1, d_vocab]` (float32, position axis
 #: kept so that a TransformerLens-style `logits[:, -1]` works), to one number per row, `[batch]`.
-Metric = Callable[[Float[Tensor, "batch 1 d_vocab"]], Float[Tensor, " batch"]]
+#: With `metric_at=` a hook name, it gets that hook's activation at the last position instead,
+#: `[batch, 1, ...]` (e.g. an SAE's latents, `[batch, 1, d_sae]`).
+Metric = Callable[[Float[Tensor, "batch 1 ..."]], Float[Tensor, " batch"]]
+
+
+def _checked(out, rows: int) -> Float[Tensor, " batch"]:
+    """A metric's output, refused unless it is one finite number per row."""
+    if not torch.is_tensor(out) or tuple(out.shape) != (rows,):
+        shape = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
+        raise ValueError(
+            f"metric returned {shape}; expected one number per batch row, a tensor of shape "
+            f"[{rows}] (e.g. logits[:, -1, a] - logits[:, -1, b], without .mean())"
+        )
+    bad = ~torch.isfinite(out)
+    if bad.any():
+        raise ValueError(f"metric returned {int(bad.sum())} non-finite values (NaN or inf) of {rows}: {out[bad][:3].tolist()}")
+    return out
 
 
 def _metric_rows(model, resid: Float[Tensor, "batch d_model"], metric: Metric) -> Float[Tensor, " batch"]:
     """`metric` of the logits unembedded from final-block residuals at the last position."""
     logits = final_logits(model, resid).float()[:, None]  # [batch, 1, d_vocab]
-    out = metric(logits)
-    if not torch.is_tensor(out) or tuple(out.shape) != (resid.shape[0],):
-        shape = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
-        raise ValueError(
-            f"metric returned {shape}; expected one number per batch row, a tensor of shape "
-            f"[{resid.shape[0]}] (e.g. logits[:, -1, a] - logits[:, -1, b], without .mean())"
-        )
-    return out
+    return _checked(metric(logits), resid.shape[0])
 
 
-def metric_bounds(model, runs: Runs, metric: Metric | None = None) -> tuple[float, float]:
+def _metric_at_rows(act: Float[Tensor, "batch pos ..."], metric: Metric) -> Float[Tensor, " batch"]:
+    """`metric` of a hook's activation at the last position, `[batch, 1, ...]` (float32)."""
+    return _checked(metric(act[:, -1:].float()), act.shape[0])
+
+
+def check_metric_at(model, metric_at: str, metric: Metric | None) -> int:
+    """The block of hook point `metric_at` (see `hook_layer`), after checking it exists.
+
+    Raises:
+        ValueError: no `metric`, or `metric_at` is not a hook point of `model`.
+    """
+    if metric is None:
+        raise ValueError(f"metric_at {metric_at!r} needs a metric: a function of that hook's activation")
+    points = getattr(model, "hook_dict", {})
+    if not isinstance(metric_at, str) or resolve_hook(model, metric_at) not in points:
+        near = [k for k in points if isinstance(metric_at, str) and k.startswith(metric_at.rsplit(".", 1)[0])][:5]
+        raise ValueError(f"metric_at {metric_at!r} is not a hook point of this model; e.g. {near or list(points)[:5]}")
+    return hook_layer(metric_at, model.cfg.n_layers)
+
+
+@torch.no_grad()
+def metric_bounds(model, runs: Runs, metric: Metric | None = None, metric_at: str | None = None) -> tuple[float, float]:
     """`(high, low)`: the metric on the clean run and its mean over the corrupted samples.
 
-    With `metric=None`, the target probability (`runs.high`, `runs.low`).
+    With `metric=None`, the target probability (`runs.high`, `runs.low`). With `metric_at`,
+    the metric of that hook's activation (one clean and one corrupted forward pass, ended there).
     """
     if metric is None:
         return runs.high, runs.low
-    high = float(_metric_rows(model, runs.clean_pre[-1, -1:], metric)[0])
-    low = float(_metric_rows(model, runs.corrupt_pre[-1, :, -1], metric).double().mean())
+    if metric_at is None:
+        high = float(_metric_rows(model, runs.clean_pre[-1, -1:], metric)[0])
+        low = float(_metric_rows(model, runs.corrupt_pre[-1, :, -1], metric).double().mean())
+        return high, low
+    check_metric_at(model, metric_at, metric)
+    name = resolve_hook(model, metric_at)
+    device = runs.corrupt_pre.device
+    high = float(_metric_at_rows(run_until(model, runs.prompt.tensor(device), name), metric)[0])
+    noise = [] if runs.embed_delta is None else [(EMBED, noise_hook(runs.prompt.subject, runs.embed_delta))]
+    with hooks(model, noise):
+        low = float(_metric_at_rows(run_until(model, runs.corrupt_tokens, name), metric).double().mean())
     return high, low
 
 
@@ -170,12 +210,13 @@ def _record_run(model, tokens, embed_hook=None, kv=None):
 
         return hook
 
-    hooks = [] if embed_hook is None else [(EMBED, embed_hook)]
+    # resid_pre is fed back in at start_at_layer, so an SAE spliced there is read on its input side
+    fwd = [] if embed_hook is None else [(resolve_hook(model, EMBED), embed_hook)]
     for layer in range(n):
         for kind in ("resid_pre", "mlp", "attn"):
             name = hook_name(kind, layer)
-            hooks.append((name, keep(name)))
-    with model.hooks(fwd_hooks=hooks):
+            fwd.append((resolve_hook(model, name, side="input" if kind == "resid_pre" else "output"), keep(name)))
+    with model.hooks(fwd_hooks=fwd):
         last = final_resid(model, tokens) if kv is None else final_resid(model, tokens, past_kv_cache=kv)
     pre = torch.stack([seen[hook_name("resid_pre", l)] for l in range(n)] + [last])  # [n+1, batch, pos, d]
     sub = {k: torch.stack([seen[hook_name(k, l)] for l in range(n)]) for k in SEVERABLE}  # [n, batch, pos, d]
@@ -295,6 +336,7 @@ def restore_scores(
     batch_size: int = 128,
     tokens=None,
     metric: Metric | None = None,
+    metric_at: str | None = None,
 ) -> Float[Tensor, "pos layer"]:
     """Scores of every (token, layer) restoration, batched and resumed from cached states.
 
@@ -307,6 +349,7 @@ def restore_scores(
         batch_size: most restored runs (rows) per forward pass.
         tokens: token positions to trace (None: all); rows of other tokens are NaN.
         metric: None for the target probability, else a `Metric` (see `trace_prompt`).
+        metric_at: None, or the hook point whose activation `metric` reads (see `trace_prompt`).
 
     Returns:
         `[pos, layer]` target probabilities (or metric values) averaged over noise samples.
@@ -333,12 +376,15 @@ def restore_scores(
             raise ValueError(f"tokens {bad} are outside the prompt's 0..{n_pos - 1}")
         skip = torch.ones(n_pos, dtype=torch.bool)
         skip[tokens] = False
-    low = runs.low if metric is None else metric_bounds(model, runs, metric)[1]
+    low = runs.low if metric is None else metric_bounds(model, runs, metric, metric_at)[1]
+    # with metric_at, each run ends at that hook; restorations in later blocks cannot reach it
+    at_layer = n if metric_at is None else check_metric_at(model, metric_at, metric)
+    stop_name = hook_name("resid", n - 1) if metric_at is None else resolve_hook(model, metric_at)
     sums.view(n_pos, n)[:first] = low * samples  # restoring an unchanged state is a no-op
     if tokens is not None:
         sums.view(n_pos, n)[skip] = float("nan")
     patch_kind = None if kind == "resid" else kind
-    kv = runs.corrupt_kv
+    kv = runs.corrupt_kv if metric_at is None else None  # the key/value path ends at the last block
     pending: list[tuple[Tensor, Tensor]] = []  # (final residuals, cells) waiting to be unembedded
 
     def flush():  # unembed in batches: each call reads the whole [d_model, d_vocab] matrix
@@ -356,6 +402,9 @@ def restore_scores(
         # every condition is repeated for each noise sample: row r -> (condition r // S, sample r % S)
         tok_all = cond.tok.repeat_interleave(samples)
         cell_all = cond.cell.repeat_interleave(samples)
+        if cond.start > at_layer:  # every restored state is downstream of the metric's hook
+            sums.index_add_(0, cell_all, torch.full((len(cell_all),), low, dtype=torch.float64))
+            continue
         stop_all = cond.stop.repeat_interleave(samples)
         smp_all = torch.arange(samples).repeat(m)
         for idx in _chunks(tok_all, batch_size, n_pos=n_pos if kv is not None else None):
@@ -369,17 +418,22 @@ def restore_scores(
             x = runs.corrupt_pre[cond.start][smp, p0:].clone()  # [B, pos - p0, d_model]
             if kind == "resid":  # restore the block output of layer start-1 at token tok
                 x[rows, rel] = runs.clean_pre[cond.start][tok]
-            hooks = []
+            hooks_ = []
             for layer in range(cond.start, n):
                 if patch_kind is not None:
                     sel = (stop > layer).nonzero()[:, 0]
                     if len(sel):
-                        hooks.append((hook_name(patch_kind, layer), _patcher(sel, rel[sel], runs.clean_sub[patch_kind][layer][tok[sel]])))
+                        hooks_.append((hook_name(patch_kind, layer), _patcher(sel, rel[sel], runs.clean_sub[patch_kind][layer][tok[sel]])))
                 if severed is not None:
                     frozen = runs.corrupt_sub[severed][layer][smp, tok]  # [B, d_model]
-                    hooks.append((hook_name(severed, layer), _patcher(rows, rel, frozen)))
+                    hooks_.append((hook_name(severed, layer), _patcher(rows, rel, frozen)))
+            if metric_at is not None:  # score the hook's activation directly, nothing to unembed
+                with hooks(model, hooks_):
+                    act = run_until(model, x, stop_name, start_at_layer=cond.start)
+                sums.index_add_(0, cell_all[idx], _metric_at_rows(act, metric).double().cpu())
+                continue
             if cond.start < n:
-                with model.hooks(fwd_hooks=hooks):
+                with hooks(model, hooks_):
                     if p0 > 0:
                         resid = resume_with_prefix(model, x, start_at_layer=cond.start, cache=kv, rows=smp, prefix=p0)
                     else:
@@ -428,9 +482,9 @@ def patched_score(
     if kind not in KINDS:
         raise ValueError(f"kind {kind!r} is unknown; expected one of {KINDS}")
     n = model.cfg.n_layers
-    hooks = []
+    fwd = []
     if runs.embed_delta is not None:
-        hooks.append((EMBED, noise_hook(runs.prompt.subject, runs.embed_delta)))
+        fwd.append((EMBED, noise_hook(runs.prompt.subject, runs.embed_delta)))
     groups: dict[tuple[str, int], list[tuple[int, Tensor]]] = {}
     for t, l in states:
         if not (0 <= l < n):
@@ -448,8 +502,8 @@ def patched_score(
                 act[:, t] = value.to(act.dtype)
             return act
 
-        hooks.append((name, setter))
-    with model.hooks(fwd_hooks=hooks):
+        fwd.append((name, setter))
+    with hooks(model, fwd):
         logits = model(runs.corrupt_tokens)[:, -1].float()  # full [samples, pos, vocab] logits
     return float(logits.softmax(-1)[:, runs.target_id].mean())
 
@@ -539,6 +593,7 @@ def trace_prompt(
     device: str | torch.device | None = None,
     runs: Runs | None = None,
     metric: Metric | None = None,
+    metric_at: str | None = None,
 ) -> TraceResult:
     """Causal trace of one prompt: the target probability after restoring each (token, layer).
 
@@ -574,14 +629,21 @@ def trace_prompt(
             over the corrupted samples. This is `transformer_lens.patching`'s
             `reduce="mean"` convention (TransformerLens 4.x); TransformerLens 3.9's
             patching wants a scalar: pass it `lambda logits: metric(logits).mean()`.
+        metric_at: None (the metric reads logits), or a hook point name, e.g. an SAE latent
+            `"blocks.4.hook_resid_post.hook_sae_acts_post"` on a sae-lens
+            `HookedSAETransformer`: `metric` then gets that hook's activation at the last
+            position, `[batch, 1, ...]` float32, and each restored run ends there. A state
+            restored in a block after the hook's block cannot reach it, so its score is
+            `low` without a run (exact); likewise a residual state restored at the hook's own
+            block (`resid` at layer `l` enters block `l + 1`).
 
     Returns:
         A `TraceResult` with `scores[pos, layer]`, `low`, `high` and metadata (with a
         `metric`, `target`/`target_id` still name the clean top-1 or given target).
 
     Raises:
-        ValueError: bad arguments (see `prepare_runs`), or a metric that does not return
-            a `[batch]` tensor.
+        ValueError: bad arguments (see `prepare_runs`), a metric that does not return a
+            finite `[batch]` tensor, or a `metric_at` that is not a hook point of `model`.
 
     Example:
         >>> res = trace_prompt(model, "The Eiffel Tower is located in the city of", "Eiffel Tower")
@@ -597,6 +659,8 @@ def trace_prompt(
         raise ValueError(f"window {window!r} must be an integer >= 1")
     if corrupted_prompt is not None:
         samples = 1
+    if metric_at is not None:
+        check_metric_at(model, metric_at, metric)
     if runs is None:
         runs = prepare_runs(
             model,
@@ -611,8 +675,10 @@ def trace_prompt(
             noise_cache=noise_cache,
             device=device,
         )
-    scores = restore_scores(model, runs, kind=kind, window=window, severed=severed, batch_size=batch_size, metric=metric)
-    high, low = metric_bounds(model, runs, metric)
+    scores = restore_scores(
+        model, runs, kind=kind, window=window, severed=severed, batch_size=batch_size, metric=metric, metric_at=metric_at
+    )
+    high, low = metric_bounds(model, runs, metric, metric_at)
     tok = model.tokenizer
     return TraceResult(
         scores=scores,
