@@ -38,12 +38,12 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 from torch import Tensor
 
-from editor.checks import check_edit
+from editor.checks import check_edit, check_stats
 from editor.common import apply_and_probe, base_hash, one_request, probe, restoring_weights, templates_for
 from editor.edit import Edit
 from editor.hparams import ROME_KEYS, ROMEHParams, one_of, rome_hparams
@@ -192,7 +192,7 @@ def compute(
     requests,
     hparams: ROMEHParams | None = None,
     *,
-    stats: Tensor | None = None,
+    stats: Tensor | Mapping[int, Tensor] | None = None,
     corpus: str | None = None,
     cache_dir: str | os.PathLike | None = None,
     device=None,
@@ -210,8 +210,9 @@ def compute(
         model: a TransformerLens model.
         requests: `EditRequest`s (or CounterFact records / dicts), or one.
         hparams: `ROMEHParams`; default the preset for the model (`rome_hparams`).
-        stats: `C = E[k kᵀ]` at the edit layer, `[d_mlp, d_mlp]`; default loaded from the cache
-            or computed over `corpus`.
+        stats: `C = E[k kᵀ]` at the edit layer, `[d_mlp, d_mlp]`, or a `{layer: C}` dict holding
+            it (as `layer_stats` returns for a list of layers); default loaded from the cache
+            or computed over `corpus`. It must be finite and invertible (`check_stats`).
         corpus: text for the statistics (default WikiText-2 test in `../shared/data`).
         cache_dir: cache root for statistics and context templates.
         device: where to compute; must be the model's device (the default).
@@ -223,8 +224,9 @@ def compute(
 
     Raises:
         ValueError: `hparams` is not a `ROMEHParams`, or a check in `editor.checks.check_edit`
-            fails (layer out of range, device, conflicting requests, bad or too few-token
-            statistics, the last block for a prompt the subject does not end); nothing ran.
+            fails (layer out of range, device, conflicting requests, statistics of the wrong
+            type, shape or dtype, non-finite or singular, too few statistics tokens, the last
+            block for a prompt the subject does not end); nothing ran and no weight changed.
 
     Example:
         >>> e = rome.compute(model, EditRequest(prompt="{} is located in the city of",
@@ -240,8 +242,10 @@ def compute(
     now_hash = weights_hash(model) if edit_stack(model) else bh
     if stats is None:
         C = layer_stats(model, hp.layer, corpus=corpus, n_tokens=hp.mom2_n_tokens, cache_dir=cache_dir, model_hash=bh)
+        if hp.mom2_adjustment:
+            check_stats(model, C, [hp.layer])  # computed or cached, it must be invertible too
     else:
-        C = stats
+        C = stats[hp.layer] if isinstance(stats, Mapping) else stats  # check_edit checked it
     C = C.to(model_device(model))
     templates = templates_for(model, hp.context_lengths, cache_dir=cache_dir, model_hash=bh)
     w = w_out(model, hp.layer)

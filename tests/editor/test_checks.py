@@ -165,6 +165,54 @@ def test_non_finite_statistics_are_refused(tiny_model, tmp_path, name, bad):
             "stats for layer 1 has 1 non-finite")
 
 
+
+def _singular(d, kind):
+    if kind == "zeros":
+        return torch.zeros(d, d)
+    if kind == "dead-neuron":  # one key entry never active: a zero row and column
+        C = torch.eye(d)
+        C[5, 5] = 0.0
+        return C
+    k = torch.randn(d, 3, generator=torch.Generator().manual_seed(0))
+    return k @ k.T / 3  # rank 3: a second moment from 3 tokens
+
+
+@pytest.mark.parametrize("name", ["rome", "memit"])
+@pytest.mark.parametrize("kind", ["zeros", "dead-neuron", "rank-3"])
+def test_singular_statistics_are_refused(tiny_model, tmp_path, name, kind):
+    # before: ROME raised torch's LinAlgError from inside the solve, or went on with NaN / huge factors
+    C = _singular(tiny_model.cfg.d_mlp, kind)
+    stats = C if name == "rome" else {**stats_for(tiny_model, name), 1: C}
+    refused(tiny_model, lambda: METHODS[name].edit(tiny_model, REQ, HPS[name], stats=stats, cache_dir=tmp_path),
+            r"stats for layer 1 is singular \(not positive definite")
+
+
+def test_rome_refuses_singular_statistics_it_loaded_or_computed(tiny_model, tmp_path, monkeypatch):
+    d = tiny_model.cfg.d_mlp
+    monkeypatch.setattr(rome, "layer_stats", lambda model, layer, **kw: torch.zeros(d, d))
+    refused(tiny_model, lambda: rome.edit(tiny_model, REQ, ROME_HP, cache_dir=tmp_path),
+            rf"stats for layer 1 is singular \(not positive definite; {d} of its {d} diagonal entries are <= 0")
+
+
+@pytest.mark.parametrize("bad, match", [
+    (lambda d: {0: torch.eye(d)}, r"stats has no entry for layers \[1\]"),
+    (lambda d: [torch.eye(d)], "stats list must be a Tensor or a {layer: Tensor} dict"),
+    (lambda d: torch.eye(d).numpy(), "stats ndarray must be a Tensor"),
+    (lambda d: torch.eye(d + 1), rf"stats shape \(\d+, \d+\) at layer 1 is not \[d_mlp, d_mlp\]"),
+    (lambda d: torch.eye(d, dtype=torch.long), "stats for layer 1 has dtype torch.int64; expected a floating-point"),
+])
+def test_rome_statistics_of_the_wrong_kind_are_refused(tiny_model, tmp_path, bad, match):
+    stats = bad(tiny_model.cfg.d_mlp)
+    refused(tiny_model, lambda: rome.edit(tiny_model, REQ, ROME_HP, stats=stats, cache_dir=tmp_path), match)
+
+
+def test_rome_takes_statistics_as_a_layer_dict(tiny_model, tmp_path):
+    # as layer_stats returns them for a list of layers; before, a dict passed the checks and failed on .to()
+    eye = torch.eye(tiny_model.cfg.d_mlp)
+    a = rome.compute(tiny_model, REQ, ROME_HP, stats=eye, cache_dir=tmp_path)
+    b = rome.compute(tiny_model, REQ, ROME_HP, stats={0: 2 * eye, 1: eye}, cache_dir=tmp_path)
+    assert torch.equal(a.deltas[1].u, b.deltas[1].u) and torch.equal(a.deltas[1].v, b.deltas[1].v)
+
 def test_non_finite_keys_make_layer_stats_refuse(tiny_model, tmp_path):
     corpus = tmp_path / "c.txt"
     corpus.write_text("The Eiffel Tower is located in the city of Paris.\n" * 50)
