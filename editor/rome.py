@@ -209,12 +209,13 @@ def compute(
     Args:
         model: a TransformerLens model.
         requests: `EditRequest`s (or CounterFact records / dicts), or one.
-        hparams: `ROMEHParams`; default the preset for the model (`rome_hparams`).
+        hparams: `ROMEHParams`; default the preset for the model (`rome_hparams`; a model
+            without one gets `default_layer`'s layer, cached under `cache_dir`).
         stats: `C = E[k kᵀ]` at the edit layer, `[d_mlp, d_mlp]`, or a `{layer: C}` dict holding
             it (as `layer_stats` returns for a list of layers); default loaded from the cache
             or computed over `corpus`. It must be finite and invertible (`check_stats`).
         corpus: text for the statistics (default WikiText-2 test in `../shared/data`).
-        cache_dir: cache root for statistics and context templates.
+        cache_dir: cache root for statistics, context templates and the default edit layer.
         device: where to compute; must be the model's device (the default).
 
     Returns:
@@ -234,7 +235,7 @@ def compute(
         >>> e.deltas[e.layers[0]].u.shape              # [d_mlp, 1]
     """
     requests = as_requests(requests)
-    hp = hparams or rome_hparams(model)
+    hp = hparams or rome_hparams(model, cache_dir=cache_dir)
     if not isinstance(hp, ROMEHParams):
         raise ValueError(f"hparams {hp!r} is not a ROMEHParams")
     check_edit(model, "rome", requests, hp, stats=stats, device=device)
