@@ -252,8 +252,14 @@ def compute(
     w = w_out(model, hp.layer)
     us, vs, infos = [], [], []
     with restoring_weights(model, [hp.layer]):  # the model is unchanged at the end, exceptions included
-        for r in requests:
+        for i, r in enumerate(requests):
             u, v, info = compute_delta(model, r, hp, C=C, templates=templates)
+            if not (torch.isfinite(u).all() and torch.isfinite(v).all()):  # before it is written, even for a while
+                raise ValueError(
+                    f"ROME factors for request {i} ({r.filled!r} -> {r.target_new!r}) are not finite (k·u = "
+                    f"{info['key_dot']:.3g}, |δ| = {info['delta_norm']:.3g}); no weight was changed. Check the key "
+                    "statistics and hparams"
+                )
             us.append(u)
             vs.append(v)
             infos.append(info)
