@@ -8,7 +8,7 @@ a hook name) or, worse, writing a useless or harmful delta that reports itself a
   model, `< n_layers`. Used by the hyperparameter dataclasses (no model) and by every edit
   and by `layer_stats` (with the model).
 - `check_stats_tokens`: statistics from fewer tokens than `d_mlp` are singular.
-- `check_stats`: statistics passed in by the caller have the right shape and are finite.
+- `check_stats`: key statistics have the right shape, are finite and invertible.
 - `check_requests`: no two requests ask for different targets after the same prompt.
 - `check_reach`: the edited value can reach the position where the target is predicted.
 - `check_edit`: all of the above for one method's `edit_many`, plus the `device` argument.
@@ -141,15 +141,23 @@ def check_stats_tokens(model, n_tokens: int, field: str = "mom2_n_tokens") -> No
 
 
 def check_stats(model, stats: Tensor | Mapping[int, Tensor], layers: Sequence[int]) -> None:
-    """Key statistics passed by the caller: one `[d_mlp, d_mlp]` finite matrix per edited layer.
+    """Key statistics passed by the caller: one `[d_mlp, d_mlp]` finite, invertible matrix per edited layer.
+
+    `C = E[k kᵀ]` is symmetric positive semi-definite; ROME solves `C⁻¹ k*` (Eq. 2) and MEMIT
+    `(λC + K Kᵀ)⁻¹` (Eq. 14), so `C` must be positive definite. A Cholesky factorisation in
+    float64 tells (about 0.4 s at d_mlp 2,048 on a CPU); Gemma-3-270m's statistics from
+    10,000 and 100,000 WikiText tokens pass with their smallest eigenvalue ~1e-4 (largest ~20).
 
     Args:
         stats: a Tensor (one layer) or `{layer: Tensor}`.
         layers: the edited layers.
 
     Raises:
-        ValueError: a layer is missing, a matrix has the wrong shape, or has a NaN / inf entry
-            (it would be written into `W_out` and the edit reported as applied).
+        ValueError: `stats` is neither, a layer is missing, a matrix is not a floating
+            `[d_mlp, d_mlp]` tensor, has a NaN / inf entry (it would be written into `W_out`
+            and the edit reported as applied), or is singular (not positive definite: an
+            all-zero matrix, a neuron never active, fewer tokens than `d_mlp`), which gave a
+            linear-algebra error or NaN factors.
     """
     if isinstance(stats, Tensor):
         if len(layers) != 1:
@@ -166,11 +174,21 @@ def check_stats(model, stats: Tensor | Mapping[int, Tensor], layers: Sequence[in
         if not isinstance(C, Tensor) or tuple(C.shape) != (d, d):
             shape = tuple(C.shape) if isinstance(C, Tensor) else type(C).__name__
             raise ValueError(f"stats shape {shape} at layer {l} is not [d_mlp, d_mlp] = [{d}, {d}]")
+        if not C.is_floating_point():
+            raise ValueError(f"stats for layer {l} has dtype {C.dtype}; expected a floating-point [d_mlp, d_mlp] matrix")
         bad = int((~torch.isfinite(C)).sum())
         if bad:
             raise ValueError(
                 f"stats for layer {l} has {bad} non-finite entries (NaN or inf); key statistics must be finite. "
                 "Recompute them (e.g. editor.layer_stats on a float32 model)"
+            )
+        if int(torch.linalg.cholesky_ex(C.detach().double())[1]):
+            dead = int((C.diagonal() <= 0).sum())
+            why = f"; {dead} of its {d} diagonal entries are <= 0 (neurons never active)" if dead else ""
+            raise ValueError(
+                f"stats for layer {l} is singular (not positive definite{why}): ROME's C⁻¹k* and MEMIT's "
+                "(λC + K Kᵀ)⁻¹ would fail or give NaN weights. Key statistics E[k kᵀ] are singular from fewer "
+                f"tokens than d_mlp {d} or repetitive text; recompute them with editor.layer_stats over a longer corpus"
             )
 
 

@@ -299,7 +299,9 @@ def default_layer(model, *, facts=None, n: int = 100, cache_dir=None) -> int:
         facts: known_1000.json path; default `known_1000.json` in `$ROMELENS_DATA`, else in
             the project's data folder (`tracer.dataset.default_data_dir()`, `../shared/data`).
         n: known facts to trace.
-        cache_dir: cache root; "none" neither reads nor writes a cached choice.
+        cache_dir: cache root of the choice and of the noise statistics tracing measures
+            (`<root>/edit_layer`, `<root>/noise`); None: `tracer.offline.cache_dir()`; "none"
+            neither reads nor writes either.
 
     Returns:
         The block index to edit.
@@ -308,6 +310,8 @@ def default_layer(model, *, facts=None, n: int = 100, cache_dir=None) -> int:
     from tracer import layer as tlayer  # noqa: PLC0415  (heavy, only when needed)
     from tracer.dataset import default_data_dir  # noqa: PLC0415
     from tracer.model import model_name  # noqa: PLC0415
+    from tracer.noise import NoiseCache  # noqa: PLC0415
+    from tracer.offline import cache_root  # noqa: PLC0415
 
     n_layers = model.cfg.n_layers
     name = model_name(model)
@@ -334,7 +338,11 @@ def default_layer(model, *, facts=None, n: int = 100, cache_dir=None) -> int:
     try:
         # the paper's tracing defaults: known facts, window 10, 10 noise samples
         # cached once, below, under the unedited weights' hash (not also under the current weights')
-        choice = tlayer.choose_edit_layer(model, str(path), n=n, window=10, samples=10, cache_dir="none")
+        # the noise statistics under the caller's cache root as well
+        root = cache_root(cache_dir)
+        noise_cache = NoiseCache(root=root / "noise") if root else NoiseCache(use_disk=False)
+        choice = tlayer.choose_edit_layer(model, str(path), n=n, window=10, samples=10, cache_dir="none",
+                                          noise_cache=noise_cache)
     except Exception as err:  # noqa: BLE001  (any failure -> documented fallback)
         layer = _fallback_layer(n_layers)
         log.warning("choosing the edit layer failed (%s: %s); using layer %d (17/48 of the depth)", type(err).__name__, err, layer)
@@ -361,24 +369,25 @@ def _preset(presets: dict, method: str, model_or_name):
     return None
 
 
-def rome_hparams(model_or_name, *, layer: int | None = None) -> ROMEHParams:
+def rome_hparams(model_or_name, *, layer: int | None = None, cache_dir=None) -> ROMEHParams:
     """Preset for a model (or model name); other models: paper defaults at `default_layer`.
 
     With `layer`, that layer replaces the preset's, and a model without a preset gets the
-    paper's defaults there: no causal tracing runs.
+    paper's defaults there: no causal tracing runs. `cache_dir` is `default_layer`'s (the
+    editors pass their own).
     """
     if layer is not None:
         return replace(_lookup(ROME_PRESETS, model_or_name) or ROMEHParams(layer=layer), layer=layer)
-    return _preset(ROME_PRESETS, "ROME", model_or_name) or ROMEHParams(layer=default_layer(model_or_name))
+    return _preset(ROME_PRESETS, "ROME", model_or_name) or ROMEHParams(layer=default_layer(model_or_name, cache_dir=cache_dir))
 
 
-def memit_hparams(model_or_name, *, layer: int | None = None) -> MEMITHParams:
+def memit_hparams(model_or_name, *, layer: int | None = None, cache_dir=None) -> MEMITHParams:
     """Preset for a model; other models: five layers ending at `default_layer`, λ scaled to
     the model's d_mlp, and, for models that normalise the MLP output before the residual
     (Gemma-2/3 style), the Gemma-3-270m preset's `spread="joint"` with clamp 0.5.
 
     With `layer`, the edited range ends there (a preset keeps its number of layers) and no
-    causal tracing runs.
+    causal tracing runs. `cache_dir` is `default_layer`'s.
     """
     if layer is not None and layer < 0:
         raise ValueError(f"layer {layer} must be >= 0")
@@ -392,7 +401,7 @@ def memit_hparams(model_or_name, *, layer: int | None = None) -> MEMITHParams:
     from tracer.model import mlp_post_norm  # noqa: PLC0415
 
     model = model_or_name
-    top = default_layer(model) if layer is None else layer
+    top = default_layer(model, cache_dir=cache_dir) if layer is None else layer
     hp = MEMITHParams(layers=tuple(range(max(0, top - 4), top + 1)), mom2_update_weight=scaled_lambda(model.cfg.d_mlp))
     if mlp_post_norm(model, top) is not None:
         hp = replace(hp, spread="joint", clamp_norm_factor=0.5)
@@ -417,9 +426,9 @@ def scaled_lambda(d_mlp: int, base: float = 15000.0) -> float:
     return base * d_mlp / GPTJ_D_MLP
 
 
-def ft_hparams(model_or_name, *, layer: int | None = None) -> FTHParams:
-    """Preset for a model; other models: FT-L at `default_layer`. With `layer`, that layer
-    (no causal tracing)."""
+def ft_hparams(model_or_name, *, layer: int | None = None, cache_dir=None) -> FTHParams:
+    """Preset for a model; other models: FT-L at `default_layer` (with `cache_dir`). With
+    `layer`, that layer (no causal tracing)."""
     if layer is not None:
         return replace(_lookup(FT_PRESETS, model_or_name) or FTHParams(layer=layer), layer=layer)
-    return _preset(FT_PRESETS, "FT-L", model_or_name) or FTHParams(layer=default_layer(model_or_name))
+    return _preset(FT_PRESETS, "FT-L", model_or_name) or FTHParams(layer=default_layer(model_or_name, cache_dir=cache_dir))

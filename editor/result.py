@@ -38,11 +38,12 @@ import os
 import weakref
 from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 from torch import Tensor
 
+from editor.checks import check_layer
 from editor.requests import EditRequest
 from tracer.files import atomic_path
 from tracer.model import model_name, w_out, weights_hash
@@ -270,10 +271,14 @@ def apply_deltas(
     `edit` / `edit_many`) and `apply_saved` come here. `W_out[l] ← W_out[l] + ΔW_l` with
     `ΔW_l = U @ V` (`U [d_mlp, r]`, `V [r, d_model]`) or a dense `[d_mlp, d_model]` delta.
 
-    Every delta is checked before any weight changes: its shape must be `W_out`'s and its
-    entries finite. The delta is formed in float32 and each `W_out` is rounded once, to
-    its own dtype, after the addition (so a bf16 / fp16 model gets the nearest weights to
-    `W + ΔW`).
+    Every layer is checked before any weight changes: its index must be a block of the
+    model, its delta a `LayerDelta` of `W_out`'s shape with finite entries, and the edited
+    weights `W + ΔW` must be finite in the weights' dtype (a float16 `W_out` overflows to
+    inf above 65504). So a bad layer anywhere leaves every weight untouched, and if a
+    write still fails (out of memory), the layers already written are copied back before
+    the error propagates. The delta is formed in float32 and each `W_out` is rounded once,
+    to its own dtype, after the addition (so a bf16 / fp16 model gets the nearest weights
+    to `W + ΔW`).
 
     `diagnostics` gains, per edited layer, `delta_ratio[layer] = ‖ΔW‖ / ‖W_out‖` (Frobenius,
     before the edit) and `delta_rounding[layer] = ‖applied − ΔW‖ / ‖ΔW‖`, the part of the
@@ -293,12 +298,20 @@ def apply_deltas(
         The `AppliedEdit`, on top of `edit_stack(model)`.
 
     Raises:
-        ValueError: a delta has the wrong shape or a NaN / inf entry; no weight was changed.
+        ValueError: a layer index out of range, a delta that is not a `LayerDelta`, has the
+            wrong shape or a NaN / inf entry, or edited weights that overflow their dtype;
+            no weight was changed.
 
     Example:
         >>> with apply_deltas(model, {4: LayerDelta(u=u[:, None], v=v[None])}, method="rome", requests=[req]):
         ...     logits = model(tokens)     # W_out[4] += outer(u, v) here, restored after
     """
+    if not isinstance(deltas, Mapping) or not deltas:
+        raise ValueError(f"deltas {type(deltas).__name__} must be a non-empty {{layer: LayerDelta}} dict")
+    for layer, d in deltas.items():
+        check_layer(layer, "deltas layer", int(model.cfg.n_layers))
+        if not isinstance(d, LayerDelta):
+            raise ValueError(f"deltas[{layer}] is a {type(d).__name__}, expected a LayerDelta; no weight was changed")
     res = AppliedEdit(
         method=method,
         requests=tuple(requests),
@@ -324,15 +337,27 @@ def apply_deltas(
                     f"{what}: the delta at layer {layer} has {bad} non-finite entries (NaN or inf); "
                     "no weight was changed. Check the key statistics and hparams"
                 )
+            bad = int((~torch.isfinite((w.float() + delta).to(w.dtype))).sum())  # what would be written
+            if bad:
+                raise ValueError(
+                    f"{what}: W_out + delta at layer {layer} has {bad} entries that are not finite in "
+                    f"{str(w.dtype).replace('torch.', '')} (max |delta| {float(delta.abs().max()):.3g}); no weight "
+                    "was changed. Edit a float32 model, or check the key statistics and hparams"
+                )
             ratios[layer] = float(delta.norm() / w.float().norm().clamp_min(1e-30))
         originals, rounding = {}, {}
-        for layer in res.layers:
-            w = w_out(model, layer)
-            originals[layer] = w.detach().clone()
-            delta = _delta_on(deltas[layer], w)  # same device -> same bits
-            w.copy_((w.float() + delta).to(w.dtype))  # one rounding, to the weights' dtype
-            applied = w.float() - originals[layer].float()
-            rounding[layer] = float((applied - delta).norm() / delta.norm()) if ratios[layer] > 0 else 0.0
+        try:
+            for layer in res.layers:
+                w = w_out(model, layer)
+                originals[layer] = w.detach().clone()
+                delta = _delta_on(deltas[layer], w)  # same device -> same bits
+                w.copy_((w.float() + delta).to(w.dtype))  # one rounding, to the weights' dtype
+                applied = w.float() - originals[layer].float()
+                rounding[layer] = float((applied - delta).norm() / delta.norm()) if ratios[layer] > 0 else 0.0
+        except BaseException:  # a write failed after the checks (e.g. out of memory): undo what was written
+            for layer, orig in originals.items():
+                w_out(model, layer).copy_(orig)
+            raise
     res._originals = originals
     res._model_ref = weakref.ref(model)
     edit_stack(model).append(res)

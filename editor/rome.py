@@ -38,12 +38,12 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 from torch import Tensor
 
-from editor.checks import check_edit
+from editor.checks import check_edit, check_stats
 from editor.common import apply_and_probe, base_hash, one_request, probe, restoring_weights, templates_for
 from editor.edit import Edit
 from editor.hparams import ROME_KEYS, ROMEHParams, one_of, rome_hparams
@@ -192,7 +192,7 @@ def compute(
     requests,
     hparams: ROMEHParams | None = None,
     *,
-    stats: Tensor | None = None,
+    stats: Tensor | Mapping[int, Tensor] | None = None,
     corpus: str | None = None,
     cache_dir: str | os.PathLike | None = None,
     device=None,
@@ -209,11 +209,13 @@ def compute(
     Args:
         model: a TransformerLens model.
         requests: `EditRequest`s (or CounterFact records / dicts), or one.
-        hparams: `ROMEHParams`; default the preset for the model (`rome_hparams`).
-        stats: `C = E[k kᵀ]` at the edit layer, `[d_mlp, d_mlp]`; default loaded from the cache
-            or computed over `corpus`.
+        hparams: `ROMEHParams`; default the preset for the model (`rome_hparams`; a model
+            without one gets `default_layer`'s layer, cached under `cache_dir`).
+        stats: `C = E[k kᵀ]` at the edit layer, `[d_mlp, d_mlp]`, or a `{layer: C}` dict holding
+            it (as `layer_stats` returns for a list of layers); default loaded from the cache
+            or computed over `corpus`. It must be finite and invertible (`check_stats`).
         corpus: text for the statistics (default WikiText-2 test in `../shared/data`).
-        cache_dir: cache root for statistics and context templates.
+        cache_dir: cache root for statistics, context templates and the default edit layer.
         device: where to compute; must be the model's device (the default).
 
     Returns:
@@ -223,8 +225,9 @@ def compute(
 
     Raises:
         ValueError: `hparams` is not a `ROMEHParams`, or a check in `editor.checks.check_edit`
-            fails (layer out of range, device, conflicting requests, bad or too few-token
-            statistics, the last block for a prompt the subject does not end); nothing ran.
+            fails (layer out of range, device, conflicting requests, statistics of the wrong
+            type, shape or dtype, non-finite or singular, too few statistics tokens, the last
+            block for a prompt the subject does not end); nothing ran and no weight changed.
 
     Example:
         >>> e = rome.compute(model, EditRequest(prompt="{} is located in the city of",
@@ -232,7 +235,7 @@ def compute(
         >>> e.deltas[e.layers[0]].u.shape              # [d_mlp, 1]
     """
     requests = as_requests(requests)
-    hp = hparams or rome_hparams(model)
+    hp = hparams or rome_hparams(model, cache_dir=cache_dir)
     if not isinstance(hp, ROMEHParams):
         raise ValueError(f"hparams {hp!r} is not a ROMEHParams")
     check_edit(model, "rome", requests, hp, stats=stats, device=device)
@@ -240,15 +243,23 @@ def compute(
     now_hash = weights_hash(model) if edit_stack(model) else bh
     if stats is None:
         C = layer_stats(model, hp.layer, corpus=corpus, n_tokens=hp.mom2_n_tokens, cache_dir=cache_dir, model_hash=bh)
+        if hp.mom2_adjustment:
+            check_stats(model, C, [hp.layer])  # computed or cached, it must be invertible too
     else:
-        C = stats
+        C = stats[hp.layer] if isinstance(stats, Mapping) else stats  # check_edit checked it
     C = C.to(model_device(model))
     templates = templates_for(model, hp.context_lengths, cache_dir=cache_dir, model_hash=bh)
     w = w_out(model, hp.layer)
     us, vs, infos = [], [], []
     with restoring_weights(model, [hp.layer]):  # the model is unchanged at the end, exceptions included
-        for r in requests:
+        for i, r in enumerate(requests):
             u, v, info = compute_delta(model, r, hp, C=C, templates=templates)
+            if not (torch.isfinite(u).all() and torch.isfinite(v).all()):  # before it is written, even for a while
+                raise ValueError(
+                    f"ROME factors for request {i} ({r.filled!r} -> {r.target_new!r}) are not finite (k·u = "
+                    f"{info['key_dot']:.3g}, |δ| = {info['delta_norm']:.3g}); no weight was changed. Check the key "
+                    "statistics and hparams"
+                )
             us.append(u)
             vs.append(v)
             infos.append(info)

@@ -33,6 +33,7 @@ import torch
 from tracer.dataset import DatasetTraceResult, trace_dataset
 from tracer.files import atomic_write_text, safe_name
 from tracer.model import bos_cache_tag, final_resid, model_device, model_name, weights_hash
+from tracer.noise import NoiseCache
 from tracer.offline import cache_root
 
 log = logging.getLogger(__name__)
@@ -123,8 +124,9 @@ def choose_edit_layer(
         window: MLP restoration window.
         samples: noise samples.
         out: folder for resumable per-fact traces.
-        cache_dir: cache root for the choice (`edit_layer_path`); "none" writes nothing.
-            Written whenever `model` is given, whatever `n`.
+        cache_dir: cache root for the choice (`edit_layer_path`) and, unless `noise_cache` is
+            given, the embedding statistics the noise scale is measured from (`<root>/noise`);
+            "none" writes nothing. The choice is written whenever `model` is given, whatever `n`.
         **trace_kwargs: more `trace_dataset` options (noise, seed, batch_size, ...).
 
     Returns:
@@ -139,6 +141,9 @@ def choose_edit_layer(
         raise ValueError(f"choose_edit_layer needs a model and facts, or a DatasetTraceResult; got facts={type(facts).__name__}")
     else:
         trace_kwargs.setdefault("groups", ("last_subject",))  # all the choice needs: ~n_tokens times cheaper
+        if cache_dir is not None:  # the caller's cache root holds the noise statistics too, not the default one
+            root = cache_root(cache_dir)
+            trace_kwargs.setdefault("noise_cache", NoiseCache(root=root / "noise") if root else NoiseCache(use_disk=False))
         result = trace_dataset(model, facts, kinds=("mlp",), n=n, window=window, samples=samples, out=out, **trace_kwargs)
         choice = choose_from_result(result)
     if model is not None and choice.n_facts > 0 and math.isfinite(choice.curve[choice.layer]):

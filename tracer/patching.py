@@ -186,8 +186,10 @@ def restoration_hooks(
         One `(hook_name, hook)` per layer; each hook sets `act[:, positions]` to the clean value.
 
     Raises:
-        ValueError: an unknown kind, a hook name missing from the cache, a position outside
-            the cached prompt; at run time, a batch the clean cache cannot broadcast to.
+        ValueError: an unknown kind, a hook name missing from the cache, a cached value that
+            is not `[batch, pos, d_model]`, a position outside the cached prompt; at run time,
+            a run whose token count (or width) differs from the cached prompt's, or a batch
+            the clean cache cannot broadcast to.
 
     Example:
         >>> _, clean = model.run_with_cache(tokens)
@@ -209,15 +211,25 @@ def restoration_hooks(
                 f"clean_cache has no {name!r} (layer {layer}); pass the cache of a clean "
                 "model.run_with_cache(tokens) on the same model"
             ) from None
+        if not isinstance(clean, Tensor) or clean.ndim != 3:
+            raise ValueError(
+                f"clean_cache[{name!r}] has shape {tuple(getattr(clean, 'shape', ()))}; expected [batch, pos, d_model] "
+                "(a run_with_cache without remove_batch_dim=True)"
+            )
         bad = [p for p in pos if not -clean.shape[1] <= p < clean.shape[1]]
         if bad:
             raise ValueError(f"positions {bad} are outside the cached prompt's 0..{clean.shape[1] - 1}")
-        hooks.append((name, _restorer(clean[:, pos], pos)))
+        hooks.append((name, _restorer(clean[:, pos], pos, tuple(clean.shape[1:]))))
     return hooks
 
 
-def _restorer(values: Float[Tensor, "batch k d_model"], pos: list[int]) -> Hook:
+def _restorer(values: Float[Tensor, "batch k d_model"], pos: list[int], shape: tuple[int, int]) -> Hook:
     def restore(act, hook):  # act: [batch, pos, d_model]
+        if tuple(act.shape[1:]) != shape:  # a cache of another prompt (length) or model (width)
+            raise ValueError(
+                f"clean_cache was recorded on {shape[0]} tokens of width {shape[1]}; the patched run has {act.shape[1]} "
+                f"tokens of width {act.shape[2]} at {hook.name}: restore from the clean run of the same tokens and model"
+            )
         if values.shape[0] not in (1, act.shape[0]):
             raise ValueError(f"clean_cache has batch {values.shape[0]}; the patched run has batch {act.shape[0]} (expected 1 or equal)")
         if act.requires_grad:  # as transformer_lens.patching: never write into a graph tensor in place

@@ -31,6 +31,7 @@ Example:
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -187,6 +188,47 @@ def locate_subject(model, prompt: str, subject: str) -> PromptTokens:
     )
 
 
+def token_ids(model, ids, field: str = "target") -> list[int]:
+    """`ids` (one token id or a sequence of them) as a list of ints, each checked against the vocabulary.
+
+    Every public entry that takes token ids comes here, so an id outside the vocabulary is
+    refused with its value instead of failing deep in a forward pass (an `IndexError`, or a
+    CUDA assert) or, for a negative id, silently scoring another token from the end.
+
+    Args:
+        model: a TransformerLens model; its `cfg.d_vocab` bounds the ids.
+        ids: an int, an integer tensor (0-d or 1-d), or a sequence of ints (numpy ints too).
+        field: the argument's name in messages.
+
+    Returns:
+        A non-empty list of ints in `[0, d_vocab)`.
+
+    Raises:
+        ValueError: a bool, a float or other non-integer id, an empty sequence, or an id
+            outside `[0, d_vocab)`.
+
+    Example:
+        >>> token_ids(model, 7), token_ids(model, [7, 8])
+        ([7], [7, 8])
+    """
+    if isinstance(ids, Tensor):
+        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool or ids.ndim > 1:
+            raise ValueError(f"{field} {ids!r} must be token id(s): an int or a 1-d integer tensor")
+        ids = ids.reshape(-1).tolist()
+    items = [ids] if isinstance(ids, numbers.Integral) else ids
+    if isinstance(items, (str, bytes)) or not isinstance(items, Sequence):
+        raise ValueError(f"{field} {ids!r} must be text, a token id or a sequence of token ids, not {type(ids).__name__}")
+    if len(items) == 0:
+        raise ValueError(f"{field} token list {ids!r} is empty; expected at least one token id")
+    d_vocab = int(model.cfg.d_vocab)
+    for t in items:
+        if isinstance(t, bool) or not isinstance(t, numbers.Integral):
+            raise ValueError(f"{field} token id {t!r} must be an int, not {type(t).__name__}")
+        if not 0 <= t < d_vocab:
+            raise ValueError(f"{field} token id {t} is outside the vocabulary: expected 0 <= id < d_vocab {d_vocab}")
+    return [int(t) for t in items]
+
+
 def target_ids(model, prompt: str, target: str | int | Sequence[int]) -> list[int]:
     """Token ids that `target` adds when it follows `prompt`.
 
@@ -198,7 +240,7 @@ def target_ids(model, prompt: str, target: str | int | Sequence[int]) -> list[in
     follows a prompt ending in a newline, is joined as is. The ids are those that
     tokenizing the joined text adds after the prompt's own tokens, which is right for BPE
     and SentencePiece alike; multi-token targets return several ids. An int or a list of
-    ints is taken as token ids already.
+    ints is taken as token ids already, each checked to be in `[0, d_vocab)` (`token_ids`).
 
     Args:
         model: a TransformerLens model with a tokenizer.
@@ -209,8 +251,9 @@ def target_ids(model, prompt: str, target: str | int | Sequence[int]) -> list[in
         A non-empty list of token ids.
 
     Raises:
-        ValueError: an empty target, or prompt and target together longer than the
-            model's context `n_ctx`.
+        ValueError: an empty target, a token id that is not an int in `[0, d_vocab)`
+            (`token_ids`), or prompt and target together longer than the model's context
+            `n_ctx`.
 
     Example:
         >>> target_ids(model, "The capital of France is ", "Paris") == target_ids(model, "The capital of France is", "Paris")
@@ -219,14 +262,8 @@ def target_ids(model, prompt: str, target: str | int | Sequence[int]) -> list[in
     tok = _tokenizer(model)
     head = canonical_prompt(prompt)
     before = _encode_with_offsets(tok, head)[0] if head else []
-    if isinstance(target, bool):
-        raise ValueError(f"target {target!r} must be text or token id(s)")
-    if isinstance(target, int):
-        ids = [target]
-    elif not isinstance(target, str):
-        ids = [int(t) for t in target]
-        if not ids:
-            raise ValueError("target token list is empty; expected at least one token id")
+    if not isinstance(target, str):
+        ids = token_ids(model, target, "target")
     else:
         if not target.strip():
             raise ValueError(f"target {target!r} is empty; expected a non-empty string")

@@ -188,15 +188,20 @@ class TraceResult:
         return cls(**d)
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Save the plot or the data (.json); see `save_figure` for the figure formats.
+        """Save the plot or the data (.json); see `save_figure` for the figure formats and paths.
 
         `.html` loads plotly.js from `plotly.min.js` beside it (written once per folder), so
         it opens offline; `.png`/`.svg`/`.pdf` need kaleido and a Chrome/Chromium browser.
+        `~` is expanded and missing parent folders are created.
+
+        Raises:
+            ValueError: `path` is a folder or has a suffix other than `.json` and `FIGURE_SUFFIXES`.
 
         Example:
             >>> res.save("out/mlp.html"); res.save("out/mlp.json")
         """
-        if str(path).endswith(".json"):
+        path = figure_path(path, extra=(".json",))
+        if path.suffix.lower() == ".json":
             return atomic_write_text(path, json.dumps(self.to_dict()))
         return save_figure(self.plot(), path)
 
@@ -232,6 +237,31 @@ def plot_traces(results: Sequence[TraceResult], *, title: str | None = None):
 
 #: The plotly.js file name an HTML figure loads from its own folder (plotly's "directory" mode).
 PLOTLY_JS = "plotly.min.js"
+
+#: The suffixes `save_figure` writes: HTML (none means `.html`) and kaleido's static images.
+FIGURE_SUFFIXES = (".html", ".htm", ".png", ".svg", ".pdf", ".jpg", ".jpeg", ".webp")
+
+
+def figure_path(path: str | os.PathLike, *, extra: tuple[str, ...] = ()) -> Path:
+    """`path` with `~` expanded, checked to name a file with a figure suffix (or one of `extra`).
+
+    A missing parent folder is not an error: the writers create it (`tracer.files.atomic_path`).
+
+    Raises:
+        ValueError: `path` is an existing folder, or its suffix is not in `FIGURE_SUFFIXES`,
+            `extra` or empty (which means `.html`); the message lists the supported suffixes.
+    """
+    expanded = Path(path).expanduser()
+    if expanded.is_dir():
+        raise ValueError(f"path {str(path)!r} is a folder; expected a file name such as {str(expanded / 'trace.html')!r}")
+    suffix = expanded.suffix.lower()
+    if suffix and suffix not in FIGURE_SUFFIXES + extra:
+        raise ValueError(
+            f"path {str(path)!r} has suffix {suffix!r}; expected one of {', '.join(extra + FIGURE_SUFFIXES)} "
+            "(no suffix means .html)"
+        )
+    return expanded
+
 
 #: Browser executables kaleido can drive, looked up on PATH (after `$BROWSER_PATH`).
 BROWSER_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
@@ -312,14 +342,16 @@ def save_figure(fig, path: str | os.PathLike, *, plotly_js: str | os.PathLike | 
 
     Args:
         fig: a plotly Figure.
-        path: the file to write; its suffix picks the format (none means `.html`).
+        path: the file to write; its suffix picks the format (none means `.html`; see
+            `FIGURE_SUFFIXES`). `~` is expanded, and missing parent folders are created.
         plotly_js: for HTML, a shared `plotly.min.js` to load instead of one beside `path`.
 
     Returns:
         The path written.
 
     Raises:
-        ValueError: `path` has an unsupported suffix.
+        ValueError: `path` is a folder or has an unsupported suffix (the message lists the
+            supported ones); nothing is written.
         RuntimeError: a static image was asked for and kaleido or a browser is missing, or
             kaleido could not render; the message says what to install.
 
@@ -327,13 +359,11 @@ def save_figure(fig, path: str | os.PathLike, *, plotly_js: str | os.PathLike | 
         >>> save_figure(res.plot(), "out/trace.html")  # writes out/trace.html and out/plotly.min.js
         >>> save_figure(res.plot(), "out/trace.png")   # needs romelens[png] and chromium
     """
-    path = Path(path)
+    path = figure_path(path)
     suffix = path.suffix.lower()
     if suffix in ("", ".html", ".htm"):
         path = path.with_suffix(".html") if not suffix else path
         return atomic_write_text(path, figure_html(fig, path.parent, plotly_js=plotly_js))
-    if suffix not in (".png", ".svg", ".pdf", ".jpg", ".jpeg", ".webp"):
-        raise ValueError(f"path {str(path)!r} has suffix {suffix!r}; expected .html, .png, .svg or .pdf")
     install = (
         "static images need kaleido (the romelens[png] extra, or pip install kaleido) and a Chrome or "
         "Chromium browser (apt-get install chromium, or any Chrome; set BROWSER_PATH to its binary "

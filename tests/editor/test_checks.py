@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from editor import METHODS, EditRequest, FTHParams, MEMITHParams, ROMEHParams, edit_stack
+from editor import METHODS, EditRequest, FTHParams, MEMITHParams, ROMEHParams, apply_saved, edit_stack
 from editor import ft, memit, rome
 from editor.result import LayerDelta, apply_deltas
 from editor.stats import compute_stats, layer_stats
@@ -165,6 +165,54 @@ def test_non_finite_statistics_are_refused(tiny_model, tmp_path, name, bad):
             "stats for layer 1 has 1 non-finite")
 
 
+
+def _singular(d, kind):
+    if kind == "zeros":
+        return torch.zeros(d, d)
+    if kind == "dead-neuron":  # one key entry never active: a zero row and column
+        C = torch.eye(d)
+        C[5, 5] = 0.0
+        return C
+    k = torch.randn(d, 3, generator=torch.Generator().manual_seed(0))
+    return k @ k.T / 3  # rank 3: a second moment from 3 tokens
+
+
+@pytest.mark.parametrize("name", ["rome", "memit"])
+@pytest.mark.parametrize("kind", ["zeros", "dead-neuron", "rank-3"])
+def test_singular_statistics_are_refused(tiny_model, tmp_path, name, kind):
+    # before: ROME raised torch's LinAlgError from inside the solve, or went on with NaN / huge factors
+    C = _singular(tiny_model.cfg.d_mlp, kind)
+    stats = C if name == "rome" else {**stats_for(tiny_model, name), 1: C}
+    refused(tiny_model, lambda: METHODS[name].edit(tiny_model, REQ, HPS[name], stats=stats, cache_dir=tmp_path),
+            r"stats for layer 1 is singular \(not positive definite")
+
+
+def test_rome_refuses_singular_statistics_it_loaded_or_computed(tiny_model, tmp_path, monkeypatch):
+    d = tiny_model.cfg.d_mlp
+    monkeypatch.setattr(rome, "layer_stats", lambda model, layer, **kw: torch.zeros(d, d))
+    refused(tiny_model, lambda: rome.edit(tiny_model, REQ, ROME_HP, cache_dir=tmp_path),
+            rf"stats for layer 1 is singular \(not positive definite; {d} of its {d} diagonal entries are <= 0")
+
+
+@pytest.mark.parametrize("bad, match", [
+    (lambda d: {0: torch.eye(d)}, r"stats has no entry for layers \[1\]"),
+    (lambda d: [torch.eye(d)], "stats list must be a Tensor or a {layer: Tensor} dict"),
+    (lambda d: torch.eye(d).numpy(), "stats ndarray must be a Tensor"),
+    (lambda d: torch.eye(d + 1), rf"stats shape \(\d+, \d+\) at layer 1 is not \[d_mlp, d_mlp\]"),
+    (lambda d: torch.eye(d, dtype=torch.long), "stats for layer 1 has dtype torch.int64; expected a floating-point"),
+])
+def test_rome_statistics_of_the_wrong_kind_are_refused(tiny_model, tmp_path, bad, match):
+    stats = bad(tiny_model.cfg.d_mlp)
+    refused(tiny_model, lambda: rome.edit(tiny_model, REQ, ROME_HP, stats=stats, cache_dir=tmp_path), match)
+
+
+def test_rome_takes_statistics_as_a_layer_dict(tiny_model, tmp_path):
+    # as layer_stats returns them for a list of layers; before, a dict passed the checks and failed on .to()
+    eye = torch.eye(tiny_model.cfg.d_mlp)
+    a = rome.compute(tiny_model, REQ, ROME_HP, stats=eye, cache_dir=tmp_path)
+    b = rome.compute(tiny_model, REQ, ROME_HP, stats={0: 2 * eye, 1: eye}, cache_dir=tmp_path)
+    assert torch.equal(a.deltas[1].u, b.deltas[1].u) and torch.equal(a.deltas[1].v, b.deltas[1].v)
+
 def test_non_finite_keys_make_layer_stats_refuse(tiny_model, tmp_path):
     corpus = tmp_path / "c.txt"
     corpus.write_text("The Eiffel Tower is located in the city of Paris.\n" * 50)
@@ -276,6 +324,75 @@ def test_apply_deltas_refuses_non_finite_and_warns_on_zero_and_large(tiny_model,
     assert caplog.text == ""  # a small delta passes quietly
     e.restore()
 
+
+
+@pytest.mark.parametrize("second", ["shape", "not-a-delta", "past-the-model", "negative", "overflow"])
+def test_apply_deltas_checks_every_layer_before_writing_any(tiny_model, second):
+    d, m, n = tiny_model.cfg.d_mlp, tiny_model.cfg.d_model, tiny_model.cfg.n_layers
+    good = LayerDelta(dense=torch.full((d, m), 1e-3))
+    if second == "overflow":  # finite, but W + delta is inf in float16 (max 65504): it was written as inf
+        tiny_model.to(torch.float16)
+    layer, delta, match = {
+        "shape": (1, LayerDelta(dense=torch.ones(d, m + 1)), r"delta shape \(\d+, \d+\) at layer 1 is not W_out's"),
+        "not-a-delta": (1, torch.ones(d, m), r"deltas\[1\] is a Tensor, expected a LayerDelta"),  # was AttributeError
+        "past-the-model": (n, good, f"deltas layer {n} is out of range for a {n}-layer model"),  # was IndexError
+        "negative": (-1, good, "deltas layer -1 must be >= 0"),  # silently edited the last block
+        "overflow": (1, LayerDelta(dense=torch.full((d, m), 1e5)), f"at layer 1 has {d * m} entries that are not finite in float16"),
+    }[second]
+    # layer 0 is fine and comes first: nothing may be written before the bad layer is seen
+    refused(tiny_model, lambda: apply_deltas(tiny_model, {0: good, layer: delta}, method="test", requests=[REQ]), match)
+
+
+def test_apply_deltas_undoes_its_writes_when_a_later_write_fails(tiny_model, monkeypatch):
+    import editor.result
+
+    d, m = tiny_model.cfg.d_mlp, tiny_model.cfg.d_model
+    real, calls = editor.result._delta_on, []
+
+    def fail_at_the_second_write(delta, w):
+        calls.append(1)
+        if len(calls) == 4:  # two checks, the first write, then the second write
+            raise RuntimeError("out of memory")
+        return real(delta, w)
+
+    monkeypatch.setattr(editor.result, "_delta_on", fail_at_the_second_write)
+    deltas = {0: LayerDelta(dense=torch.full((d, m), 1e-3)), 2: LayerDelta(dense=torch.full((d, m), 1e-3))}
+    refused(tiny_model, lambda: apply_deltas(tiny_model, deltas, method="test", requests=[REQ]), "out of memory", RuntimeError)
+
+
+def _poisoned(edit, bad):
+    """`edit` with one entry of its first layer's delta set to `bad`."""
+    l = edit.layers[0]
+    d = edit.deltas[l]
+    if d.dense is not None:
+        dense = d.dense.clone()
+        dense[0, 0] = bad
+        return replace(edit, deltas={**edit.deltas, l: LayerDelta(dense=dense)})
+    u = d.u.clone()
+    u[0, 0] = bad
+    return replace(edit, deltas={**edit.deltas, l: LayerDelta(u=u, v=d.v)})
+
+
+@pytest.mark.parametrize("name", ["rome", "memit", "ft-l"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_no_method_writes_a_non_finite_delta(tiny_model, tmp_path, monkeypatch, name, bad):
+    module = {"rome": rome, "memit": memit, "ft-l": ft}[name]
+    real = module.compute
+    monkeypatch.setattr(module, "compute", lambda *a, **k: _poisoned(real(*a, **k), bad))
+    edit = module.compute(tiny_model, REQ, HPS[name], stats=stats_for(tiny_model, name), cache_dir=tmp_path)
+    match = rf"delta at layer {edit.layers[0]} has \d+ non-finite entries \(NaN or inf\); no weight was changed"
+    for fn in (lambda: module.edit_many(tiny_model, [REQ], HPS[name], stats=stats_for(tiny_model, name), cache_dir=tmp_path),
+               lambda: edit.apply(tiny_model), lambda: edit.applied(tiny_model).__enter__(),
+               lambda: apply_saved(tiny_model, edit.save(tmp_path / "bad.safetensors"))):
+        refused(tiny_model, fn, match)
+
+
+def test_rome_refuses_non_finite_factors_before_writing_them_for_the_next_request(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setattr(rome, "right_vector", lambda key, **vecs: torch.full_like(vecs["delta"], float("nan")))
+    filler = EditRequest(prompt=TEMPLATE, subject="Japan", target_new="Tokyo")
+    refused(tiny_model, lambda: rome.edit_many(tiny_model, [REQ, filler], ROME_HP, stats=stats_for(tiny_model, "rome"),
+                                               cache_dir=tmp_path),
+            r"ROME factors for request 0 \('The capital city of France' -> 'Rome'\) are not finite")
 
 # ---------------------------------------------------------------- keyword arguments
 

@@ -249,7 +249,7 @@ def test_memit_lambda_scales_with_d_mlp(tiny_model, monkeypatch):
 
     assert hparams.scaled_lambda(hparams.GPTJ_D_MLP) == MEMITHParams(layers=(0,)).mom2_update_weight
     assert hparams.memit_hparams("gemma-3-270m").mom2_update_weight == hparams.scaled_lambda(640 * 16 // 5)  # d_mlp 2048
-    monkeypatch.setattr(hparams, "default_layer", lambda m: 2)
+    monkeypatch.setattr(hparams, "default_layer", lambda m, **kw: 2)
     hp = hparams.memit_hparams(tiny_model)  # no preset: five layers up to the chosen one, λ for its d_mlp
     assert hp.layers == (0, 1, 2) and hp.mom2_update_weight == pytest.approx(15000 * tiny_model.cfg.d_mlp / 16384)
     assert hp.spread == "residual"  # no post-MLP norm: the paper's spread
@@ -258,6 +258,39 @@ def test_memit_lambda_scales_with_d_mlp(tiny_model, monkeypatch):
     monkeypatch.setattr(tracer.model, "mlp_post_norm", lambda model, layer: torch.nn.Identity())
     hp = hparams.memit_hparams(tiny_model)  # a Gemma-style model without a preset
     assert hp.spread == "joint" and hp.clamp_norm_factor == 0.5
+
+
+def test_default_layer_and_the_editors_keep_the_choice_under_the_callers_cache_dir(tiny_model, tmp_path, monkeypatch):
+    import json
+    from types import SimpleNamespace
+
+    import tracer.layer
+    from editor import hparams
+
+    facts = [{"known_id": i, "prompt": p, "subject": s, "attribute": None} for i, (p, s) in
+             enumerate([("The Eiffel Tower is located in the city of", "Eiffel Tower"), ("Tokyo is the capital of", "Tokyo")])]
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "known_1000.json").write_text(json.dumps(facts))
+    monkeypatch.setenv("ROMELENS_DATA", str(tmp_path / "data"))
+    monkeypatch.setenv("ROMELENS_CACHE", str(tmp_path / "default"))
+    mine = tmp_path / "mine"
+    layer = hparams.default_layer(tiny_model, n=2, cache_dir=mine)  # traces: the choice and the noise stats
+    assert sorted(p.parent.name for p in mine.rglob("*.json")) == ["edit_layer", "noise"]
+    assert not (tmp_path / "default").exists()
+
+    def must_not_trace(*a, **k):
+        raise AssertionError("traced although a choice is cached")
+
+    monkeypatch.setattr(tracer.layer, "choose_edit_layer", must_not_trace)
+    assert hparams.default_layer(tiny_model, cache_dir=mine) == layer  # read back from there
+    # the presets and rome.compute pass their cache_dir on (before, they read the default root)
+    other = 0 if hparams._fallback_layer(tiny_model.cfg.n_layers) != 0 else 2
+    tracer.layer.save_layer_choice(tiny_model, SimpleNamespace(layer=other), cache_dir=mine)
+    assert hparams.rome_hparams(tiny_model, cache_dir=mine).layer == other
+    assert hparams.memit_hparams(tiny_model, cache_dir=mine).layers[-1] == other
+    assert hparams.ft_hparams(tiny_model, cache_dir=mine).layer == other
+    e = rome.compute(tiny_model, REQ, stats=torch.eye(tiny_model.cfg.d_mlp), cache_dir=mine)
+    assert e.layers == (other,) and not (tmp_path / "default").exists()
 
 
 def test_default_layer_warns_traces_once_and_caches_on_disk_only(tiny_model, monkeypatch, tmp_path, caplog):

@@ -148,6 +148,18 @@ def test_choose_edit_layer_with_any_n_fills_the_cache_the_editors_read(tiny_mode
     assert edit_layer_path(tiny_model, cache_dir="none") is None
 
 
+def test_choose_edit_layer_keeps_its_files_under_the_callers_cache_dir(tiny_model, tmp_path, monkeypatch):
+    # before, the noise statistics tracing measures went to the default cache root whatever cache_dir said
+    facts = tmp_path / "known_1000.json"
+    facts.write_text(json.dumps(FACTS))
+    monkeypatch.setenv("ROMELENS_CACHE", str(tmp_path / "default"))
+    mine = tmp_path / "mine"
+    choose_edit_layer(tiny_model, facts, n=2, samples=2, window=1, progress=False, cache_dir=mine)
+    assert sorted(p.parent.name for p in mine.rglob("*.json")) == ["edit_layer", "noise"]
+    choose_edit_layer(tiny_model, facts, n=2, samples=2, window=1, progress=False, cache_dir="none")  # writes nothing
+    assert not (tmp_path / "default").exists() and len(list(mine.rglob("*.json"))) == 2
+
+
 def test_trace_dataset_groups_restrict_tokens(tiny_model):
     res = trace_dataset(tiny_model, FACTS, kinds=("mlp",), groups=("last_subject",), samples=1, noise=NOISE, window=2, progress=False)
     mean = res.mean("mlp")

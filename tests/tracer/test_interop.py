@@ -141,6 +141,22 @@ def test_restoration_hooks_bad_input(tiny_model):
         restoration_hooks(clean, kind="mlp", positions=1, layers=[])
 
 
+
+def test_restoration_hooks_refuse_a_cache_of_other_tokens(tiny_model):
+    tokens = locate_subject(tiny_model, PROMPT, SUBJECT).tensor()  # [1, pos]
+    _, clean = tiny_model.run_with_cache(tokens)
+    n = tokens.shape[1]
+    hooks = restoration_hooks(clean, kind="resid", positions=[1, -1], layers=[0, 1])
+    for other in (tokens[:, :-2], torch.cat([tokens, tokens[:, :3]], 1)):  # shorter, longer (and a pos fitting both)
+        with tiny_model.hooks(fwd_hooks=hooks):
+            with pytest.raises(ValueError, match=rf"recorded on {n} tokens .*the patched run has {other.shape[1]} tokens"):
+                tiny_model(other)
+    _, flat = tiny_model.run_with_cache(tokens, remove_batch_dim=True)  # [pos, d_model]: no batch axis
+    with pytest.raises(ValueError, match=r"expected \[batch, pos, d_model\]"):
+        restoration_hooks(flat, kind="mlp", positions=1, layers=0)
+    with tiny_model.hooks(fwd_hooks=hooks):  # the same tokens still work
+        tiny_model(tokens)
+
 # --- docs/interop.md, example (a): TransformerLens patching on our corrupted input ----------
 
 

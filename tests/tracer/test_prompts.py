@@ -85,6 +85,34 @@ def test_multi_token_target_and_ids(tiny_model):
         target_ids(tiny_model, PROMPT, [])
 
 
+
+@pytest.mark.parametrize("bad", [lambda v: v, lambda v: -1, lambda v: [7, v], lambda v: [7, -2], lambda v: 3.0,
+                                 lambda v: [7, 8.0], lambda v: True, lambda v: torch.tensor([[7]])],
+                         ids=["d_vocab", "-1", "list-d_vocab", "list-neg", "float", "list-float", "bool", "2d-tensor"])
+def test_token_ids_outside_the_vocabulary_are_refused_everywhere(tiny_model, bad):
+    from tracer.trace import trace_prompt
+
+    d_vocab = tiny_model.cfg.d_vocab
+    bad = bad(d_vocab)  # d_vocab itself, negative ids (which would wrap), floats, bools, a 2-d tensor
+    for call in (lambda: target_ids(tiny_model, PROMPT, bad),
+                 lambda: target_probs(tiny_model, [PROMPT], [bad])):
+        with pytest.raises(ValueError, match=r"target.*(outside the vocabulary: expected 0 <= id < d_vocab|must be)"):
+            call()
+    if isinstance(bad, int) and not isinstance(bad, bool):  # trace_prompt takes one id; refused, not wrapped or an IndexError
+        with pytest.raises(ValueError, match=rf"target token id {bad} is outside the vocabulary.*d_vocab {d_vocab}"):
+            trace_prompt(tiny_model, PROMPT, "Eiffel Tower", target=bad, samples=2)
+
+
+def test_token_ids_of_other_integer_types_are_taken(tiny_model):
+    import numpy as np
+
+    last = tiny_model.cfg.d_vocab - 1
+    assert target_ids(tiny_model, PROMPT, np.int64(7)) == [7]
+    assert target_ids(tiny_model, PROMPT, torch.tensor(7)) == [7]
+    assert target_ids(tiny_model, PROMPT, torch.tensor([7, last])) == [7, last]
+    assert target_ids(tiny_model, PROMPT, (7, np.int32(8))) == [7, 8]
+
+
 def test_target_probs_match_full_logits(tiny_model):
     targets = ["Paris", "Rome and Tokyo"]
     got = target_probs(tiny_model, [PROMPT, PROMPT], targets)

@@ -51,6 +51,28 @@ def test_save_html_and_json(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # atomic writes leave no temporaries
 
 
+def test_save_paths_expand_home_create_folders_and_name_the_suffixes(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    res = _res()
+    # "~" is the user's home, not a folder named "~" under the working directory
+    assert res.save("~/figs/t.html") == tmp_path / "home" / "figs" / "t.html"
+    assert (tmp_path / "home" / "figs" / PLOTLY_JS).is_file()
+    assert res.save("~/data/t.json").is_file() and save_figure(res.plot(), "~/more/t").suffix == ".html"
+    assert not (tmp_path / "~").exists()
+    # missing parent folders are created, for figures and data alike
+    assert res.save(tmp_path / "a" / "b" / "t.json").is_file()
+    assert save_figure(res.plot(), tmp_path / "c" / "d" / "t.html").is_file()
+    # an unknown suffix is refused before anything is written, listing what is supported
+    for fn, listed in ((lambda p: save_figure(res.plot(), p), ".html, .htm, .png, .svg, .pdf"),
+                       (res.save, ".json, .html, .htm, .png")):
+        with pytest.raises(ValueError, match=rf"'.*t\.txt' has suffix '\.txt'; expected one of {re.escape(listed)}"):
+            fn(tmp_path / "e" / "t.txt")
+    assert not (tmp_path / "e").exists()
+    with pytest.raises(ValueError, match="is a folder; expected a file name"):
+        save_figure(res.plot(), tmp_path / "a")
+
+
 def _script_srcs(html: str) -> list[str]:
     return re.findall(r"<script[^>]*\ssrc=\"([^\"]+)\"", html)
 
