@@ -20,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import math
 import numbers
 from typing import Any, Mapping, Sequence
@@ -27,8 +28,11 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor
 
+from tracer.hooks import attached_saes, hook_layer
 from tracer.model import model_device
 from tracer.prompts import locate_subject, target_ids
+
+log = logging.getLogger(__name__)
 
 
 def check_layer(value: Any, field: str, n_layers: int | None = None) -> int:
@@ -262,6 +266,24 @@ def check_device(model, device) -> None:
         raise ValueError(f"device {device!r} differs from the model's {model_device(model)}; move the model first")
 
 
+def warn_detached_saes(model, first_layer: int) -> list[str]:
+    """Warn about SAEs that sae-lens attached with `use_error_term=True` at or after the edit.
+
+    sae-lens adds the error term under `torch.no_grad()`, so the forward pass is the model's
+    but gradients through the spliced point follow the SAE's reconstruction: an edit's
+    optimisation through it is not the model's. Returns the hook names warned about.
+    """
+    bad = [n for n, err in attached_saes(model).items() if err and hook_layer(n, model.cfg.n_layers) >= first_layer]
+    if bad:
+        log.warning(
+            "SAEs with use_error_term=True are attached at %s, at or after edit layer %d: sae-lens "
+            "detaches their error term, so the edit's optimisation follows the SAEs' reconstruction, "
+            "not the model. Compute the edit with them removed (model.reset_saes()), then attach them "
+            "again and apply it.", bad, first_layer,
+        )
+    return bad
+
+
 def check_edit(model, method: str, requests: Sequence, hp, *, stats=None, device=None) -> None:
     """Every check an editor's `edit_many` runs before it computes or changes anything.
 
@@ -290,6 +312,7 @@ def check_edit(model, method: str, requests: Sequence, hp, *, stats=None, device
         raise ValueError(f"method {method!r} must be 'rome', 'memit' or 'ft-l'")
     check_device(model, device)
     check_requests(model, requests)
+    warn_detached_saes(model, min(layers))
     if method == "ft-l":
         # FT-L trains W_out on the keys at the prediction positions themselves, so it can
         # work at any layer, the last included: no reach check, and no key statistics.

@@ -171,3 +171,18 @@ def test_counterfact_runner_on_an_sae_model(tokenizer, tmp_path):
     base = [evaluate_counterfact(model, r, gen_tokens=0) for r in records]
     # the edit moved the rewrite prompt's NLL of the new target down
     assert all(row["nll"]["rewrite"]["new"][0] < b["nll"]["rewrite"]["new"][0] for row, b in zip(rows, base))
+
+
+def test_compute_warns_about_error_term_saes_after_the_edit_layer(tokenizer, tmp_path, caplog):
+    from editor import ROMEHParams, rome
+    from tests.editor.test_edit import REQ
+
+    hp = ROMEHParams(layer=1, v_lr=1.0, v_num_grad_steps=2, clamp_norm_factor=50.0, v_weight_decay=0.0,
+                     kl_factor=0.0, context_lengths=((4, 2),))
+    for hook, error_term, warned in [("blocks.2.hook_resid_post", True, True), ("blocks.0.hook_resid_post", True, False),
+                                     ("blocks.2.hook_resid_post", False, False)]:
+        model, _ = sae_model(tokenizer, hook, use_error_term=error_term)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="editor.checks"):
+            rome.compute(model, [REQ], hp, stats=torch.eye(model.cfg.d_mlp), cache_dir=tmp_path)
+        assert ("use_error_term=True are attached at ['blocks.2.hook_resid_post']" in caplog.text) == warned, (hook, error_term)

@@ -97,6 +97,16 @@ def hooks(model, fwd_hooks: list[tuple[str, Callable]], *, side: str = "output")
         yield
 
 
+def attached_saes(model) -> dict[str, bool]:
+    """The SAEs sae-lens has attached to `model`: `{hook name: use_error_term}` (`{}` for a
+    model without sae-lens support or without SAEs)."""
+    saes = getattr(model, "acts_to_saes", None)
+    if not isinstance(saes, dict):
+        return {}
+    wrappers = getattr(model, "_acts_to_saes", {})  # sae-lens keeps use_error_term on its wrapper
+    return {name: bool(getattr(wrappers.get(name), "use_error_term", False)) for name in saes}
+
+
 def hook_layer(name: str, n_layers: int) -> int:
     """The block a hook point belongs to: `l` for `blocks.l.*`, -1 before the first block
     (`hook_embed`, `hook_pos_embed`), `n_layers` after the last (`ln_final.*`, `unembed.*`).
