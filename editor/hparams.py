@@ -71,6 +71,11 @@ class ROMEHParams:
             `d_mlp` are refused (ValueError before anything is computed, and again if the corpus
             ends early): `C` would be singular (on Gemma-3-270m 1,000 tokens gave
             `‖ΔW‖ = 161 ‖W_out‖` and broke unrelated facts). Not regularised, refused.
+            **Not the papers' sample count.** ROME's `mom2_n_samples = 100000` counts
+            Wikipedia *samples* (texts cut to the model's context), tens of millions of
+            tokens; ours counts *tokens* (every position of the corpus text, here
+            WikiText-2 test, ~292k tokens on Gemma-3-270m's tokenizer), so 100,000 is a few
+            hundred times fewer positions than the paper's `C` saw.
         mom2_adjustment: use `C⁻¹ k*` as the update direction (False: `k*` itself).
         key: which key the rank-one update is solved for, and the value it maps to
             (`editor.rome.right_vector`; `δ` is the optimised change of the raw MLP output
@@ -131,8 +136,8 @@ class MEMITHParams:
             last layer.
         mom2_update_weight: λ in `Δ = R Kᵀ (λC + K Kᵀ)⁻¹`; presets without one get
             `scaled_lambda(d_mlp)` when built from a model.
-        mom2_n_tokens: tokens of text for `C`; fewer than `d_mlp` are refused, as in
-            `ROMEHParams`.
+        mom2_n_tokens: tokens (not the papers' text samples; see `ROMEHParams`) of text for
+            `C`; fewer than `d_mlp` are refused, as in `ROMEHParams`.
         z_batch_size: requests whose `z` are optimised together in one batch.
         spread: how the layers share the change. "residual" (the paper): one delta at the
             last layer gives `z`, and each layer is asked for an equal share of the
