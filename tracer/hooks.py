@@ -49,6 +49,9 @@ def hook_name(kind: str, layer: int) -> str:
 
     Returns:
         The hook name, e.g. `"blocks.3.hook_mlp_out"`.
+
+    Raises:
+        ValueError: `kind` is not one of the names above.
     """
     try:
         act = _ACT[kind]
@@ -92,7 +95,11 @@ def resolve_hook(model, name: str, *, side: str = "output") -> str:
 
 @contextmanager
 def hooks(model, fwd_hooks: list[tuple[str, Callable]], *, side: str = "output") -> Iterator[None]:
-    """`model.hooks(fwd_hooks=...)` with every name passed through `resolve_hook`."""
+    """`model.hooks(fwd_hooks=...)` with every name passed through `resolve_hook`.
+
+    Raises:
+        ValueError: a bad `side` (see `resolve_hook`).
+    """
     with model.hooks(fwd_hooks=[(resolve_hook(model, n, side=side) if isinstance(n, str) else n, f) for n, f in fwd_hooks]):
         yield
 
@@ -122,7 +129,11 @@ def hook_layer(name: str, n_layers: int) -> int:
 
 
 def check_kind(kind: str) -> str:
-    """Return `kind` if it is a traceable kind ("resid", "mlp", "attn"), else raise ValueError."""
+    """Return `kind` if it is a traceable kind ("resid", "mlp", "attn").
+
+    Raises:
+        ValueError: any other `kind`.
+    """
     if kind not in KINDS:
         raise ValueError(f"kind {kind!r} is unknown; expected one of {KINDS}")
     return kind

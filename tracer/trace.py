@@ -178,6 +178,9 @@ def metric_bounds(model, runs: Runs, metric: Metric | None = None, metric_at: st
 
     With `metric=None`, the target probability (`runs.high`, `runs.low`). With `metric_at`,
     the metric of that hook's activation (one clean and one corrupted forward pass, ended there).
+
+    Raises:
+        ValueError: a metric that does not return finite `[batch]` values, or a bad `metric_at`.
     """
     if metric is None:
         return runs.high, runs.low
@@ -238,7 +241,21 @@ def prepare_runs(
     noise_cache: NoiseCache | None = None,
     device: str | torch.device | None = None,
 ) -> Runs:
-    """Run the clean and corrupted passes once and cache their states (see `trace_prompt`)."""
+    """Run the clean and corrupted passes once and cache their states (paper, section 2.1).
+
+    Args: as `trace_prompt` (`prompt`, `subject`, `target`, `samples`, `noise`, `seed`,
+        `corrupted_prompt`, `noise_reference`, `noise_cache`, `device`).
+
+    Returns:
+        A `Runs`: every layer's clean `[n_layers + 1, pos, d_model]` and corrupted
+        `[n_layers + 1, samples, pos, d_model]` residuals and sublayer outputs, and the clean
+        (`high`) and corrupted (`low`) target probabilities.
+
+    Raises:
+        ValueError: an empty prompt, `samples` < 1, a subject not found in the prompt, a
+            target that is neither text nor a token id in `[0, d_vocab)`, or a
+            `corrupted_prompt` of another token length than the prompt.
+    """
     if not isinstance(prompt, str) or not prompt.strip():
         raise ValueError(f"prompt {prompt!r} is empty; expected a non-empty string")
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
@@ -353,6 +370,11 @@ def restore_scores(
 
     Returns:
         `[pos, layer]` target probabilities (or metric values) averaged over noise samples.
+
+    Raises:
+        ValueError: an unknown `kind`, `window` or `batch_size` < 1, a `severed` kind other
+            than "mlp"/"attn" or with a kind other than "resid", `tokens` outside the prompt,
+            a metric that does not return finite `[batch]` values, or a bad `metric_at`.
     """
     if kind not in KINDS:
         raise ValueError(f"kind {kind!r} is unknown; expected one of {KINDS}")
@@ -475,6 +497,10 @@ def patched_score(
     Returns:
         The target probability averaged over samples.
 
+    Raises:
+        ValueError: an unknown `kind`, a layer outside `0..n_layers-1`, or `frozen` without a
+            `frozen_kind` of "mlp"/"attn".
+
     Example:
         >>> runs = prepare_runs(model, "The Eiffel Tower is in", "Eiffel Tower")
         >>> patched_score(model, runs, [(3, 5)])
@@ -511,7 +537,10 @@ def patched_score(
 def reference_scores(
     model, runs: Runs, *, kind: str = "resid", window: int = 10, severed: str | None = None
 ) -> Float[Tensor, "pos layer"]:
-    """`restore_scores` computed the slow, plain way: one `patched_score` per (token, layer)."""
+    """`restore_scores` computed the slow, plain way: one `patched_score` per (token, layer).
+
+    Returns `[pos, layer]` target probabilities; raises what `patched_score` raises.
+    """
     n = model.cfg.n_layers
     n_pos = runs.corrupt_tokens.shape[1]
     out = torch.zeros(n_pos, n)
@@ -701,6 +730,9 @@ def trace_prompt(
 
 def trace_all(model, prompt: str, subject: str, **kwargs) -> dict[str, TraceResult]:
     """`trace_prompt` for "resid", "mlp" and "attn", sharing the clean and corrupted runs.
+
+    Takes `trace_prompt`'s keyword arguments (except `kind` and `runs`) and raises what it
+    raises. Returns `{kind: TraceResult}`.
 
     Example:
         >>> results = trace_all(model, "The Eiffel Tower is located in the city of", "Eiffel Tower")
