@@ -46,13 +46,14 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from editor.checks import check_edit
-from editor.common import apply_and_probe, base_hash, one_request, pad_tokens, probe, restoring_weights, templates_for
+from editor.common import base_hash, conveniences, probe, restoring_weights, templates_for
 from editor.edit import Edit
 from editor.hparams import MEMITHParams, memit_hparams
 from editor.optimize import block_values, optimize_values, shifted_mlp_outputs, subject_keys
 from editor.requests import EditRequest, as_requests
-from editor.result import AppliedEdit, LayerDelta, edit_stack
+from editor.result import LayerDelta, edit_stack
 from editor.stats import layer_stats
+from tracer.batching import pad_tokens
 from tracer.hooks import hook_name
 from tracer.model import mlp_post_norm, model_device, model_name, run_until, w_out, weights_hash
 from tracer.prompts import locate_subject
@@ -264,22 +265,4 @@ def compute(
     )
 
 
-def edit_many(model, requests, hparams: MEMITHParams | None = None, **kw) -> AppliedEdit:
-    """`compute(...)`, then apply it; `diagnostics["after"]` holds the probabilities after.
-
-    Takes `compute`'s arguments and raises what it raises.
-
-    Example:
-        >>> with memit.edit_many(model, requests) as e:
-        ...     print(e.diagnostics["after"]["new_seq"])
-    """
-    return apply_and_probe(compute(model, requests, hparams, **kw), model)
-
-
-def edit(model, request, hparams: MEMITHParams | None = None, **kw) -> AppliedEdit:
-    """MEMIT on a single request; see `edit_many`.
-
-    Raises:
-        ValueError: more than one request (use `edit_many`), or as `compute`.
-    """
-    return edit_many(model, one_request(request), hparams, **kw)
+edit_many, edit = conveniences(compute, "memit")

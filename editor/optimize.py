@@ -22,11 +22,11 @@ from typing import Iterator, Sequence
 import torch
 from torch import Tensor
 
-from editor.common import pad_tokens
 from editor.hparams import EARLY_STOP_ON, KL_POSITIONS, one_of
 from editor.requests import EditRequest
+from tracer.batching import pad_tokens, pick, position_log_probs, teacher_forced
 from tracer.hooks import hook_name
-from tracer.model import final_logits, final_resid, mlp_output_delta, model_device, run_until
+from tracer.model import mlp_output_delta, model_device, run_until
 from tracer.prompts import locate_subject, target_ids
 
 log = logging.getLogger(__name__)
@@ -95,21 +95,17 @@ class _Batch:
 
 
 def _build(model, requests, templates, kl_prompts, device, kl_position: str = "last") -> _Batch:
-    seqs, row_req, row_pos = [], [], []
-    lg_rows, lg_cols, tgt, nll_row = [], [], [], []
+    pairs, row_req, row_pos = [], [], []
     for i, r in enumerate(requests):
         tids = target_ids(model, r.filled, r.target_new)
         for t in templates:
             p = locate_subject(model, _fill(t, r.prompt), r.subject)
-            row = len(seqs)
-            seqs.append(list(p.ids) + tids[:-1])
+            pairs.append((p.ids, tids))
             row_req.append(i)
             row_pos.append(p.last_subject)
-            for j, tid in enumerate(tids):
-                lg_rows.append(row)
-                lg_cols.append(len(p.ids) - 1 + j)
-                tgt.append(tid)
-                nll_row.append(row)
+    nll = teacher_forced(pairs, feed_last=False)  # one row per (request, template)
+    seqs = [list(s) for s in nll.seqs]
+    lg_rows, lg_cols, tgt, nll_row = list(nll.rows), list(nll.cols), list(nll.targets), list(nll.rows)
     n_nll_rows = len(seqs)
     kl_rows, kl_req = [], []
     for i, r in enumerate(requests):
@@ -154,17 +150,15 @@ def shifted_mlp_outputs(model, layers: Sequence[int], idx: tuple[Tensor, Tensor]
 
 
 def _logits(model, batch: _Batch, layers: Sequence[int], delta: Tensor, x0: Tensor) -> Tensor:
-    """Log-probs at the scored positions with `delta[req, j]` added at each row's subject token
-    to the raw MLP output of block `layers[j]`.
+    """Log-probs `[m, d_vocab]` at the scored positions with `delta[req, j]` added at each
+    row's subject token to the raw MLP output of block `layers[j]`.
 
     `x0`: the residual entering block `layers[0]`; the pass starts there, since the deltas
     change nothing upstream.
     """
     idx = (torch.arange(len(batch.row_req), device=delta.device), batch.row_pos)
     with shifted_mlp_outputs(model, layers, idx, delta[batch.row_req]):  # [rows, n_layers, d_model]
-        resid = final_resid(model, x0, start_at_layer=layers[0])  # [rows, pos, d_model]
-    logits = final_logits(model, resid[batch.lg_rows, batch.lg_cols][:, None])[:, 0]
-    return logits.float().log_softmax(-1)  # [m, vocab]
+        return position_log_probs(model, x0, batch.lg_rows, batch.lg_cols, start_at_layer=layers[0])
 
 
 def optimize_values(
@@ -229,7 +223,7 @@ def optimize_values(
     for step in range(steps):
         opt.zero_grad()
         lp = _logits(model, batch, layers, delta, x0)
-        tok_nll = -lp[torch.arange(m_nll, device=device), batch.tgt]  # [m_nll]
+        tok_nll = -pick(lp, batch.tgt)  # [m_nll]: the NLL rows come first
         row_nll = torch.zeros(batch.n_nll_rows, device=device).index_add(0, batch.nll_row, tok_nll) / tok_per_row
         req_nll = row_nll.reshape(n, n_t).mean(1)  # [n]
         loss = req_nll

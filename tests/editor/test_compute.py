@@ -13,7 +13,6 @@ import torch
 
 from editor import METHODS, AppliedEdit, Edit, EditOrderError, EditRequest, EditResult, LayerDelta, ROMEHParams
 from editor import apply_saved, edit_stack, ft, memit, rome
-from editor.common import pad_tokens
 from tracer.model import w_out, weights_hash
 
 from .test_checks import FT_HP, HPS, stats_for
@@ -290,14 +289,6 @@ def test_the_stack_does_not_keep_a_model_alive(tokenizer, tmp_path):
     assert alive() is None and not a.applied
     with pytest.raises(EditOrderError, match="no longer exists"):
         a.restore()
-
-
-def test_pad_tokens_right_pads_with_the_pad_id(tiny_model):
-    pad = tiny_model.tokenizer.pad_token_id or 0
-    t = pad_tokens(tiny_model, [[5, 6, 7], [8]], "cpu")
-    assert t.tolist() == [[5, 6, 7], [8, pad, pad]] and t.dtype == torch.long
-    with pytest.raises(ValueError, match="empty"):
-        pad_tokens(tiny_model, [], "cpu")
 
 
 def test_edit_conveniences_check_one_request_and_the_registry_is_one_entry_per_method():
