@@ -95,6 +95,7 @@ def run_sweep(
     from benchmarks.runner import edit_summary  # noqa: PLC0415
     from editor import rome, rome_hparams  # noqa: PLC0415
     from editor.checks import check_edit  # noqa: PLC0415
+    from editor.common import base_hash, templates_for  # noqa: PLC0415
     from editor.hparams import ROME_KEYS  # noqa: PLC0415
     from editor.result import LayerDelta, apply_deltas  # noqa: PLC0415
     from editor.stats import layer_stats  # noqa: PLC0415
@@ -112,7 +113,7 @@ def run_sweep(
         for k in keys:
             folders[f"{name}-{k}"] = (name, k)
     done = {f: set(read_jsonl(out / f / RECORDS, key="case_id", repair=True)) for f in folders}
-    bh = rome.base_hash(model)
+    bh = base_hash(model)
     for r in tqdm([r for r in records if r.case_id not in done["none"]], desc="sweep: unedited", unit="rec"):
         append_jsonl(out / "none" / RECORDS, {"case_id": r.case_id, **evaluate_counterfact(model, r, gen_tokens=0)})
     for name, hp in hps.items():
@@ -120,7 +121,7 @@ def run_sweep(
         if not todo:
             continue
         C = layer_stats(model, hp.layer, corpus=corpus, n_tokens=hp.mom2_n_tokens, cache_dir=cache_dir, model_hash=bh)
-        templates = rome.templates_for(model, hp.context_lengths, cache_dir=cache_dir, model_hash=bh)
+        templates = templates_for(model, hp.context_lengths, cache_dir=cache_dir, model_hash=bh)
         for r in tqdm(todo, desc=f"sweep: {name}", unit="rec"):
             t0 = time.perf_counter()
             f = rome.compute_factors(model, [r.request()], hp, C=C, templates=templates, keys=keys)[0]

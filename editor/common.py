@@ -5,8 +5,10 @@
 - `probe`: the probabilities of the new (and true) targets on each bare edit prompt; the
   `before` / `after` entries of an edit's diagnostics.
 - `templates_for`: the bare `"{}"` plus the self-generated context templates.
+- `start_compute`: what every `compute` does before it computes anything (requests
+  normalised, the preset by default, the hparams' type and `editor.checks.check_edit`).
 - `base_hash`: the weights hash of the model before any romelens edit now applied (what
-  cached statistics and templates describe).
+  cached statistics and templates describe); `edit_hashes` pairs it with the current one.
 - `restoring_weights`: a context manager for editors that write into `W_out` while they
   compute (ROME's sequential requests, MEMIT's layer by layer updates): every weight it
   covers is copied back on exit, exceptions included.
@@ -32,6 +34,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 import torch
 from torch import Tensor
 
+from editor.checks import check_edit
 from editor.context import context_templates
 from editor.requests import EditRequest, as_requests
 from editor.result import edit_stack
@@ -70,10 +73,39 @@ def templates_for(model, lengths, *, cache_dir, model_hash) -> list[str]:
     return out
 
 
+def start_compute(
+    model, method: str, requests, hparams, *, preset: Callable, kind: type, stats=None, device=None
+) -> tuple[list[EditRequest], object]:
+    """The start of every method's `compute`: `(requests, hp)`, checked before anything runs.
+
+    `requests` normalised by `as_requests`; `hp` is `hparams`, or `preset(model)` when it is
+    None, and must be a `kind`; then `editor.checks.check_edit(model, method, ...)`.
+
+    Raises:
+        ValueError: `hp` is not a `kind`, or a check of `check_edit` fails.
+
+    Example:
+        >>> requests, hp = start_compute(model, "memit", requests, None, preset=memit_hparams, kind=MEMITHParams)
+    """
+    requests = as_requests(requests)
+    hp = hparams or preset(model)
+    if not isinstance(hp, kind):
+        raise ValueError(f"hparams {hp!r} has type {type(hp).__name__}; expected {kind.__name__}")
+    check_edit(model, method, requests, hp, stats=stats, device=device)
+    return requests, hp
+
+
 def base_hash(model) -> str:
     """Weights hash of the model before any romelens edit now applied (stats describe it)."""
     stack = edit_stack(model)
     return stack[0].model_hash if stack else weights_hash(model)
+
+
+def edit_hashes(model) -> tuple[str, str]:
+    """`(base, now)`: `base_hash(model)`, and the hash of the weights as they are now (the
+    same, unhashed again, when no romelens edit is applied): what an `Edit` records."""
+    base = base_hash(model)
+    return base, (weights_hash(model) if edit_stack(model) else base)
 
 
 @contextmanager

@@ -27,8 +27,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from editor.checks import check_edit
-from editor.common import conveniences, probe
+from editor.common import conveniences, probe, start_compute
 from editor.edit import Edit
 from editor.hparams import FTHParams, ft_hparams
 from editor.requests import EditRequest, as_requests
@@ -123,11 +122,7 @@ def compute(
         >>> e = ft.compute(model, requests, FTHParams(layer=4)); e.deltas[4].dense.abs().max()
     """
     del stats, corpus, cache_dir  # the shared keyword set; FT-L uses none of them
-    requests = as_requests(requests)
-    hp = hparams or ft_hparams(model)
-    if not isinstance(hp, FTHParams):
-        raise ValueError(f"hparams {hp!r} is not an FTHParams")
-    check_edit(model, "ft-l", requests, hp, device=device)
+    requests, hp = start_compute(model, "ft-l", requests, hparams, preset=ft_hparams, kind=FTHParams, device=device)
     now_hash = weights_hash(model)
     grads = layer_grad_norms(model, requests)
     batch = _batch(model, requests)

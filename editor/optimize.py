@@ -2,7 +2,8 @@
 
 - `subject_keys`: the key `k` (`blocks.{l}.mlp.hook_post`) at the last subject token of each
   request's prompt under each context template; batched.
-- `optimize_values`: for each request, the delta `δ` added to the raw MLP output of a
+- `optimize_values` (and `optimize_with`, which takes its settings from a ROME or MEMIT
+  hparams): for each request, the delta `δ` added to the raw MLP output of a
   block (`W_out @ k + b_out`, via `tracer.mlp_output_delta`) at the last subject token that
   makes the model say `target_new` (ROME's `v*`, MEMIT's `z`). Requests in one batch are
   independent (per-request losses are summed and Adam is per-element; a request that has
@@ -249,3 +250,23 @@ def optimize_values(
             delta.mul_(scale[..., None])
     out = delta.detach()
     return (out[:, 0] if single else out), curve
+
+
+def optimize_with(model, requests: Sequence[EditRequest], hp, *, layer: int | Sequence[int], templates: Sequence[str],
+                  ref_norm: Tensor) -> tuple[Tensor, list[list[float]]]:
+    """`optimize_values` with the value-optimisation fields of `hp` (a ROME or MEMIT hparams).
+
+    `hp.v_num_grad_steps`, `v_lr`, `v_weight_decay`, `clamp_norm_factor`, `kl_factor`,
+    `kl_prompts` and `early_stop_nll`, and `kl_position` / `early_stop_on` where `hp` has them
+    (ROME; else their defaults). Returns and raises what `optimize_values` does.
+
+    Example:
+        >>> delta, curve = optimize_with(model, requests, hp, layer=hp.layer, templates=templates, ref_norm=ref)
+    """
+    return optimize_values(
+        model, requests, layer=layer, templates=templates, ref_norm=ref_norm, kl_prompts=hp.kl_prompts,
+        steps=hp.v_num_grad_steps, lr=hp.v_lr, weight_decay=hp.v_weight_decay, clamp_norm_factor=hp.clamp_norm_factor,
+        kl_factor=hp.kl_factor, early_stop_nll=hp.early_stop_nll,
+        kl_position=getattr(hp, "kl_position", "last"), early_stop_on=getattr(hp, "early_stop_on", "nll"),
+    )
+

@@ -297,3 +297,12 @@ def test_edit_conveniences_check_one_request_and_the_registry_is_one_entry_per_m
         assert (m.compute, m.edit, m.edit_many) == (MODULES[name].compute, MODULES[name].edit, MODULES[name].edit_many)
     with pytest.raises(ValueError, match="one EditRequest"):
         ft.edit(None, TWO, FT_HP)
+
+
+@pytest.mark.parametrize("name", ["memit", "ft-l"])  # rome too once it starts with editor.common.start_compute
+def test_every_compute_refuses_another_methods_hparams_before_anything_runs(tiny_model, tmp_path, name):
+    other = HPS["ft-l" if name != "ft-l" else "rome"]
+    w0 = outs(tiny_model)
+    with pytest.raises(ValueError, match=rf"hparams .* has type {type(other).__name__}; expected {type(HPS[name]).__name__}"):
+        METHODS[name].compute(tiny_model, TWO, other, cache_dir=tmp_path)
+    assert all(torch.equal(x, y) for x, y in zip(outs(tiny_model), w0))

@@ -25,11 +25,11 @@ def test_pad_left_lines_up_the_last_tokens_with_a_mask(tiny_model):
     assert t.tolist() == [[5, 6, 7], [pad, pad, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
 
 
-def test_pad_id_is_zero_without_a_pad_token(tiny_model, monkeypatch):
+def test_pad_id_is_zero_without_a_pad_token():
     from types import SimpleNamespace
 
-    monkeypatch.setattr(tiny_model, "tokenizer", SimpleNamespace(pad_token_id=None))
-    assert pad_id(tiny_model) == 0 and pad_tokens(tiny_model, [[5, 6], [7]], "cpu").tolist() == [[5, 6], [7, 0]]
+    model = SimpleNamespace(tokenizer=SimpleNamespace(pad_token_id=None))  # only the tokenizer is read
+    assert pad_id(model) == 0 and pad_tokens(model, [[5, 6], [7]], "cpu").tolist() == [[5, 6], [7, 0]]
 
 
 def test_teacher_forced_layout():

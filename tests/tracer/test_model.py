@@ -366,7 +366,7 @@ def test_forward_passes_longer_than_n_ctx_are_refused(tiny_model):
 # ----------------------------------------------------------------------------- the adapter
 
 
-def test_set_prepend_bos_keeps_transformerlens_default_in_sync(tiny_model, monkeypatch):
+def test_set_prepend_bos_keeps_transformerlens_default_in_sync(tiny_model):
     from tracer.model import prepends_bos, set_prepend_bos
 
     tiny_model.cfg.default_prepend_bos = False
@@ -377,9 +377,9 @@ def test_set_prepend_bos_keeps_transformerlens_default_in_sync(tiny_model, monke
         assert tiny_model.cfg.default_prepend_bos is value is prepends_bos(tiny_model)
     from types import SimpleNamespace
 
-    monkeypatch.setattr(tiny_model, "tokenizer", SimpleNamespace(bos_token_id=None))  # no BOS token to prepend
-    set_prepend_bos(tiny_model, True)
-    assert prepends_bos(tiny_model) is False and tiny_model.cfg.default_prepend_bos is False
+    no_bos = SimpleNamespace(cfg=SimpleNamespace(default_prepend_bos=True), tokenizer=SimpleNamespace(bos_token_id=None))
+    set_prepend_bos(no_bos, True)  # a tokenizer without a BOS token: nothing to prepend, and TL agrees
+    assert prepends_bos(no_bos) is False and no_bos.cfg.default_prepend_bos is False
 
 
 def test_recording_keys_activations_by_the_names_asked_for(tiny_model):
