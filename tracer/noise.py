@@ -36,8 +36,8 @@ from typing import Sequence
 
 import torch
 
-from tracer.files import atomic_write_text, safe_name
 from tracer.batching import pad_tokens
+from tracer.files import atomic_write_text, safe_name
 from tracer.hooks import EMBED, hook_name
 from tracer.model import embedding_weights, model_device, model_name, recording, run_until
 from tracer.offline import cache_dir
