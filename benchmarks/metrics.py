@@ -192,106 +192,63 @@ def wikitext_documents(text: str) -> list[str]:
 # --------------------------------------------------------------------------- model helpers
 
 
-def _positions_logits(model, tokens: torch.Tensor, rows: list[int], cols: list[int]) -> torch.Tensor:
-    """Logits `[m, vocab]` at positions `(rows[i], cols[i])` of a forward pass over `tokens`."""
-    from tracer.model import final_logits, final_resid  # noqa: PLC0415
-
-    resid = final_resid(model, tokens)  # [batch, pos, d_model]
-    r = torch.tensor(rows, device=resid.device)
-    c = torch.tensor(cols, device=resid.device)
-    return final_logits(model, resid[r, c])
-
-
 @torch.no_grad()
 def target_nll(model, prompts: Sequence[str], targets: Sequence[str], *, batch_size: int = 16) -> list[float]:
     """Mean token NLL of each target after its prompt (teacher forced); `exp(-x)` is ROME's P.
 
     The same numbers as `tracer.target_probs(...).mean_nll` (tested), computed with
-    `tracer.final_logits`.
+    `tracer.batching`.
     """
+    from tracer.batching import log_probs, pick  # noqa: PLC0415
+
     out: list[float] = []
-    for chunk, logits, want in _teacher_forced(model, prompts, targets, batch_size):
-        lp = logits.float().log_softmax(-1)
-        lp = lp[torch.arange(len(want)), torch.tensor(want, device=lp.device)].cpu()
-        k = 0
-        for t in chunk:
-            out.append(float(-lp[k : k + len(t)].mean()))
-            k += len(t)
+    for tf, logits in _teacher_forced(model, prompts, targets, batch_size):
+        lp = pick(log_probs(logits), tf.targets).cpu()
+        out += [float(-seg.mean()) for seg in tf.split(lp)]
     return out
 
 
 def _teacher_forced(model, prompts: Sequence[str], targets: Sequence[str], batch_size: int):
-    """Per batch of (prompt, target) pairs: the target token lists, the logits at every position
-    predicting a target token (`[m, vocab]`, in order), and those target ids."""
+    """Per batch of (prompt, target) pairs: their `tracer.batching.TeacherForced` layout and
+    the logits at every position predicting a target token (`[m, vocab]`, in order)."""
     from tracer import encode, target_ids  # noqa: PLC0415
-    from tracer.model import model_device  # noqa: PLC0415
+    from tracer.batching import pad_tokens, teacher_forced  # noqa: PLC0415
+    from tracer.model import model_device, unembed_positions  # noqa: PLC0415
 
     if len(prompts) != len(targets):
         raise ValueError(f"prompts and targets differ in length ({len(prompts)} vs {len(targets)})")
     device = model_device(model)
     pairs = [(encode(model, p), target_ids(model, p, t)) for p, t in zip(prompts, targets)]
     for b in range(0, len(pairs), batch_size):
-        chunk = pairs[b : b + batch_size]
-        width = max(len(p) + len(t) for p, t in chunk)
-        tokens = torch.full((len(chunk), width), _pad_id(model), dtype=torch.long, device=device)
-        rows, cols, want = [], [], []
-        for i, (p, t) in enumerate(chunk):
-            tokens[i, : len(p) + len(t)] = torch.tensor(p + t, device=device)
-            for j, tid in enumerate(t):
-                rows.append(i)
-                cols.append(len(p) - 1 + j)  # position predicting target token j
-                want.append(tid)
-        yield [t for _, t in chunk], _positions_logits(model, tokens, rows, cols), want
-
-
-def _pad_id(model) -> int:
-    return model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
+        tf = teacher_forced(pairs[b : b + batch_size])
+        tokens = pad_tokens(model, tf.seqs, device)
+        yield tf, unembed_positions(model, tokens, tf.rows_tensor(device), tf.cols_tensor(device))
 
 
 @torch.no_grad()
 def greedy_generate(model, prompts: Sequence[str], max_new_tokens: int = 100) -> list[str]:
     """Greedy continuations of `prompts`; returns prompt + continuation, decoded.
 
-    On TransformerLens 3.x the prompts share one left-padded batch with a key/value cache
-    (`tracer.model.greedy_tokens`): each step runs one new position. Elsewhere (a 4.x
-    bridge) they share one right-padded batch (a causal model's positions before the pad are
-    unaffected by it) and every step reruns the prefix. Either way only each row's last
-    position is unembedded. Generation stops early only at the model's context length.
+    The prompts share one batch (`tracer.model.greedy_tokens`, with a key/value cache where
+    the model has a usable one) and only each row's last position is unembedded.
+    Generation stops early only at the model's context length.
 
     Example:
         >>> greedy_generate(model, ["The Eiffel Tower is in"], max_new_tokens=5)
     """
     from tracer import encode  # noqa: PLC0415
-    from tracer.model import final_logits, final_resid, greedy_tokens, model_device  # noqa: PLC0415
+    from tracer.model import greedy_tokens  # noqa: PLC0415
 
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens {max_new_tokens} must be >= 0")
     if not prompts:
         return []
-    device = model_device(model)
     seqs = [encode(model, p) for p in prompts]
     n_ctx = int(getattr(model.cfg, "n_ctx", 2048) or 2048)
     steps = max(0, min(max_new_tokens, n_ctx - max(len(s) for s in seqs)))
-    cached = greedy_tokens(model, seqs, steps) if steps else None
-    if cached is not None:
-        return [model.tokenizer.decode(s + c, skip_special_tokens=True) for s, c in zip(seqs, cached)]
-    width = max(len(s) for s in seqs) + steps
-    tokens = torch.full((len(seqs), width), _pad_id(model), dtype=torch.long, device=device)
-    lens = torch.tensor([len(s) for s in seqs], device=device)
-    for i, s in enumerate(seqs):
-        tokens[i, : len(s)] = torch.tensor(s, device=device)
-    rows = torch.arange(len(seqs), device=device)
-    for _ in range(steps):
-        cur = int(lens.max())
-        resid = final_resid(model, tokens[:, :cur])  # [batch, cur, d_model]
-        logits = final_logits(model, resid[rows, lens - 1])  # [batch, vocab]: last positions only
-        tokens[rows, lens] = logits.argmax(-1)
-        lens = lens + 1
+    new = greedy_tokens(model, seqs, steps)
     # skip_special_tokens drops the BOS (and any EOS the model generated)
-    return [
-        model.tokenizer.decode(tokens[i, : int(lens[i])].tolist(), skip_special_tokens=True)
-        for i in range(len(seqs))
-    ]
+    return [model.tokenizer.decode(s + c, skip_special_tokens=True) for s, c in zip(seqs, new)]
 
 
 @torch.no_grad()
@@ -306,10 +263,7 @@ def teacher_forced_correct(model, prompts: Sequence[str], targets: Sequence[str]
         [[True]]
     """
     out: list[list[bool]] = []
-    for chunk, logits, want in _teacher_forced(model, prompts, targets, batch_size):
-        hits = (logits.argmax(-1).cpu() == torch.tensor(want)).tolist()
-        k = 0
-        for t in chunk:
-            out.append([bool(h) for h in hits[k : k + len(t)]])
-            k += len(t)
+    for tf, logits in _teacher_forced(model, prompts, targets, batch_size):
+        hits = (logits.argmax(-1).cpu() == torch.tensor(tf.targets)).tolist()
+        out += [[bool(h) for h in seg] for seg in tf.split(hits)]
     return out

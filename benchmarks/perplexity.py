@@ -41,6 +41,7 @@ def perplexity(model, text: str, *, max_tokens: int = 4096, window: int = 256, b
     Returns:
         exp(mean next-token NLL) over the scored tokens.
     """
+    from tracer.batching import log_probs, pick  # noqa: PLC0415
     from tracer.model import bos_ids, final_logits, final_resid, model_device  # noqa: PLC0415
 
     if max_tokens < 2:
@@ -64,10 +65,8 @@ def perplexity(model, text: str, *, max_tokens: int = 4096, window: int = 256, b
         resid = final_resid(model, tokens)[0]  # [pos, d_model]
         for b in range(0, len(chunk) - 1, block):
             e = min(b + block, len(chunk) - 1)
-            logits = final_logits(model, resid[b:e]).float()  # [e-b, vocab]
-            lp = logits.log_softmax(-1)
-            nxt = tokens[0, b + 1 : e + 1]
-            nll -= lp[torch.arange(e - b, device=lp.device), nxt].sum().item()
+            lp = log_probs(final_logits(model, resid[b:e]))  # [e-b, vocab]
+            nll -= pick(lp, tokens[0, b + 1 : e + 1]).sum().item()  # each position predicts the next token
             count += e - b
     return math.exp(nll / count)
 

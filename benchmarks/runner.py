@@ -9,7 +9,7 @@ A run directory holds:
 
 Running again with the same directory resumes: records already in `records.jsonl` are
 skipped (never redone, never lost), and a truncated last line left by a kill is dropped
-and redone.
+and redone (`tracer.resume` states the rule, which every resumable run here follows).
 
 Without `batch`, each record is edited alone, evaluated and restored, so records never
 affect each other. With `batch=K` (MEMIT-style), the records are cut into fixed chunks of K
@@ -37,6 +37,7 @@ from typing import Any, Callable, Sequence
 from tqdm.auto import tqdm
 
 from tracer.files import atomic_write_text
+from tracer.resume import append_jsonl, read_jsonl
 from tracer.result import save_figure
 
 log = logging.getLogger(__name__)
@@ -98,41 +99,17 @@ def get_method(name: str):
 # --------------------------------------------------------------------------- files
 
 
-
-
 def read_rows(path: str | os.PathLike, *, repair: bool = False) -> list[dict]:
-    """Rows of a JSONL file. A last line cut off mid-write is dropped (and cut from the file if `repair`).
+    """The rows of a `records.jsonl`, one per `case_id`, read by `tracer.resume.read_jsonl`.
+
+    A last line cut off mid-write is dropped (and cut from the file if `repair`); a later
+    line for a `case_id` replaces the earlier one.
 
     Raises:
-        ValueError for a malformed line that is not the last one (the file is corrupt, not truncated).
+        ValueError for a malformed line that is not the last one (the file is corrupt, not
+        truncated), or a row without `case_id`.
     """
-    path = Path(path)
-    if not path.exists():
-        return []
-    data = path.read_bytes()
-    rows, good_end, pos = [], 0, 0
-    lines = data.split(b"\n")
-    for i, line in enumerate(lines):
-        end = pos + len(line) + (1 if i < len(lines) - 1 else 0)  # byte offset after this line
-        pos = end
-        if line.strip():
-            try:
-                row = json.loads(line)
-                if i == len(lines) - 1:  # no newline after it: the write was cut after the JSON
-                    raise ValueError("unterminated line")
-                rows.append(row)
-                good_end = end
-            except ValueError:
-                if i < len(lines) - 1 and any(ln.strip() for ln in lines[i + 1 :]):
-                    raise ValueError(f"results {str(path)!r}: line {i + 1} is not valid JSON") from None
-                log.warning("%s: dropping a truncated last line (%d bytes); it will be redone", path, len(line))
-                break
-        else:
-            good_end = end
-    if repair and good_end < len(data):
-        with open(path, "r+b") as f:
-            f.truncate(good_end)
-    return rows
+    return list(read_jsonl(path, key="case_id", repair=repair).values())
 
 
 # --------------------------------------------------------------------------- running
@@ -245,7 +222,7 @@ def run_records(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / RECORDS
-    done = {row["case_id"]: row for row in read_rows(path, repair=True)}
+    done = read_jsonl(path, key="case_id", repair=True)
     wanted = {r.case_id for r in records}
     todo = [r for r in records if r.case_id not in done]
     log.info("%s: %d records done already, %d to run", out_dir, len(wanted & done.keys()), len(todo))
@@ -258,56 +235,54 @@ def run_records(
     prefetch = getattr(evaluate, "prefetch", None)
     bar = tqdm(total=len(todo), desc=desc, unit="rec", dynamic_ncols=True)
     start = time.perf_counter()
-    with open(path, "a", encoding="utf-8") as f:
+    path.touch()  # the run directory shows its records file from the start
 
-        def write(row: dict) -> None:
-            f.write(json.dumps(row) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-            done[row["case_id"]] = row
-            bar.update(1)
-            minutes = (time.perf_counter() - start) / 60
-            bar.set_postfix(rec_per_min=f"{bar.n / minutes:.2f}" if minutes > 0 else "-")
+    def write(row: dict) -> None:
+        append_jsonl(path, row)
+        done[row["case_id"]] = row
+        bar.update(1)
+        minutes = (time.perf_counter() - start) / 60
+        bar.set_postfix(rec_per_min=f"{bar.n / minutes:.2f}" if minutes > 0 else "-")
 
-        for gi, group in enumerate(groups):
-            pending = [r for r in group if r.case_id not in done]
-            if not pending:
-                continue
-            if max_minutes is not None and time.perf_counter() - start > 60 * max_minutes:
-                log.warning("stopping after %.1f minutes (--max-minutes); rerun to resume", max_minutes)
-                break
-            t0 = time.perf_counter()
-            saved = out_dir / "edits" / f"batch{gi:04d}.safetensors"
-            try:
-                if batch and saved.exists():  # resuming a batch: reuse its saved edit
-                    edit = _reapply(model, saved)
-                else:
-                    edit = _apply(method, model, [r.request() for r in group], hparams, edit_kwargs,
-                                  save_to=saved if batch else None)
-                edit_seconds = time.perf_counter() - t0
-            except Exception as err:  # a failed edit is recorded, not fatal
-                log.warning("edit failed for case_ids %s: %s: %s", [r.case_id for r in group], type(err).__name__, err)
-                for r in pending:
-                    write({"case_id": r.case_id, "error": f"{type(err).__name__}: {err}"})
-                continue
-            with edit:
-                ppl_after = None
-                position = gi * (batch or 1)
-                if perplexity is not None and (batch or position % ppl_every == 0):
-                    ppl_after = float(perplexity(model))
-                for j, r in enumerate(pending):
-                    if prefetch is not None and j % PREFETCH_RECORDS == 0:
-                        prefetch(model, pending[j : j + PREFETCH_RECORDS])  # same model state for these records
-                    row = {"case_id": r.case_id, **evaluate(model, r)}
-                    # wall time since the previous record: its share of edit, perplexity and evaluation
-                    row["seconds"] = time.perf_counter() - t0
-                    t0 = time.perf_counter()
-                    if j == 0:
-                        row["edit_seconds"] = edit_seconds  # the whole group's edit (K edits with --batch K)
-                        row |= edit_summary(edit)
-                        if ppl_after is not None:
-                            row["ppl_after"] = ppl_after
-                    write(row)
+    for gi, group in enumerate(groups):
+        pending = [r for r in group if r.case_id not in done]
+        if not pending:
+            continue
+        if max_minutes is not None and time.perf_counter() - start > 60 * max_minutes:
+            log.warning("stopping after %.1f minutes (--max-minutes); rerun to resume", max_minutes)
+            break
+        t0 = time.perf_counter()
+        saved = out_dir / "edits" / f"batch{gi:04d}.safetensors"
+        try:
+            if batch and saved.exists():  # resuming a batch: reuse its saved edit
+                edit = _reapply(model, saved)
+            else:
+                edit = _apply(method, model, [r.request() for r in group], hparams, edit_kwargs,
+                              save_to=saved if batch else None)
+            edit_seconds = time.perf_counter() - t0
+        except Exception as err:  # a failed edit is recorded, not fatal
+            log.warning("edit failed for case_ids %s: %s: %s", [r.case_id for r in group], type(err).__name__, err)
+            for r in pending:
+                write({"case_id": r.case_id, "error": f"{type(err).__name__}: {err}"})
+            continue
+        with edit:
+            ppl_after = None
+            position = gi * (batch or 1)
+            if perplexity is not None and (batch or position % ppl_every == 0):
+                ppl_after = float(perplexity(model))
+            for j, r in enumerate(pending):
+                if prefetch is not None and j % PREFETCH_RECORDS == 0:
+                    prefetch(model, pending[j : j + PREFETCH_RECORDS])  # same model state for these records
+                row = {"case_id": r.case_id, **evaluate(model, r)}
+                # wall time since the previous record: its share of edit, perplexity and evaluation
+                row["seconds"] = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                if j == 0:
+                    row["edit_seconds"] = edit_seconds  # the whole group's edit (K edits with --batch K)
+                    row |= edit_summary(edit)
+                    if ppl_after is not None:
+                        row["ppl_after"] = ppl_after
+                write(row)
     bar.close()
     return [done[r.case_id] for r in records if r.case_id in done]
 
@@ -316,7 +291,9 @@ def execute(args, *, records: Sequence[Any], evaluate: Callable[[Any, Any], dict
     """The shared body of `python -m benchmarks.counterfact` and `benchmarks.zsre`.
 
     Sets the torch threads, loads the model, measures the unedited perplexity (once per run
-    directory), runs the records and checks that every block's `W_out` is back as it was.
+    directory), resolves the method's hparams once (the preset with `--hparam` overrides)
+    and passes them to every edit, runs the records and checks that every block's `W_out`
+    is back as it was.
 
     Returns:
         `{"rows", "hparams", "restored", "ppl_before", "hparams_record"}`.
@@ -336,6 +313,9 @@ def execute(args, *, records: Sequence[Any], evaluate: Callable[[Any, Any], dict
     ppl = (lambda m: wikitext_perplexity(m, args.wikitext, max_tokens=args.ppl_tokens)) if args.ppl_tokens > 0 else None
     ppl_before = perplexity_before(args.out, model, ppl) if ppl else None
     hparams = method_hparams(method, model, args.hparam)
+    overridden = hparams is not None
+    if hparams is None and hasattr(method, "hparams_for"):  # the preset, resolved once; every edit gets it
+        hparams = method.hparams_for(model)
     mlp_layers = range(model.cfg.n_layers)  # every edit method changes W_out only
     before = weights_hash(model, layers=mlp_layers)
     rows = run_records(
@@ -356,14 +336,18 @@ def execute(args, *, records: Sequence[Any], evaluate: Callable[[Any, Any], dict
     if not restored:
         log.error("the model's weights differ from before the run: an edit was not restored")
     return {"rows": rows, "hparams": hparams, "restored": restored, "ppl_before": ppl_before,
-            "hparams_record": hparams_record(method, model, hparams)}
+            "hparams_record": hparams_record(method, model, hparams, overridden=overridden)}
 
 
-def hparams_record(method, model, hparams) -> str | None:
+def hparams_record(method, model, hparams, *, overridden: bool = True) -> str | None:
     """What a summary says about the hparams: the resolved dataclass, marked as the preset
-    or as overridden, so that a run stays readable after a preset changes."""
+    or as overridden, so that a run stays readable after a preset changes.
+
+    `hparams` None means the preset, resolved here (`method.hparams_for`); otherwise it is
+    recorded as given, as the preset when `overridden` is False.
+    """
     if hparams is not None:
-        return f"overridden: {hparams!r}"
+        return f"{'overridden' if overridden else 'preset'}: {hparams!r}"
     if not hasattr(method, "hparams_for"):
         return None
     return f"preset: {method.hparams_for(model)!r}"

@@ -26,7 +26,6 @@ Example:
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import re
 import time
@@ -38,6 +37,7 @@ import torch
 from tqdm.auto import tqdm
 
 from benchmarks.runner import parse_overrides
+from tracer.resume import append_jsonl, read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -64,13 +64,6 @@ def parse_configs(specs: Sequence[str]) -> dict[str, dict]:
     return out
 
 
-def _append(path: Path, row: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(row) + "\n")
-        f.flush()
-
-
 def run_sweep(
     model,
     records,
@@ -91,7 +84,7 @@ def run_sweep(
         model: a TransformerLens model; unchanged when this returns.
         records: `CounterFactRecord`s (the validation slice).
         out: the sweep folder; `<out>/<config>-<key>/records.jsonl` (and `<out>/none`) are
-            appended to and resumed.
+            appended to and resumed (`tracer.resume`'s rule, as `benchmarks.runner`).
         configs: `{name: {ROMEHParams field: value}}` overrides of `base`.
         keys: key choices scored for every configuration.
         base: the `ROMEHParams` overridden (default: the model's preset).
@@ -102,6 +95,7 @@ def run_sweep(
     from benchmarks.runner import edit_summary  # noqa: PLC0415
     from editor import rome, rome_hparams  # noqa: PLC0415
     from editor.checks import check_edit  # noqa: PLC0415
+    from editor.common import base_hash, templates_for  # noqa: PLC0415
     from editor.hparams import ROME_KEYS  # noqa: PLC0415
     from editor.result import LayerDelta, apply_deltas  # noqa: PLC0415
     from editor.stats import layer_stats  # noqa: PLC0415
@@ -118,16 +112,16 @@ def run_sweep(
         check_edit(model, "rome", [r.request() for r in records], hps[name])  # the editor's own guards
         for k in keys:
             folders[f"{name}-{k}"] = (name, k)
-    done = {f: {r["case_id"] for r in read_rows(out / f / RECORDS, repair=True)} for f in folders}
-    bh = rome.base_hash(model)
+    done = {f: set(read_jsonl(out / f / RECORDS, key="case_id", repair=True)) for f in folders}
+    bh = base_hash(model)
     for r in tqdm([r for r in records if r.case_id not in done["none"]], desc="sweep: unedited", unit="rec"):
-        _append(out / "none" / RECORDS, {"case_id": r.case_id, **evaluate_counterfact(model, r, gen_tokens=0)})
+        append_jsonl(out / "none" / RECORDS, {"case_id": r.case_id, **evaluate_counterfact(model, r, gen_tokens=0)})
     for name, hp in hps.items():
         todo = [r for r in records if any(r.case_id not in done[f"{name}-{k}"] for k in keys)]
         if not todo:
             continue
         C = layer_stats(model, hp.layer, corpus=corpus, n_tokens=hp.mom2_n_tokens, cache_dir=cache_dir, model_hash=bh)
-        templates = rome.templates_for(model, hp.context_lengths, cache_dir=cache_dir, model_hash=bh)
+        templates = templates_for(model, hp.context_lengths, cache_dir=cache_dir, model_hash=bh)
         for r in tqdm(todo, desc=f"sweep: {name}", unit="rec"):
             t0 = time.perf_counter()
             f = rome.compute_factors(model, [r.request()], hp, C=C, templates=templates, keys=keys)[0]
@@ -144,7 +138,7 @@ def run_sweep(
                 row = {"case_id": r.case_id, **row, **edit_summary(applied), "delta_norm": f["info"]["delta_norm"],
                        "v_norm": float(f["v"][k].norm()), "edit_seconds": edit_seconds,
                        "seconds": edit_seconds / len(keys) + time.perf_counter() - t1}
-                _append(out / folder / RECORDS, row)
+                append_jsonl(out / folder / RECORDS, row)
     return {f: (*(folders[f] or (None, None)), read_rows(out / f / RECORDS)) for f in folders}
 
 

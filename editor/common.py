@@ -1,16 +1,19 @@
-"""Code that more than one editing method uses: padding, probes, templates, hashes, undo.
+"""Code that more than one editing method uses: probes, templates, hashes, undo, conveniences.
 
-- `pad_tokens`: right-pad token sequences into one `[n, width]` batch.
+(Padding and teacher-forced log-probs are `tracer.batching`'s.)
+
 - `probe`: the probabilities of the new (and true) targets on each bare edit prompt; the
   `before` / `after` entries of an edit's diagnostics.
 - `templates_for`: the bare `"{}"` plus the self-generated context templates.
+- `start_compute`: what every `compute` does before it computes anything (requests
+  normalised, the preset by default, the hparams' type and `editor.checks.check_edit`).
 - `base_hash`: the weights hash of the model before any romelens edit now applied (what
-  cached statistics and templates describe).
+  cached statistics and templates describe); `edit_hashes` pairs it with the current one.
 - `restoring_weights`: a context manager for editors that write into `W_out` while they
   compute (ROME's sequential requests, MEMIT's layer by layer updates): every weight it
   covers is copied back on exit, exceptions included.
-- `one_request`, `apply_and_probe`: the shared bodies of every method's `edit` / `edit_many`
-  conveniences.
+- `conveniences`: every method's `edit_many` and `edit` (compute, then apply and probe),
+  built from its `compute`; `one_request` and `apply_and_probe` are their bodies.
 
 Nothing here depends on a particular method; `editor.rome`, `editor.memit` and `editor.ft`
 import from here, never from each other.
@@ -26,11 +29,12 @@ from __future__ import annotations
 
 import logging
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
 
+from editor.checks import check_edit
 from editor.context import context_templates
 from editor.requests import EditRequest, as_requests
 from editor.result import edit_stack
@@ -42,28 +46,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from editor.result import AppliedEdit
 
 log = logging.getLogger(__name__)
-
-
-def pad_tokens(model, seqs: Sequence[Sequence[int]], device) -> Tensor:
-    """Right-pad token id sequences into one `[n, max_len]` long tensor on `device`.
-
-    Padding uses the tokenizer's pad id (0 without one) and sits after each sequence, so a
-    causal model's activations at the real positions do not depend on the padding.
-
-    Raises:
-        ValueError: `seqs` is empty.
-
-    Example:
-        >>> pad_tokens(model, [[1, 2, 3], [4]], "cpu")     # [[1, 2, 3], [4, pad, pad]]
-    """
-    if len(seqs) == 0:
-        raise ValueError("seqs is empty; expected at least one token sequence")
-    pad = model.tokenizer.pad_token_id or 0
-    width = max(len(s) for s in seqs)
-    tokens = torch.full((len(seqs), width), pad, dtype=torch.long, device=device)
-    for i, s in enumerate(seqs):
-        tokens[i, : len(s)] = torch.tensor(list(s), dtype=torch.long, device=device)
-    return tokens
 
 
 def probe(model, requests: Sequence[EditRequest]) -> dict[str, Tensor]:
@@ -91,10 +73,39 @@ def templates_for(model, lengths, *, cache_dir, model_hash) -> list[str]:
     return out
 
 
+def start_compute(
+    model, method: str, requests, hparams, *, preset: Callable, kind: type, stats=None, device=None
+) -> tuple[list[EditRequest], object]:
+    """The start of every method's `compute`: `(requests, hp)`, checked before anything runs.
+
+    `requests` normalised by `as_requests`; `hp` is `hparams`, or `preset(model)` when it is
+    None, and must be a `kind`; then `editor.checks.check_edit(model, method, ...)`.
+
+    Raises:
+        ValueError: `hp` is not a `kind`, or a check of `check_edit` fails.
+
+    Example:
+        >>> requests, hp = start_compute(model, "memit", requests, None, preset=memit_hparams, kind=MEMITHParams)
+    """
+    requests = as_requests(requests)
+    hp = hparams or preset(model)
+    if not isinstance(hp, kind):
+        raise ValueError(f"hparams {hp!r} has type {type(hp).__name__}; expected {kind.__name__}")
+    check_edit(model, method, requests, hp, stats=stats, device=device)
+    return requests, hp
+
+
 def base_hash(model) -> str:
     """Weights hash of the model before any romelens edit now applied (stats describe it)."""
     stack = edit_stack(model)
     return stack[0].model_hash if stack else weights_hash(model)
+
+
+def edit_hashes(model) -> tuple[str, str]:
+    """`(base, now)`: `base_hash(model)`, and the hash of the weights as they are now (the
+    same, unhashed again, when no romelens edit is applied): what an `Edit` records."""
+    base = base_hash(model)
+    return base, (weights_hash(model) if edit_stack(model) else base)
 
 
 @contextmanager
@@ -143,3 +154,48 @@ def apply_and_probe(edit: "Edit", model) -> "AppliedEdit":
         applied.restore()
         raise
     return applied
+
+
+def conveniences(compute: Callable, method: str) -> tuple[Callable, Callable]:
+    """`(edit_many, edit)` for the method whose `compute` is given: compute, then apply.
+
+    `edit_many(model, requests, hparams=None, **kw)` is `compute(...)` then
+    `apply_and_probe` (`diagnostics["after"]` holds the probabilities after); `edit(model,
+    request, hparams=None, **kw)` is `edit_many` with one request. Every method shares
+    these signatures and the keyword set of its `compute`.
+
+    Args:
+        compute: the method's `compute(model, requests, hparams=None, **kw) -> Edit`.
+        method: the method's module name, for the docstrings (e.g. `"memit"`).
+
+    Example:
+        >>> edit_many, edit = conveniences(compute, "memit")     # at the end of editor/memit.py
+    """
+
+    def edit_many(model, requests, hparams=None, **kw) -> "AppliedEdit":
+        return apply_and_probe(compute(model, requests, hparams, **kw), model)
+
+    def edit(model, request, hparams=None, **kw) -> "AppliedEdit":
+        return edit_many(model, one_request(request), hparams, **kw)
+
+    edit_many.__doc__ = f"""`compute(...)`, then apply it; `diagnostics["after"]` holds the probabilities after.
+
+    Takes `compute`'s arguments and raises what it raises.
+
+    Example:
+        >>> with {method}.edit_many(model, requests) as e:
+        ...     print(e.diagnostics["after"]["new_seq"])
+    """
+    edit.__doc__ = f"""`edit_many` with one request.
+
+    Raises:
+        ValueError: more than one request (use `edit_many`), or as `compute`.
+
+    Example:
+        >>> with {method}.edit(model, request) as e:
+        ...     print(e.diagnostics["after"]["new_first"])
+    """
+    for fn in (edit_many, edit):
+        fn.__module__ = getattr(compute, "__module__", fn.__module__)
+        fn.__qualname__ = fn.__name__
+    return edit_many, edit

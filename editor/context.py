@@ -24,6 +24,7 @@ import re
 
 import torch
 
+from tracer.batching import pad_tokens
 from tracer.files import atomic_write_text, safe_name
 from tracer.model import bos_ids, final_logits, final_resid, model_device, model_name, weights_hash
 from tracer.offline import cache_root
@@ -49,11 +50,7 @@ def generate_templates(model, *, n: int = 10, length: int = 10, seed: int = 0, t
     seqs = [bos + tok(o, add_special_tokens=False)["input_ids"] for o in openers]
     starts = [len(s) for s in seqs]
     for _ in range(length):
-        width = max(len(s) for s in seqs)
-        pad = tok.pad_token_id or 0
-        tokens = torch.full((len(seqs), width), pad, dtype=torch.long, device=device)
-        for i, s in enumerate(seqs):
-            tokens[i, : len(s)] = torch.tensor(s, device=device)
+        tokens = pad_tokens(model, seqs, device)
         resid = final_resid(model, tokens)  # [n, pos, d_model]
         last = torch.tensor([len(s) - 1 for s in seqs], device=device)
         logits = final_logits(model, resid[torch.arange(len(seqs), device=device), last]).float().cpu()

@@ -27,14 +27,14 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from editor.checks import check_edit
-from editor.common import apply_and_probe, one_request, pad_tokens, probe
+from editor.common import conveniences, probe, start_compute
 from editor.edit import Edit
 from editor.hparams import FTHParams, ft_hparams
 from editor.requests import EditRequest, as_requests
-from editor.result import AppliedEdit, LayerDelta
+from editor.result import LayerDelta
+from tracer.batching import pad_tokens, pick, position_log_probs, teacher_forced
 from tracer.hooks import hook_name
-from tracer.model import final_logits, final_resid, mlp_output_delta, model_device, model_name, weights_hash
+from tracer.model import mlp_output_delta, model_device, model_name, weights_hash
 from tracer.prompts import encode, target_ids
 
 log = logging.getLogger(__name__)
@@ -43,18 +43,10 @@ HParams = FTHParams
 
 
 def _batch(model, requests: Sequence[EditRequest]):
+    """`(tokens, rows, cols, targets)`: each edit prompt with `target_new`, teacher forced."""
     device = model_device(model)
-    seqs, rows, cols, tgt = [], [], [], []
-    for i, r in enumerate(requests):
-        p = encode(model, r.filled)
-        t = target_ids(model, r.filled, r.target_new)
-        for j, tid in enumerate(t):
-            rows.append(i)
-            cols.append(len(p) - 1 + j)
-            tgt.append(tid)
-        seqs.append(p + t[:-1])
-    tt = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
-    return pad_tokens(model, seqs, device), tt(rows), tt(cols), tt(tgt)
+    tf = teacher_forced([(encode(model, r.filled), target_ids(model, r.filled, r.target_new)) for r in requests], feed_last=False)
+    return pad_tokens(model, tf.seqs, device), tf.rows_tensor(device), tf.cols_tensor(device), tf.targets_tensor(device)
 
 
 def _nll(model, batch, deltas: dict[int, Tensor]) -> Tensor:
@@ -74,9 +66,8 @@ def _nll(model, batch, deltas: dict[int, Tensor]) -> Tensor:
             # cast where it is added (a bf16 / fp16 key times a float32 Δ would not multiply)
             add = lambda out, l=l, d=d: out + (keys[l].to(d.dtype) @ d).to(out.dtype)  # noqa: E731
             stack.enter_context(mlp_output_delta(model, l, add))
-        resid = final_resid(model, tokens)
-    lp = final_logits(model, resid[rows, cols][:, None])[:, 0].float().log_softmax(-1)
-    return -lp[torch.arange(len(tgt), device=tgt.device), tgt].mean()
+        lp = position_log_probs(model, tokens, rows, cols)  # [m, d_vocab]
+    return -pick(lp, tgt).mean()
 
 
 def layer_grad_norms(model, requests) -> list[float]:
@@ -131,11 +122,7 @@ def compute(
         >>> e = ft.compute(model, requests, FTHParams(layer=4)); e.deltas[4].dense.abs().max()
     """
     del stats, corpus, cache_dir  # the shared keyword set; FT-L uses none of them
-    requests = as_requests(requests)
-    hp = hparams or ft_hparams(model)
-    if not isinstance(hp, FTHParams):
-        raise ValueError(f"hparams {hp!r} is not an FTHParams")
-    check_edit(model, "ft-l", requests, hp, device=device)
+    requests, hp = start_compute(model, "ft-l", requests, hparams, preset=ft_hparams, kind=FTHParams, device=device)
     now_hash = weights_hash(model)
     grads = layer_grad_norms(model, requests)
     batch = _batch(model, requests)
@@ -164,22 +151,4 @@ def compute(
     )
 
 
-def edit_many(model, requests, hparams: FTHParams | None = None, **kw) -> AppliedEdit:
-    """`compute(...)`, then apply it; `diagnostics["after"]` holds the probabilities after.
-
-    Takes `compute`'s arguments and raises what it raises.
-
-    Example:
-        >>> with ft.edit_many(model, requests, FTHParams(layer=4)) as e:
-        ...     print(e.diagnostics["after"]["new_first"])
-    """
-    return apply_and_probe(compute(model, requests, hparams, **kw), model)
-
-
-def edit(model, request, hparams: FTHParams | None = None, **kw) -> AppliedEdit:
-    """FT-L on one request; see `edit_many`.
-
-    Raises:
-        ValueError: more than one request (use `edit_many`), or as `compute`.
-    """
-    return edit_many(model, one_request(request), hparams, **kw)
+edit_many, edit = conveniences(compute, "ft")

@@ -45,16 +45,16 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from editor.checks import check_edit
-from editor.common import apply_and_probe, base_hash, one_request, pad_tokens, probe, restoring_weights, templates_for
+from editor.common import conveniences, edit_hashes, probe, restoring_weights, start_compute, templates_for
 from editor.edit import Edit
 from editor.hparams import MEMITHParams, memit_hparams
-from editor.optimize import block_values, optimize_values, shifted_mlp_outputs, subject_keys
-from editor.requests import EditRequest, as_requests
-from editor.result import AppliedEdit, LayerDelta, edit_stack
+from editor.optimize import block_values, optimize_with, shifted_mlp_outputs, subject_keys
+from editor.requests import EditRequest
+from editor.result import LayerDelta
 from editor.stats import layer_stats
+from tracer.batching import pad_tokens
 from tracer.hooks import hook_name
-from tracer.model import mlp_post_norm, model_device, model_name, run_until, w_out, weights_hash
+from tracer.model import mlp_post_norm, model_device, model_name, run_until, w_out
 from tracer.prompts import locate_subject
 
 log = logging.getLogger(__name__)
@@ -106,20 +106,7 @@ def compute_zs(model, requests: Sequence[EditRequest], hp: MEMITHParams, templat
             ref = torch.stack([block_values(model, chunk, l, "raw").norm(dim=-1) for l in hp.layers], 1)
         else:  # residual norm: the paper's clamp reference
             ref = block_values(model, chunk, top, "resid").norm(dim=-1)
-        delta, curve = optimize_values(
-            model,
-            chunk,
-            layer=opt_layers,
-            templates=templates,
-            kl_prompts=hp.kl_prompts,
-            ref_norm=ref,
-            steps=hp.v_num_grad_steps,
-            lr=hp.v_lr,
-            weight_decay=hp.v_weight_decay,
-            clamp_norm_factor=hp.clamp_norm_factor,
-            kl_factor=hp.kl_factor,
-            early_stop_nll=hp.early_stop_nll,
-        )
+        delta, curve = optimize_with(model, chunk, hp, layer=opt_layers, templates=templates, ref_norm=ref)
         if not joint:
             delta = delta[:, None]  # [n, 1, d_model]
         zs.append(_resid_with(model, chunk, opt_layers if joint else (top,), delta))
@@ -241,13 +228,9 @@ def compute(
         >>> e = memit.compute(model, [EditRequest.from_counterfact(r) for r in records[:100]])
         >>> e.save("memit100.safetensors")
     """
-    requests = as_requests(requests)
-    hp = hparams or memit_hparams(model)
-    if not isinstance(hp, MEMITHParams):
-        raise ValueError(f"hparams {hp!r} is not a MEMITHParams")
-    check_edit(model, "memit", requests, hp, stats=stats, device=device)
-    bh = base_hash(model)
-    now_hash = weights_hash(model) if edit_stack(model) else bh
+    requests, hp = start_compute(model, "memit", requests, hparams, preset=memit_hparams, kind=MEMITHParams,
+                                 stats=stats, device=device)
+    bh, now_hash = edit_hashes(model)
     if stats is None:
         stats = layer_stats(model, list(hp.layers), corpus=corpus, n_tokens=hp.mom2_n_tokens, cache_dir=cache_dir, model_hash=bh)
     templates = templates_for(model, hp.context_lengths, cache_dir=cache_dir, model_hash=bh)
@@ -264,22 +247,4 @@ def compute(
     )
 
 
-def edit_many(model, requests, hparams: MEMITHParams | None = None, **kw) -> AppliedEdit:
-    """`compute(...)`, then apply it; `diagnostics["after"]` holds the probabilities after.
-
-    Takes `compute`'s arguments and raises what it raises.
-
-    Example:
-        >>> with memit.edit_many(model, requests) as e:
-        ...     print(e.diagnostics["after"]["new_seq"])
-    """
-    return apply_and_probe(compute(model, requests, hparams, **kw), model)
-
-
-def edit(model, request, hparams: MEMITHParams | None = None, **kw) -> AppliedEdit:
-    """MEMIT on a single request; see `edit_many`.
-
-    Raises:
-        ValueError: more than one request (use `edit_many`), or as `compute`.
-    """
-    return edit_many(model, one_request(request), hparams, **kw)
+edit_many, edit = conveniences(compute, "memit")

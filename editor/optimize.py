@@ -2,7 +2,8 @@
 
 - `subject_keys`: the key `k` (`blocks.{l}.mlp.hook_post`) at the last subject token of each
   request's prompt under each context template; batched.
-- `optimize_values`: for each request, the delta `δ` added to the raw MLP output of a
+- `optimize_values` (and `optimize_with`, which takes its settings from a ROME or MEMIT
+  hparams): for each request, the delta `δ` added to the raw MLP output of a
   block (`W_out @ k + b_out`, via `tracer.mlp_output_delta`) at the last subject token that
   makes the model say `target_new` (ROME's `v*`, MEMIT's `z`). Requests in one batch are
   independent (per-request losses are summed and Adam is per-element; a request that has
@@ -22,11 +23,11 @@ from typing import Iterator, Sequence
 import torch
 from torch import Tensor
 
-from editor.common import pad_tokens
 from editor.hparams import EARLY_STOP_ON, KL_POSITIONS, one_of
 from editor.requests import EditRequest
+from tracer.batching import pad_tokens, pick, position_log_probs, teacher_forced
 from tracer.hooks import hook_name
-from tracer.model import final_logits, final_resid, mlp_output_delta, model_device, run_until
+from tracer.model import mlp_output_delta, model_device, run_until
 from tracer.prompts import locate_subject, target_ids
 
 log = logging.getLogger(__name__)
@@ -95,21 +96,17 @@ class _Batch:
 
 
 def _build(model, requests, templates, kl_prompts, device, kl_position: str = "last") -> _Batch:
-    seqs, row_req, row_pos = [], [], []
-    lg_rows, lg_cols, tgt, nll_row = [], [], [], []
+    pairs, row_req, row_pos = [], [], []
     for i, r in enumerate(requests):
         tids = target_ids(model, r.filled, r.target_new)
         for t in templates:
             p = locate_subject(model, _fill(t, r.prompt), r.subject)
-            row = len(seqs)
-            seqs.append(list(p.ids) + tids[:-1])
+            pairs.append((p.ids, tids))
             row_req.append(i)
             row_pos.append(p.last_subject)
-            for j, tid in enumerate(tids):
-                lg_rows.append(row)
-                lg_cols.append(len(p.ids) - 1 + j)
-                tgt.append(tid)
-                nll_row.append(row)
+    nll = teacher_forced(pairs, feed_last=False)  # one row per (request, template)
+    seqs = [list(s) for s in nll.seqs]
+    lg_rows, lg_cols, tgt, nll_row = list(nll.rows), list(nll.cols), list(nll.targets), list(nll.rows)
     n_nll_rows = len(seqs)
     kl_rows, kl_req = [], []
     for i, r in enumerate(requests):
@@ -154,17 +151,15 @@ def shifted_mlp_outputs(model, layers: Sequence[int], idx: tuple[Tensor, Tensor]
 
 
 def _logits(model, batch: _Batch, layers: Sequence[int], delta: Tensor, x0: Tensor) -> Tensor:
-    """Log-probs at the scored positions with `delta[req, j]` added at each row's subject token
-    to the raw MLP output of block `layers[j]`.
+    """Log-probs `[m, d_vocab]` at the scored positions with `delta[req, j]` added at each
+    row's subject token to the raw MLP output of block `layers[j]`.
 
     `x0`: the residual entering block `layers[0]`; the pass starts there, since the deltas
     change nothing upstream.
     """
     idx = (torch.arange(len(batch.row_req), device=delta.device), batch.row_pos)
     with shifted_mlp_outputs(model, layers, idx, delta[batch.row_req]):  # [rows, n_layers, d_model]
-        resid = final_resid(model, x0, start_at_layer=layers[0])  # [rows, pos, d_model]
-    logits = final_logits(model, resid[batch.lg_rows, batch.lg_cols][:, None])[:, 0]
-    return logits.float().log_softmax(-1)  # [m, vocab]
+        return position_log_probs(model, x0, batch.lg_rows, batch.lg_cols, start_at_layer=layers[0])
 
 
 def optimize_values(
@@ -229,7 +224,7 @@ def optimize_values(
     for step in range(steps):
         opt.zero_grad()
         lp = _logits(model, batch, layers, delta, x0)
-        tok_nll = -lp[torch.arange(m_nll, device=device), batch.tgt]  # [m_nll]
+        tok_nll = -pick(lp, batch.tgt)  # [m_nll]: the NLL rows come first
         row_nll = torch.zeros(batch.n_nll_rows, device=device).index_add(0, batch.nll_row, tok_nll) / tok_per_row
         req_nll = row_nll.reshape(n, n_t).mean(1)  # [n]
         loss = req_nll
@@ -255,3 +250,23 @@ def optimize_values(
             delta.mul_(scale[..., None])
     out = delta.detach()
     return (out[:, 0] if single else out), curve
+
+
+def optimize_with(model, requests: Sequence[EditRequest], hp, *, layer: int | Sequence[int], templates: Sequence[str],
+                  ref_norm: Tensor) -> tuple[Tensor, list[list[float]]]:
+    """`optimize_values` with the value-optimisation fields of `hp` (a ROME or MEMIT hparams).
+
+    `hp.v_num_grad_steps`, `v_lr`, `v_weight_decay`, `clamp_norm_factor`, `kl_factor`,
+    `kl_prompts` and `early_stop_nll`, and `kl_position` / `early_stop_on` where `hp` has them
+    (ROME; else their defaults). Returns and raises what `optimize_values` does.
+
+    Example:
+        >>> delta, curve = optimize_with(model, requests, hp, layer=hp.layer, templates=templates, ref_norm=ref)
+    """
+    return optimize_values(
+        model, requests, layer=layer, templates=templates, ref_norm=ref_norm, kl_prompts=hp.kl_prompts,
+        steps=hp.v_num_grad_steps, lr=hp.v_lr, weight_decay=hp.v_weight_decay, clamp_norm_factor=hp.clamp_norm_factor,
+        kl_factor=hp.kl_factor, early_stop_nll=hp.early_stop_nll,
+        kl_position=getattr(hp, "kl_position", "last"), early_stop_on=getattr(hp, "early_stop_on", "nll"),
+    )
+

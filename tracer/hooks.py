@@ -20,10 +20,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Callable, Iterator, Literal
 
-try:  # TransformerLens 3.x
-    from transformer_lens.utils import get_act_name
-except ImportError:  # 4.x moved it
-    from transformer_lens.utilities import get_act_name
+from tracer.model import get_act_name  # from where the installed TransformerLens keeps it
 
 Kind = Literal["resid", "mlp", "attn"]
 KINDS: tuple[str, ...] = ("resid", "mlp", "attn")

@@ -10,15 +10,27 @@ romelens uses only the surface the two share:
 - `model.blocks[l].mlp.W_out`, `[d_mlp, d_model]`, writable in place on both
   (a Parameter on 3.x, a transposed view of the HF weight on 4.x);
 
-plus the few helpers below (`unembed_positions`, `mlp_output_delta`, `prefix_kv_cache`),
-which exist so that no other module needs to ask which class it has.
+plus the few helpers below, which exist so that no other module needs to ask which class
+(or which TransformerLens version) it has:
 
-Two more rules live here, each in one function that every other module calls:
+- `get_act_name` (imported from where the installed version keeps it; `tracer.hooks`
+  builds every hook name with it);
+- `recording` (activations keyed by the names asked for: a 4.x bridge passes its hooks
+  aliased names), `run_until`, `final_resid`, `unembed_positions`;
+- `mlp_output_delta`, `mlp_post_norm`, `prefix_kv_cache`, `resume_with_prefix`;
+- `greedy_tokens` (with a key/value cache where the class has a usable one);
+- `embedding_weights` (the state-dict entries of the embeddings, by the class's names).
+
+More rules live here, each in one function that every other module calls:
 
 - `bos_ids(model)`: whether a BOS token starts every sequence (`prepends_bos` says how
-  that is decided: your override, else the tokenizer's own convention);
+  that is decided: your override, else the tokenizer's own convention;
+  `set_prepend_bos` keeps TransformerLens's `cfg.default_prepend_bos` in agreement);
 - `check_context(model, n, what)`: a sequence longer than the model's context `n_ctx`
-  is refused with a `ValueError` before any forward pass.
+  is refused with a `ValueError` before any forward pass;
+- `run_until(model, tokens, name)`: the one way a forward pass ends early, at a hook point.
+
+Padding and teacher-forced log-probs are in `tracer.batching`, built on these.
 
 Models load by TransformerLens name, from a local Hugging Face folder, or through your own
 loader function (`load_any`, the `--model` / `--model-loader` options of every command).
@@ -41,13 +53,12 @@ import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from tracer.hooks import hook_name, resolve_hook
 from tracer.offline import HF_NAME, OFFLINE_NAMES, load_gemma_hf
 
 log = logging.getLogger(__name__)
@@ -59,6 +70,11 @@ try:  # TransformerLens 3.x
 except ImportError:  # TransformerLens 4.x
     _Hooked = None
     TL_API = 4
+
+try:  # TransformerLens 3.x
+    from transformer_lens.utils import get_act_name
+except ImportError:  # 4.x moved it
+    from transformer_lens.utilities import get_act_name
 
 
 class ModelLoadError(ValueError):
@@ -105,8 +121,9 @@ def tokenizer_adds_bos(tokenizer) -> bool | None:
 def set_prepend_bos(model, value: bool | None):
     """Override whether romelens starts every sequence with BOS (None: back to the rule).
 
-    Also sets `model.cfg.default_prepend_bos`, so that TransformerLens's own `to_tokens`
-    agrees. Returns the model.
+    Also sets `model.cfg.default_prepend_bos` to what `prepends_bos` then decides, so that
+    TransformerLens's own `to_tokens` agrees: `False` for a tokenizer without a BOS token
+    whatever `value` says, and the tokenizer's convention after `None`. Returns the model.
 
     Example:
         >>> set_prepend_bos(model, False)   # a chat model trained without BOS
@@ -114,8 +131,7 @@ def set_prepend_bos(model, value: bool | None):
     if value is not None and not isinstance(value, bool):
         raise ValueError(f"prepend_bos {value!r} must be True, False or None")
     setattr(model.cfg, PREPEND_BOS_ATTR, value)
-    if value is not None:
-        model.cfg.default_prepend_bos = value
+    model.cfg.default_prepend_bos = prepends_bos(model)  # what the rule now decides, never the raw value
     return model
 
 
@@ -575,6 +591,19 @@ def weights_hash(model, layers: Iterator[int] | None = None) -> str:
     return h.hexdigest()
 
 
+def embedding_weights(model) -> list[tuple[str, Tensor]]:
+    """The floating-point state-dict entries whose name contains "embed", sorted by name.
+
+    The token (and positional) embeddings, and the unembedding, under the names the model's
+    class gives them (`embed.W_E` on 3.x; the bridge's names on 4.x): the embedding
+    statistics and their cache keys (`tracer.noise`) are computed over exactly these.
+    """
+    return [
+        (name, p) for name, p in sorted(model.state_dict().items())
+        if "embed" in name and torch.is_tensor(p) and p.is_floating_point()
+    ]
+
+
 def final_logits(model, resid: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_vocab"]:
     """Logits from a final-block residual: `ln_final`, `@ W_U + b_U`, then any logit soft-cap.
 
@@ -595,6 +624,30 @@ def final_logits(model, resid: Float[Tensor, "... d_model"]) -> Float[Tensor, ".
     if cap > 0:
         logits = cap * torch.tanh(logits / cap)
     return logits
+
+
+@contextlib.contextmanager
+def recording(model, names: Sequence[str]) -> Iterator[dict[str, Tensor]]:
+    """Record the activations at hook points `names` in the passes run inside, keyed by those names.
+
+    A TransformerLens 4.x bridge passes its hooks aliased names (`hook.name` need not be the
+    name the hook was added under), so activations are keyed by the names asked for, never
+    by `hook.name`. A name that runs twice keeps its last activation. Hooks are removed on exit.
+
+    Example:
+        >>> with recording(model, [EMBED]) as seen:
+        ...     first = run_until(model, tokens, hook_name("resid_pre", 0))
+        >>> seen[EMBED].shape                          # [batch, pos, d_model]
+    """
+    seen: dict[str, Tensor] = {}
+
+    def keep(name):
+        def hook(act, hook):
+            seen[name] = act
+        return hook
+
+    with model.hooks(fwd_hooks=[(n, keep(n)) for n in dict.fromkeys(names)]):
+        yield seen
 
 
 class _Stop(Exception):
@@ -625,6 +678,8 @@ def run_until(model, tokens: Tensor, name: str, **kwargs) -> Tensor:
         raise _Stop
 
     try:
+        from tracer.hooks import resolve_hook  # noqa: PLC0415  (tracer.hooks imports get_act_name from here)
+
         with model.hooks(fwd_hooks=[(resolve_hook(model, name), grab)]):
             model(tokens, **kwargs)
     except _Stop:
@@ -641,6 +696,8 @@ def final_resid(model, tokens: Int[Tensor, "batch pos"], **kwargs) -> Float[Tens
     records `blocks.{n-1}.hook_resid_post` and ends the pass there on both APIs.
     `kwargs` go to the forward call (e.g. `start_at_layer`).
     """
+    from tracer.hooks import hook_name  # noqa: PLC0415  (tracer.hooks imports get_act_name from here)
+
     return run_until(model, tokens, hook_name("resid", model.cfg.n_layers - 1), **kwargs)
 
 
@@ -649,13 +706,15 @@ def unembed_positions(
     tokens: Int[Tensor, "batch pos"],
     rows: Int[Tensor, " m"],
     cols: Int[Tensor, " m"],
+    **kwargs,
 ) -> Float[Tensor, "m d_vocab"]:
     """Run the model and return logits only at positions `(rows[i], cols[i])`.
 
     Skips the full `[batch, pos, d_vocab]` unembedding, the dominant cost for
-    large vocabularies. Hooks active in `model.hooks(...)` apply as usual.
+    large vocabularies. Hooks active in `model.hooks(...)` apply as usual; `kwargs` go to
+    the forward call (e.g. `start_at_layer`, with `tokens` the residual entering that block).
     """
-    resid = final_resid(model, tokens)  # [batch, pos, d_model], before ln_final
+    resid = final_resid(model, tokens, **kwargs)  # [batch, pos, d_model], before ln_final
     dev = resid.device
     return final_logits(model, resid[rows.to(dev), cols.to(dev)][:, None])[:, 0]
 
@@ -742,31 +801,43 @@ def resume_with_prefix(
 
 
 @torch.no_grad()
-def greedy_tokens(model, seqs: list[list[int]], n_new: int) -> list[list[int]] | None:
-    """Greedy continuations of token sequences, `n_new` tokens each, with a key/value cache.
+def greedy_tokens(model, seqs: list[list[int]], n_new: int) -> list[list[int]]:
+    """Greedy continuations of token sequences, `n_new` new token ids each.
 
-    The sequences are left-padded into one batch with an attention mask, run once, then
-    extended one token per step on top of the cache; only the last position is unembedded.
-    Returns None where the model has no usable cache (a 4.x bridge, see `prefix_kv_cache`);
-    callers then recompute the prefix each step.
+    Only each row's last position is unembedded. On a model with a usable key/value cache
+    (TransformerLens 3.x, `prefix_kv_cache`) the sequences are left-padded into one batch
+    with an attention mask, run once, then extended one token per step on top of the cache.
+    Elsewhere (a 4.x bridge) they share one right-padded batch (a causal model's positions
+    before the pad are unaffected by it) and every step reruns the prefix.
 
     Raises:
         ValueError: the longest prompt plus `n_new - 1` tokens does not fit `n_ctx`.
+
+    Example:
+        >>> greedy_tokens(model, [encode(model, "The Eiffel Tower is in")], 5)   # [[5 ids]]
     """
+    from tracer.batching import pad_id, pad_left, pad_tokens  # noqa: PLC0415  (tracer.batching imports this module)
+
+    if n_new <= 0:
+        return [[] for _ in seqs]
     width = max(len(s) for s in seqs)
-    if n_new > 0:  # the last new token is never fed back
-        check_context(model, width + n_new - 1, f"greedy generation of {n_new} tokens after a {width}-token prompt")
-    cache = prefix_kv_cache(model, len(seqs))
-    if cache is None:
-        return None
+    check_context(model, width + n_new - 1, f"greedy generation of {n_new} tokens after a {width}-token prompt")  # the last new token is never fed back
     device = model_device(model)
-    pad = getattr(model.tokenizer, "pad_token_id", None) or 0
-    tokens = torch.full((len(seqs), width), pad, dtype=torch.long, device=device)
-    mask = torch.zeros(len(seqs), width, dtype=torch.long, device=device)
-    for i, s in enumerate(seqs):
-        tokens[i, width - len(s) :] = torch.tensor(s, device=device)
-        mask[i, width - len(s) :] = 1
+    cache = prefix_kv_cache(model, len(seqs))
     out: list[list[int]] = [[] for _ in seqs]
+    if cache is None:  # no cache: right-padded, every step reruns the prefix
+        tokens = torch.nn.functional.pad(pad_tokens(model, seqs, device), (0, n_new), value=pad_id(model))
+        lens = torch.tensor([len(s) for s in seqs], device=device)
+        rows = torch.arange(len(seqs), device=device)
+        for _ in range(n_new):
+            resid = final_resid(model, tokens[:, : int(lens.max())])  # [batch, cur, d_model]
+            nxt = final_logits(model, resid[rows, lens - 1]).argmax(-1)  # [batch]: last positions only
+            tokens[rows, lens] = nxt
+            lens = lens + 1
+            for i, t in enumerate(nxt.tolist()):
+                out[i].append(t)
+        return out
+    tokens, mask = pad_left(model, seqs, device)
     resid = final_resid(model, tokens, attention_mask=mask, past_kv_cache=cache)[:, -1]
     ones = torch.ones(len(seqs), 1, dtype=torch.long, device=device)
     for step in range(n_new):

@@ -36,9 +36,10 @@ from typing import Sequence
 
 import torch
 
+from tracer.batching import pad_tokens
 from tracer.files import atomic_write_text, safe_name
 from tracer.hooks import EMBED, hook_name
-from tracer.model import model_device, model_name
+from tracer.model import embedding_weights, model_device, model_name, recording, run_until
 from tracer.offline import cache_dir
 from tracer.prompts import locate_subject
 
@@ -121,10 +122,6 @@ def reference_subjects(path: str | os.PathLike | None = None) -> tuple[list[str]
     return subjects, "file:" + hashlib.sha256(raw).hexdigest()[:16]
 
 
-class _Stop(Exception):
-    pass
-
-
 @torch.no_grad()
 def embedding_stats(model, subjects: Sequence[str], *, reference: str = "custom", batch_size: int = 64) -> EmbeddingStats:
     """Measure the embedding statistics over `subjects` (each tokenized alone, BOS excluded).
@@ -152,28 +149,14 @@ def embedding_stats(model, subjects: Sequence[str], *, reference: str = "custom"
     embs, pres = [], []
     for b in range(0, len(seqs), batch_size):
         chunk = seqs[b : b + batch_size]
-        width = max(len(s) for s, _ in chunk)
-        tokens = torch.zeros((len(chunk), width), dtype=torch.long, device=device)
-        mask = torch.zeros((len(chunk), width), dtype=torch.bool, device=device)
+        tokens = pad_tokens(model, [s for s, _ in chunk], device)  # right-padded: the pad is masked out below
+        mask = torch.zeros(tokens.shape, dtype=torch.bool, device=device)
         for i, (s, n_bos) in enumerate(chunk):
-            tokens[i, : len(s)] = torch.tensor(s, device=device)
             mask[i, n_bos : len(s)] = True
-        seen = {}
-
-        def grab_embed(act, hook):
-            seen["embed"] = act
-
-        def grab_first(act, hook):  # hook.name may be an alias on 4.x bridges: key by our name
-            seen["first"] = act
-            raise _Stop
-
-        try:
-            with model.hooks(fwd_hooks=[(EMBED, grab_embed), (first, grab_first)]):
-                model(tokens)
-        except _Stop:
-            pass
-        embs.append(seen["embed"][mask].float().cpu())  # [m, d_model]
-        pres.append(seen["first"][mask].float().cpu())
+        with recording(model, [EMBED]) as seen:
+            pre = run_until(model, tokens, first)  # the pass ends at the first block's input
+        embs.append(seen[EMBED][mask].float().cpu())  # [m, d_model]
+        pres.append(pre[mask].float().cpu())
     e, r = torch.cat(embs), torch.cat(pres)
     if e.shape[0] == 0:
         raise ValueError("subjects produced no tokens to measure")
@@ -181,18 +164,10 @@ def embedding_stats(model, subjects: Sequence[str], *, reference: str = "custom"
     return EmbeddingStats(std=float(r.std()), embed_to_resid=slope, n_tokens=int(e.shape[0]), reference=reference)
 
 
-def _embedding_weights(model) -> list[tuple[str, torch.Tensor]]:
-    """The floating-point state-dict entries whose name contains "embed", sorted by name."""
-    return [
-        (name, p) for name, p in sorted(model.state_dict().items())
-        if "embed" in name and torch.is_tensor(p) and p.is_floating_point()
-    ]
-
-
 def embedding_hash(model) -> str:
     """sha256 (hex) over the model's embedding weights (the only weights the stats depend on)."""
     h = hashlib.sha256()
-    for _, p in _embedding_weights(model):
+    for _, p in embedding_weights(model):
         h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
 
@@ -207,7 +182,7 @@ def embedding_fingerprint(model) -> str:
     different model, or any change to its embedding, changes it.
     """
     h = hashlib.sha256()
-    for name, p in _embedding_weights(model):
+    for name, p in embedding_weights(model):
         if "unembed" in name:  # the statistics never read the unembedding
             continue
         flat = p.detach().float().reshape(-1).contiguous()

@@ -45,16 +45,13 @@ def test_greedy_generate_matches_full_forward(tiny_model):
     assert fast[0].startswith("The Eiffel Tower is")
 
 
-def test_cached_greedy_tokens_match_recomputing(tiny_model):
-    # TransformerLens 3.x: left-padded batch + key/value cache; 4.x: no cache (None)
-    from tracer.model import TL_API, greedy_tokens
+def test_greedy_tokens_match_recomputing(tiny_model):
+    # TransformerLens 3.x: left-padded batch + key/value cache; 4.x: right-padded, the prefix rerun
+    from tracer.model import greedy_tokens
 
     seqs = [tracer.encode(tiny_model, p) for p in ("The Eiffel Tower is", "Tokyo is the capital of Japan and")]
     got = greedy_tokens(tiny_model, seqs, 6)
-    if TL_API == 4:
-        assert got is None
-        return
-    assert len(seqs[0]) != len(seqs[1])  # exercises the left padding
+    assert len(seqs[0]) != len(seqs[1])  # exercises the padding
     for s, g in zip(seqs, got):
         assert tiny_model.tokenizer.decode(s + g, skip_special_tokens=True) == _slow_greedy(tiny_model, tiny_model.tokenizer.decode(s, skip_special_tokens=True), 6)
 

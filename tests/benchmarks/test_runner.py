@@ -250,3 +250,36 @@ def test_batch_edit_is_saved_as_an_edit_before_it_is_applied(tiny_model, records
                               evaluate=evaluate, batch=2, hparams=hp)
     assert all("disk full" in r["error"] for r in rows)
     assert weights_hash(tiny_model) == before
+
+
+def test_execute_resolves_the_hparams_once_and_every_edit_gets_them(tiny_model, tmp_path, monkeypatch, records):
+    import argparse
+
+    import tracer
+    from editor import ROMEHParams
+
+    hp = ROMEHParams(layer=1)
+
+    class Preset(RankOneMethod):
+        def __init__(self):
+            super().__init__()
+            self.resolved, self.given = 0, []
+
+        def hparams_for(self, model, layer=None):
+            self.resolved += 1
+            return hp
+
+        def edit_many(self, model, requests, hparams=None, **kw):
+            self.given.append(hparams)
+            return super().edit_many(model, requests)
+
+    method = Preset()
+    monkeypatch.setattr(runner, "get_method", lambda name: method)
+    monkeypatch.setattr(tracer, "load_model", lambda *a, **k: tiny_model)
+    parser = argparse.ArgumentParser()
+    runner.add_common_args(parser)
+    args = parser.parse_args(["--method", "rome", "--out", str(tmp_path / "r"), "--ppl-tokens", "0", "--threads", "0",
+                              "--cache-dir", str(tmp_path / "cache")])
+    run = runner.execute(args, records=records[:3], evaluate=evaluate, desc="t")
+    assert method.resolved == 1 and method.given == [hp] * 3
+    assert run["hparams_record"] == f"preset: {hp!r}" and run["restored"]

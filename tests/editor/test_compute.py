@@ -13,7 +13,6 @@ import torch
 
 from editor import METHODS, AppliedEdit, Edit, EditOrderError, EditRequest, EditResult, LayerDelta, ROMEHParams
 from editor import apply_saved, edit_stack, ft, memit, rome
-from editor.common import pad_tokens
 from tracer.model import w_out, weights_hash
 
 from .test_checks import FT_HP, HPS, stats_for
@@ -292,17 +291,18 @@ def test_the_stack_does_not_keep_a_model_alive(tokenizer, tmp_path):
         a.restore()
 
 
-def test_pad_tokens_right_pads_with_the_pad_id(tiny_model):
-    pad = tiny_model.tokenizer.pad_token_id or 0
-    t = pad_tokens(tiny_model, [[5, 6, 7], [8]], "cpu")
-    assert t.tolist() == [[5, 6, 7], [8, pad, pad]] and t.dtype == torch.long
-    with pytest.raises(ValueError, match="empty"):
-        pad_tokens(tiny_model, [], "cpu")
-
-
 def test_edit_conveniences_check_one_request_and_the_registry_is_one_entry_per_method():
     assert [m.name for m in METHODS.values()] == list(METHODS)
     for name, m in METHODS.items():
         assert (m.compute, m.edit, m.edit_many) == (MODULES[name].compute, MODULES[name].edit, MODULES[name].edit_many)
     with pytest.raises(ValueError, match="one EditRequest"):
         ft.edit(None, TWO, FT_HP)
+
+
+@pytest.mark.parametrize("name", ["memit", "ft-l"])  # rome too once it starts with editor.common.start_compute
+def test_every_compute_refuses_another_methods_hparams_before_anything_runs(tiny_model, tmp_path, name):
+    other = HPS["ft-l" if name != "ft-l" else "rome"]
+    w0 = outs(tiny_model)
+    with pytest.raises(ValueError, match=rf"hparams .* has type {type(other).__name__}; expected {type(HPS[name]).__name__}"):
+        METHODS[name].compute(tiny_model, TWO, other, cache_dir=tmp_path)
+    assert all(torch.equal(x, y) for x, y in zip(outs(tiny_model), w0))

@@ -360,4 +360,59 @@ def test_forward_passes_longer_than_n_ctx_are_refused(tiny_model):
     with pytest.raises(ValueError, match=rf"n_ctx={n_ctx}"):
         greedy_tokens(tiny_model, [[1] * (n_ctx - 3)], 10)
     out = greedy_tokens(tiny_model, [[1] * (n_ctx - 3)], 4)  # fits: the 4th new token is never fed
-    assert out is None or len(out[0]) == 4  # None: a 4.x bridge has no cache
+    assert len(out[0]) == 4
+
+
+# ----------------------------------------------------------------------------- the adapter
+
+
+def test_set_prepend_bos_keeps_transformerlens_default_in_sync(tiny_model):
+    from tracer.model import prepends_bos, set_prepend_bos
+
+    tiny_model.cfg.default_prepend_bos = False
+    set_prepend_bos(tiny_model, None)  # back to the rule: the tokenizer adds BOS, and TL's default follows
+    assert prepends_bos(tiny_model) and tiny_model.cfg.default_prepend_bos is True
+    for value in (False, True):
+        set_prepend_bos(tiny_model, value)
+        assert tiny_model.cfg.default_prepend_bos is value is prepends_bos(tiny_model)
+    from types import SimpleNamespace
+
+    no_bos = SimpleNamespace(cfg=SimpleNamespace(default_prepend_bos=True), tokenizer=SimpleNamespace(bos_token_id=None))
+    set_prepend_bos(no_bos, True)  # a tokenizer without a BOS token: nothing to prepend, and TL agrees
+    assert prepends_bos(no_bos) is False and no_bos.cfg.default_prepend_bos is False
+
+
+def test_recording_keys_activations_by_the_names_asked_for(tiny_model):
+    from tracer.model import recording, run_until
+
+    toks = _tokens(tiny_model)
+    names = [EMBED, hook_name("key", 0), hook_name("resid", 1)]
+    with torch.no_grad():
+        _, cache = tiny_model.run_with_cache(toks)
+        with recording(tiny_model, names) as seen:
+            stop = run_until(tiny_model, toks, hook_name("resid_pre", 2))
+    assert sorted(seen) == sorted(names)
+    for n in names:
+        torch.testing.assert_close(seen[n], cache[n])
+    torch.testing.assert_close(stop, cache[hook_name("resid_pre", 2)])
+    kept = dict(seen)
+    with torch.no_grad():
+        tiny_model(toks)  # the hooks are gone on exit: nothing is recorded again
+    assert all(seen[n] is kept[n] for n in names)
+
+
+def test_only_the_adapter_imports_transformer_lens():
+    """TransformerLens 3.x/4.x differences live in tracer/model.py: no other library module imports it."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    offenders = []
+    for pkg in ("tracer", "editor", "benchmarks"):
+        for path in sorted((root / pkg).rglob("*.py")):
+            if path.relative_to(root).as_posix() == "tracer/model.py":
+                continue
+            for node in ast.walk(ast.parse(path.read_text())):
+                mods = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+                offenders += [f"{path.relative_to(root)}:{node.lineno}" for m in mods if m.split(".")[0] == "transformer_lens"]
+    assert offenders == []
