@@ -632,7 +632,8 @@ def recording(model, names: Sequence[str]) -> Iterator[dict[str, Tensor]]:
 
     A TransformerLens 4.x bridge passes its hooks aliased names (`hook.name` need not be the
     name the hook was added under), so activations are keyed by the names asked for, never
-    by `hook.name`. A name that runs twice keeps its last activation. Hooks are removed on exit.
+    by `hook.name`. Each activation is a detached copy taken when its hook runs. A name that
+    runs twice keeps its last activation. Hooks are removed on exit.
 
     Example:
         >>> with recording(model, [EMBED]) as seen:
@@ -643,7 +644,8 @@ def recording(model, names: Sequence[str]) -> Iterator[dict[str, Tensor]]:
 
     def keep(name):
         def hook(act, hook):
-            seen[name] = act
+            seen[name] = act.detach().clone()  # a later in-place change in the pass cannot reach it
+
         return hook
 
     with model.hooks(fwd_hooks=[(n, keep(n)) for n in dict.fromkeys(names)]):

@@ -59,7 +59,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from tracer.hooks import EMBED, KINDS, hook_layer, hook_name, hooks, resolve_hook
-from tracer.model import final_logits, final_resid, model_device, model_name, prefix_kv_cache, resume_with_prefix, run_until
+from tracer.model import final_logits, final_resid, model_device, model_name, prefix_kv_cache, recording, resume_with_prefix, run_until
 from tracer.noise import NoiseCache, NoiseScale, resolve_noise
 from tracer.patching import noise_hook, subject_noise
 from tracer.prompts import PromptTokens, encode, locate_subject, target_ids
@@ -205,22 +205,13 @@ def _record_run(model, tokens, embed_hook=None, kv=None):
     With `kv` (a `prefix_kv_cache`), the run also fills it with every layer's keys and values.
     """
     n = model.cfg.n_layers
-    seen: dict[str, Tensor] = {}
-
-    def keep(key):
-        def hook(act, hook):  # key by our own name: 4.x bridges pass aliased hook names
-            seen[key] = act.detach().clone()
-
-        return hook
-
     # resid_pre is fed back in at start_at_layer, so an SAE spliced there is read on its input side
-    fwd = [] if embed_hook is None else [(resolve_hook(model, EMBED), embed_hook)]
-    for layer in range(n):
-        for kind in ("resid_pre", "mlp", "attn"):
-            name = hook_name(kind, layer)
-            fwd.append((resolve_hook(model, name, side="input" if kind == "resid_pre" else "output"), keep(name)))
-    with model.hooks(fwd_hooks=fwd):
+    names = {hook_name(kind, l): resolve_hook(model, hook_name(kind, l), side="input" if kind == "resid_pre" else "output")
+             for l in range(n) for kind in ("resid_pre", "mlp", "attn")}
+    noise = [] if embed_hook is None else [(resolve_hook(model, EMBED), embed_hook)]
+    with model.hooks(fwd_hooks=noise), recording(model, list(names.values())) as got:
         last = final_resid(model, tokens) if kv is None else final_resid(model, tokens, past_kv_cache=kv)
+    seen = {ours: got[theirs] for ours, theirs in names.items()}
     pre = torch.stack([seen[hook_name("resid_pre", l)] for l in range(n)] + [last])  # [n+1, batch, pos, d]
     sub = {k: torch.stack([seen[hook_name(k, l)] for l in range(n)]) for k in SEVERABLE}  # [n, batch, pos, d]
     return pre, sub
