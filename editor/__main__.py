@@ -38,6 +38,24 @@ def _fmt(preds) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run `python -m editor`: edit one fact, print the top-3 next tokens before and after.
+
+    The prompt, a paraphrase and an unrelated neighbour prompt are shown (probabilities);
+    the edit is saved with `--save`, then restored, so the loaded model ends unedited.
+
+    Args:
+        argv: the arguments; None reads `sys.argv`.
+
+    Returns:
+        The exit status, 0.
+
+    Raises:
+        SystemExit: bad arguments (argparse exits with status 2).
+        EditRequestError: (a `ValueError`) `--prompt` without exactly one `{}`, an empty
+            subject or target, or `--true` equal to `--new`.
+        ValueError: what the chosen method's `edit` refuses (`editor.checks.check_edit`:
+            a layer out of range, too few `--stats-tokens`, ...).
+    """
     ap = argparse.ArgumentParser(prog="python -m editor", description=__doc__.splitlines()[0])
     add_model_args(ap)
     ap.add_argument("--prompt", default="{} is located in the city of", help="template with {} for the subject")

@@ -61,7 +61,20 @@ def check_layer(value: Any, field: str, n_layers: int | None = None) -> int:
 
 
 def check_layers(values: Any, field: str, n_layers: int | None = None) -> tuple[int, ...]:
-    """A non-empty sequence of layer indices, each checked by `check_layer`; returned as a tuple."""
+    """A non-empty sequence of layer indices, each checked by `check_layer`; returned as a tuple.
+
+    Args:
+        values: the layer indices.
+        field: their name in messages.
+        n_layers: the model's block count; None checks only types and signs.
+
+    Returns:
+        The indices as a tuple of ints.
+
+    Raises:
+        ValueError: `values` is not a sequence (a string or a single number included) or is
+            empty, or an entry fails `check_layer`.
+    """
     if isinstance(values, (str, bytes, numbers.Number)) or not isinstance(values, Sequence):
         raise ValueError(f"{field} {values!r} must be a sequence of int block indices, e.g. (2, 3, 4)")
     if len(values) == 0:
@@ -70,7 +83,11 @@ def check_layers(values: Any, field: str, n_layers: int | None = None) -> tuple[
 
 
 def check_positive_int(value: Any, field: str) -> int:
-    """`value` as an int `>= 1`, or a `ValueError` naming `field` (bools are refused)."""
+    """`value` as an int `>= 1`, or a `ValueError` naming `field` (bools are refused).
+
+    Raises:
+        ValueError: `value` is not an int (a bool included) or is < 1.
+    """
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{field} {value!r} must be a positive int")
     return int(value)
@@ -81,6 +98,9 @@ def check_real(value: Any, field: str, *, minimum: float | None = None, positive
 
     Strings (`"0.5"`, `"False"` from a command line), bools, NaN and infinities are refused;
     `positive` asks for `> 0`, `minimum` for `>= minimum`.
+
+    Raises:
+        ValueError: `value` is not a finite real number, or breaks `positive` / `minimum`.
     """
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise ValueError(f"{field} {value!r} must be a finite number, not {type(value).__name__}")
@@ -92,14 +112,23 @@ def check_real(value: Any, field: str, *, minimum: float | None = None, positive
 
 
 def check_bool(value: Any, field: str) -> bool:
-    """`value` if it is a bool (not the string "False", not 0/1), else a `ValueError` naming `field`."""
+    """`value` if it is a bool (not the string "False", not 0/1), else a `ValueError` naming `field`.
+
+    Raises:
+        ValueError: `value` is not a bool.
+    """
     if not isinstance(value, bool):
         raise ValueError(f"{field} {value!r} must be True or False, not {type(value).__name__}")
     return value
 
 
 def check_prompts(values: Any, field: str) -> tuple[str, ...]:
-    """A tuple of prompt templates, each a string with exactly one `{}` for the subject."""
+    """A tuple of prompt templates, each a string with exactly one `{}` for the subject.
+
+    Raises:
+        ValueError: `values` is a string or not a sequence, or an entry is not a string with
+            exactly one `{}`.
+    """
     if isinstance(values, str) or not isinstance(values, Sequence):
         raise ValueError(f"{field} {values!r} must be a tuple of strings with one '{{}}' each, e.g. ('{{}} is a',)")
     for v in values:
@@ -109,7 +138,15 @@ def check_prompts(values: Any, field: str) -> tuple[str, ...]:
 
 
 def check_context_lengths(values: Any, field: str = "context_lengths") -> tuple[tuple[int, int], ...]:
-    """`((length, n), ...)`: `n >= 0` generated templates of `length >= 1` tokens each."""
+    """`((length, n), ...)`: `n >= 0` generated templates of `length >= 1` tokens each.
+
+    Returns:
+        The pairs as a tuple of `(int, int)` tuples.
+
+    Raises:
+        ValueError: `values` is not a sequence of pairs, a length is not an int >= 1, or a
+            count is not an int >= 0.
+    """
     if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
         raise ValueError(f"{field} {values!r} must be a tuple of (length, n) pairs, e.g. ((10, 5),)")
     out = []
@@ -153,11 +190,12 @@ def check_stats(model, stats: Tensor | Mapping[int, Tensor], layers: Sequence[in
     10,000 and 100,000 WikiText tokens pass with their smallest eigenvalue ~1e-4 (largest ~20).
 
     Args:
-        stats: a Tensor (one layer) or `{layer: Tensor}`.
+        model: the model; its `cfg.d_mlp` sets the expected shape.
+        stats: a `[d_mlp, d_mlp]` Tensor (one layer) or `{layer: Tensor}`.
         layers: the edited layers.
 
     Raises:
-        ValueError: `stats` is neither, a layer is missing, a matrix is not a floating
+        ValueError: `stats` is neither (or one Tensor for several layers), a layer is missing, a matrix is not a floating
             `[d_mlp, d_mlp]` tensor, has a NaN / inf entry (it would be written into `W_out`
             and the edit reported as applied), or is singular (not positive definite: an
             all-zero matrix, a neuron never active, fewer tokens than `d_mlp`), which gave a
@@ -205,7 +243,8 @@ def check_requests(model, requests: Sequence) -> None:
     Italy") is compatible. Identical requests are allowed.
 
     Raises:
-        ValueError: naming both requests, the prompt and the two targets.
+        ValueError: naming both requests, the prompt and the two targets; or a target that
+            `tracer.prompts.target_ids` refuses (empty, longer than `n_ctx`).
     """
     seen: dict[str, tuple[int, Any, list[int]]] = {}
     for i, r in enumerate(requests):
@@ -233,13 +272,16 @@ def check_reach(model, method: str, requests: Sequence, reaching: Sequence[int],
     whose subject ends its prompt is fine at any layer (the two positions coincide).
 
     Args:
+        model: the model.
+        method: the method's name in messages ("ROME", "MEMIT").
+        requests: the `EditRequest`s.
         reaching: the layers whose optimised values carry the edit (ROME: its layer; MEMIT's
             "residual" spread: the top layer, where `z` is optimised; "joint": every layer).
         field: the hparams field named in the message.
 
     Raises:
         ValueError: every layer in `reaching` is the last block and some request's subject
-            does not end its prompt.
+            does not end its prompt (or is not found in it, `locate_subject`).
     """
     last = int(model.cfg.n_layers) - 1
     if any(l < last for l in reaching):
@@ -261,7 +303,11 @@ def check_reach(model, method: str, requests: Sequence, reaching: Sequence[int],
 
 
 def check_device(model, device) -> None:
-    """`device`, when given, must be the model's device (editors compute where the model is)."""
+    """`device`, when given, must be the model's device (editors compute where the model is).
+
+    Raises:
+        ValueError: `device` is not None and differs from the model's device.
+    """
     if device is not None and torch.device(device) != model_device(model):
         raise ValueError(f"device {device!r} differs from the model's {model_device(model)}; move the model first")
 
@@ -271,7 +317,14 @@ def warn_detached_saes(model, first_layer: int) -> list[str]:
 
     sae-lens adds the error term under `torch.no_grad()`, so the forward pass is the model's
     but gradients through the spliced point follow the SAE's reconstruction: an edit's
-    optimisation through it is not the model's. Returns the hook names warned about.
+    optimisation through it is not the model's.
+
+    Args:
+        model: the model.
+        first_layer: the lowest edited layer.
+
+    Returns:
+        The hook names warned about (empty when none).
     """
     bad = [n for n, err in attached_saes(model).items() if err and hook_layer(n, model.cfg.n_layers) >= first_layer]
     if bad:
@@ -297,8 +350,8 @@ def check_edit(model, method: str, requests: Sequence, hp, *, stats=None, device
         device: the `device` argument of the editor.
 
     Raises:
-        ValueError: see `check_layers`, `check_device`, `check_requests`, `check_stats`,
-            `check_stats_tokens` and `check_reach`.
+        ValueError: an unknown `method`; else see `check_layers`, `check_device`,
+            `check_requests`, `check_stats`, `check_stats_tokens` and `check_reach`.
 
     Example:
         >>> check_edit(model, "memit", requests, memit_hparams(model), stats=None, device=None)

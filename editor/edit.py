@@ -103,10 +103,13 @@ class Edit:
             model: the model this edit was computed for.
             force: apply even when the model's weights hash differs from `model_hash`.
 
+        Returns:
+            The `AppliedEdit`, on top of `editor.result.edit_stack(model)`.
+
         Raises:
             ValueError: the weights hash differs (without `force`; the message names both
-                hashes), or a delta does not fit the model's `W_out` or is not finite (no
-                weight was changed).
+                hashes), or a layer is not a block of the model, or a delta does not fit the
+                model's `W_out` or is not finite (no weight was changed).
 
         Example:
             >>> a = e.apply(model); ...; a.restore()
@@ -138,6 +141,12 @@ class Edit:
     def applied(self, model, *, force: bool = False) -> Iterator[AppliedEdit]:
         """`with edit.applied(model) as a:` the edit is in the model inside the block, restored on exit.
 
+        Args:
+            model, force: as in `apply`.
+
+        Yields:
+            The `AppliedEdit`.
+
         Raises:
             ValueError: as `apply`.
             EditOrderError: on exit, when an edit applied inside the block is still applied.
@@ -156,6 +165,12 @@ class Edit:
     def save(self, path: str | os.PathLike) -> Path:
         """Write the deltas (float32) and metadata to a safetensors file, atomically.
 
+        Args:
+            path: the `.safetensors` file to write (format `romelens-edit-1`).
+
+        Returns:
+            The path written.
+
         Example:
             >>> e.save("edits/eiffel.safetensors")
         """
@@ -170,6 +185,9 @@ class Edit:
 
         The hparams come back as the method's dataclass when the saved fields match it
         (else as the saved dict); `before` / `after` probabilities as float32 tensors.
+
+        Returns:
+            The `Edit`, not applied.
 
         Raises:
             ValueError: `path` is not a file, not a saved edit, or damaged.

@@ -45,7 +45,11 @@ EARLY_STOP_ON = ("nll", "loss")
 
 
 def one_of(field: str, value, allowed: tuple[str, ...]) -> None:
-    """Raise `ValueError` naming `field` unless `value` is one of `allowed`."""
+    """Raise `ValueError` naming `field` unless `value` is one of `allowed`.
+
+    Raises:
+        ValueError: `value` is not in `allowed`.
+    """
     if value not in allowed:
         raise ValueError(f"{field} {value!r} must be one of {allowed}")
 
@@ -97,6 +101,13 @@ class ROMEHParams:
         early_stop_on: what `early_stop_nll` is compared with: "nll" (the mean NLL of the
             new target) or "loss" (the total loss, NLL + KL + weight decay, as kmeng01/rome
             stops at 5e-2).
+
+    Raises:
+        ValueError: an unknown `key`, `kl_position` or `early_stop_on`; a negative or
+            non-int `layer`; a non-bool `mom2_adjustment`; or an optimisation field out of
+            range (a step count or token count < 1, a non-positive `v_lr` or
+            `clamp_norm_factor`, a negative `v_weight_decay` or `kl_factor`, a non-finite
+            number, `kl_prompts` without one `{}` each, bad `context_lengths`).
     """
 
     layer: int
@@ -134,8 +145,8 @@ class MEMITHParams:
             context_lengths: as in `ROMEHParams`, for optimising `z`.
         clamp_norm_factor: `||δ||` clamped to this times the norm of the residual at the
             last layer.
-        mom2_update_weight: λ in `Δ = R Kᵀ (λC + K Kᵀ)⁻¹`; presets without one get
-            `scaled_lambda(d_mlp)` when built from a model.
+        mom2_update_weight: λ in `Δ = R Kᵀ (λC + K Kᵀ)⁻¹` (MEMIT Eq. 14); presets without
+            one get `scaled_lambda(d_mlp)` when built from a model.
         mom2_n_tokens: tokens (not the papers' text samples; see `ROMEHParams`) of text for
             `C`; fewer than `d_mlp` are refused, as in `ROMEHParams`.
         z_batch_size: requests whose `z` are optimised together in one batch.
@@ -149,6 +160,12 @@ class MEMITHParams:
             equal residual share may be out of a layer's reach. In "joint" mode
             `clamp_norm_factor` bounds each layer's delta against that layer's raw MLP
             output norm instead of the last layer's residual norm.
+
+    Raises:
+        ValueError: an unknown `spread`; `layers` empty, with a negative or non-int entry,
+            or not a contiguous increasing range; a non-positive or non-finite
+            `mom2_update_weight`; `z_batch_size` < 1; or an optimisation field out of range
+            (as in `ROMEHParams`).
     """
 
     layers: tuple[int, ...]
@@ -189,7 +206,11 @@ class FTHParams:
         num_steps: Adam steps.
         lr: Adam learning rate.
         norm_constraint: L∞ bound on every entry of the delta (clamped after each step).
-        early_stop_nll: stop once the NLL of the new target falls below this.
+        early_stop_nll: stop once the NLL of the new target falls below this (nats).
+
+    Raises:
+        ValueError: a negative or non-int `layer`, `num_steps` < 1, a non-positive `lr` or
+            `norm_constraint`, or a non-finite number.
     """
 
     layer: int
@@ -309,7 +330,8 @@ def default_layer(model, *, facts=None, n: int = 100, cache_dir=None) -> int:
             neither reads nor writes either.
 
     Returns:
-        The block index to edit.
+        The block index to edit, `0 <= layer < n_layers`. Never raises for a tracing
+        failure: it falls back to the relative depth (rule 3).
     """
     from editor.common import base_hash  # noqa: PLC0415
     from tracer import layer as tlayer  # noqa: PLC0415  (heavy, only when needed)
@@ -380,6 +402,17 @@ def rome_hparams(model_or_name, *, layer: int | None = None, cache_dir=None) -> 
     With `layer`, that layer replaces the preset's, and a model without a preset gets the
     paper's defaults there: no causal tracing runs. `cache_dir` is `default_layer`'s (the
     editors pass their own).
+
+    Args:
+        model_or_name: a TransformerLens model, or a preset's model name.
+        layer: the edit layer; None keeps the preset's (or runs `default_layer`).
+        cache_dir: the cache root `default_layer` reads and writes.
+
+    Returns:
+        A `ROMEHParams`.
+
+    Raises:
+        ValueError: a model name without a preset (pass the model), or a negative `layer`.
     """
     if layer is not None:
         return replace(_lookup(ROME_PRESETS, model_or_name) or ROMEHParams(layer=layer), layer=layer)
@@ -393,6 +426,17 @@ def memit_hparams(model_or_name, *, layer: int | None = None, cache_dir=None) ->
 
     With `layer`, the edited range ends there (a preset keeps its number of layers) and no
     causal tracing runs. `cache_dir` is `default_layer`'s.
+
+    Args:
+        model_or_name: a TransformerLens model, or a preset's model name.
+        layer: the top edited layer; None keeps the preset's (or runs `default_layer`).
+        cache_dir: the cache root `default_layer` reads and writes.
+
+    Returns:
+        A `MEMITHParams`.
+
+    Raises:
+        ValueError: a negative `layer`, or a model name without a MEMIT preset.
     """
     if layer is not None and layer < 0:
         raise ValueError(f"layer {layer} must be >= 0")
@@ -422,7 +466,14 @@ def scaled_lambda(d_mlp: int, base: float = 15000.0) -> float:
     For keys drawn like the statistics `C`, `E[kᵀ C⁻¹ k] = d_mlp`, so how far one edit's
     update reaches towards its target, `kᵀ(λC)⁻¹k / (1 + kᵀ(λC)⁻¹k)`, depends on
     `d_mlp / λ`. Keeping that ratio at GPT-J's keeps the papers' balance between the edits
-    and the preserved keys on a smaller MLP.
+    and the preserved keys on a smaller MLP (MEMIT Eq. 14's λ).
+
+    Args:
+        d_mlp: the model's MLP width (neurons).
+        base: λ at GPT-J's d_mlp 16,384.
+
+    Returns:
+        `base * d_mlp / 16384`.
 
     Example:
         >>> scaled_lambda(2048)   # Gemma-3-270m
@@ -433,7 +484,14 @@ def scaled_lambda(d_mlp: int, base: float = 15000.0) -> float:
 
 def ft_hparams(model_or_name, *, layer: int | None = None, cache_dir=None) -> FTHParams:
     """Preset for a model; other models: FT-L at `default_layer` (with `cache_dir`). With
-    `layer`, that layer (no causal tracing)."""
+    `layer`, that layer (no causal tracing).
+
+    Returns:
+        An `FTHParams`.
+
+    Raises:
+        ValueError: a model name without an FT-L preset (pass the model), or a negative `layer`.
+    """
     if layer is not None:
         return replace(_lookup(FT_PRESETS, model_or_name) or FTHParams(layer=layer), layer=layer)
     return _preset(FT_PRESETS, "FT-L", model_or_name) or FTHParams(layer=default_layer(model_or_name, cache_dir=cache_dir))

@@ -28,6 +28,10 @@ class EditRequest:
         target_new: the new object, e.g. `"Rome"` (no leading space needed).
         target_true: the current object, e.g. `"Paris"`, or None when unknown. Only
             used for diagnostics.
+
+    Raises:
+        EditRequestError: (a `ValueError`) a prompt without exactly one `{}`, an empty
+            subject, target_new or target_true, or target_true equal to target_new.
     """
 
     prompt: str
@@ -58,15 +62,25 @@ class EditRequest:
         return self.prompt.replace("{}", self.subject)
 
     def to_dict(self) -> dict[str, Any]:
+        """The four fields as a dict; `from_dict` inverts it."""
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "EditRequest":
+        """The request from a dict with its fields (missing ones are None).
+
+        Raises:
+            EditRequestError: the fields fail the checks of `EditRequest`.
+        """
         return cls(**{k: d.get(k) for k in ("prompt", "subject", "target_new", "target_true")})
 
     @classmethod
     def from_counterfact(cls, record: Mapping[str, Any]) -> "EditRequest":
         """Build a request from a CounterFact record (`requested_rewrite` field).
+
+        Raises:
+            EditRequestError: the record has no `requested_rewrite` with prompt, subject,
+                `target_new.str` and `target_true.str`, or they fail `EditRequest`'s checks.
 
         Example:
             >>> EditRequest.from_counterfact({"requested_rewrite": {"prompt": "{} plays",
@@ -100,7 +114,7 @@ class EditRequest:
 
         Raises:
             EditRequestError: for a record without the fields, a subject missing from
-                `src`, or an unknown `target`.
+                `src`, an unknown `target`, or fields that fail `EditRequest`'s checks.
         """
         if target not in ("answers", "alt"):
             raise EditRequestError(f"target {target!r} must be 'answers' (ROME) or 'alt' (MEND)")
@@ -119,7 +133,18 @@ class EditRequest:
 
 
 def as_requests(requests) -> list[EditRequest]:
-    """Normalise one request, a dict, or a list of them to a list of `EditRequest`."""
+    """Normalise one request, a dict, or a list of them to a list of `EditRequest`.
+
+    A dict with `requested_rewrite` is read as a CounterFact record (`from_counterfact`),
+    any other dict by `from_dict`.
+
+    Returns:
+        A non-empty list of `EditRequest`.
+
+    Raises:
+        EditRequestError: (a `ValueError`) an item that is neither an `EditRequest` nor a
+            dict, a malformed one, or no request at all.
+    """
     if isinstance(requests, (EditRequest, Mapping)):
         requests = [requests]
     out = []

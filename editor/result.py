@@ -107,6 +107,7 @@ class LayerDelta:
 
     @property
     def rank(self) -> int | None:
+        """`r`, the factors' inner dimension (one per request for ROME), or None for a dense delta."""
         return None if self.dense is not None else int(self.u.shape[1])
 
 
@@ -170,6 +171,10 @@ class AppliedEdit:
         model_hash: weights hash of the model just before this edit.
         hparams: the hyperparameters used, as a dict.
         edit: the `editor.edit.Edit` this was applied from, or None (deltas applied directly).
+
+    Raises:
+        EditOrderError: from `restore` (and so on leaving a `with` block) when the edit is no
+            longer applied or a later edit on the same model still is.
     """
 
     method: str
@@ -191,6 +196,7 @@ class AppliedEdit:
 
     @property
     def applied(self) -> bool:
+        """Whether the edit is still written into a live model (not restored)."""
         return self.model is not None
 
     def restore(self) -> None:
@@ -235,6 +241,12 @@ class AppliedEdit:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the deltas and metadata to a safetensors file (atomically); `Edit.load` reads it.
+
+        Args:
+            path: the `.safetensors` file to write (format `SAVE_FORMAT`, see `write_edit_file`).
+
+        Returns:
+            The path written.
 
         Example:
             >>> e.save("edits/eiffel.safetensors")
@@ -298,9 +310,10 @@ def apply_deltas(
         The `AppliedEdit`, on top of `edit_stack(model)`.
 
     Raises:
-        ValueError: a layer index out of range, a delta that is not a `LayerDelta`, has the
-            wrong shape or a NaN / inf entry, or edited weights that overflow their dtype;
-            no weight was changed.
+        ValueError: `deltas` not a non-empty dict, a layer index out of range
+            (`check_layer`), a delta that is not a `LayerDelta`, has the wrong shape or a
+            NaN / inf entry, or edited weights that overflow their dtype; no weight was
+            changed.
 
     Example:
         >>> with apply_deltas(model, {4: LayerDelta(u=u[:, None], v=v[None])}, method="rome", requests=[req]):
@@ -406,6 +419,18 @@ def write_edit_file(
     Format `romelens-edit-1`: tensors `layer{l}.u` / `layer{l}.v` (or `layer{l}.dense`), and
     string metadata `format`, `method`, `model_name`, `weights_hash`, `layers`, `requests`,
     `hparams` and `diagnostics` (the last four JSON; tensors in the diagnostics as lists).
+
+    Args:
+        path: the file to write.
+        method, model_name, model_hash: recorded as metadata (`model_hash` as `weights_hash`).
+        deltas: `{layer: LayerDelta}`; factors `[d_mlp, r]` / `[r, d_model]` or dense
+            `[d_mlp, d_model]`, saved as float32 on the CPU.
+        requests: the `EditRequest`s.
+        hparams: a dataclass or a dict.
+        diagnostics: JSON-able apart from tensors (saved as lists).
+
+    Returns:
+        The path written.
     """
     from safetensors.torch import save_file  # noqa: PLC0415
 

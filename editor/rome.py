@@ -87,6 +87,9 @@ def right_vector(
             in `edit_many`'s sequential loop it holds the earlier requests' edits); only
             "r-rome" reads it.
 
+    Returns:
+        `v`, `[d_model]`.
+
     Raises:
         ValueError: for an unknown `key`.
     """
@@ -115,6 +118,11 @@ def compute_factors(
     Adam and per-request early stopping, so a batch gives each request what it would get
     alone, up to float rounding). The model is not changed.
 
+    `k*` is the key averaged over the context templates (ROME Sec. 3.1, Step 1), `δ` the
+    value change found by the v* objective (ROME Eq. 4, `optimize_values`), `u` the unit
+    `C⁻¹k*` of ROME Eq. 2 (or `k*` itself without `hp.mom2_adjustment`) and `v` from
+    `right_vector`.
+
     Args:
         model: a TransformerLens model.
         requests: the edit requests.
@@ -124,8 +132,11 @@ def compute_factors(
         keys: key choices to build `v` for (default `(hp.key,)`); all share `u` and `δ`.
 
     Returns:
-        One dict per request: `u [d_mlp]`, `v {key: [d_model]}` and `info` (NLL curve,
-        `‖δ‖`, the original value's norm, `k·u`).
+        One dict per request: `u [d_mlp]`, `v {key: [d_model]}` and `info` (NLL curve in
+        nats per step, `‖δ‖`, the original value's norm, `k·u` per key).
+
+    Raises:
+        ValueError: a key choice not in `ROME_KEYS` (before the optimisation runs).
     """
     layer = hp.layer
     keys = tuple(keys or (hp.key,))
@@ -181,7 +192,21 @@ def compute_delta(
     C: Tensor,
     templates: Sequence[str],
 ) -> tuple[Tensor, Tensor, dict]:
-    """The rank-one factors `(u [d_mlp], v [d_model])` for one request; the model is not changed."""
+    """The rank-one factors `(u [d_mlp], v [d_model])` for one request; the model is not changed.
+
+    `compute_factors` for one request and the key choice `hp.key` (ROME Eq. 2).
+
+    Args:
+        model, hp, C, templates: as in `compute_factors` (`C` is `[d_mlp, d_mlp]`).
+        request: the edit request.
+
+    Returns:
+        `(u [d_mlp], v [d_model], info)`, `info` as in `compute_factors` with `key_dot` the
+        float for `hp.key`.
+
+    Raises:
+        ValueError: `hp.key` not in `ROME_KEYS`.
+    """
     f = compute_factors(model, [request], hp, C=C, templates=templates)[0]
     info = {**f["info"], "key_dot": f["info"]["key_dot"][hp.key]}
     return f["u"], f["v"][hp.key], info
@@ -224,10 +249,13 @@ def compute(
         `value_norm`, `key_dot` k·u) and `templates`.
 
     Raises:
+        EditRequestError: (a `ValueError`) a malformed request (`as_requests`).
         ValueError: `hparams` is not a `ROMEHParams`, or a check in `editor.checks.check_edit`
             fails (layer out of range, device, conflicting requests, statistics of the wrong
             type, shape or dtype, non-finite or singular, too few statistics tokens, the last
-            block for a prompt the subject does not end); nothing ran and no weight changed.
+            block for a prompt the subject does not end); nothing ran and no weight changed. Also: statistics computed or read
+            from the cache that are singular (`check_stats`) or a corpus `layer_stats`
+            refuses, and factors that come out non-finite (no weight was changed).
 
     Example:
         >>> e = rome.compute(model, EditRequest(prompt="{} is located in the city of",
@@ -283,6 +311,12 @@ def edit_many(model, requests, hparams: ROMEHParams | None = None, **kw) -> Appl
 
     Takes `compute`'s arguments and raises what it raises.
 
+    Returns:
+        The applied `AppliedEdit`; `restore()` (or leaving a `with` block) undoes it exactly.
+
+    Raises:
+        ValueError: as `compute` (nothing was applied).
+
     Example:
         >>> with rome.edit_many(model, requests) as e:
         ...     print(e.diagnostics["after"]["new_first"])
@@ -292,6 +326,9 @@ def edit_many(model, requests, hparams: ROMEHParams | None = None, **kw) -> Appl
 
 def edit(model, request, hparams: ROMEHParams | None = None, **kw) -> AppliedEdit:
     """Apply one ROME edit: `edit_many` with one request.
+
+    Returns:
+        The applied `AppliedEdit`.
 
     Raises:
         ValueError: more than one request (use `edit_many`), or as `compute`.

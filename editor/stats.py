@@ -120,12 +120,15 @@ def compute_stats(
 ) -> tuple[dict[int, Tensor], int]:
     """Accumulate `E[k kᵀ]` of the keys at each of `layers` over a corpus, without a cache.
 
+    The uncentred key second moment `C` of ROME Eq. 2 (Sec. 3.1: estimated over Wikipedia
+    text) and MEMIT Eq. 14; keys `k` are `blocks.{l}.mlp.hook_post`, `[d_mlp]` per token.
+
     Args:
         model: a TransformerLens model with a tokenizer.
         layers: block indices.
         corpus: text file path or `hf:` spec; default `../shared/data/wikitext-2-raw-test.txt`.
         n_tokens: stop after this many (non-BOS) tokens; the whole corpus if smaller.
-        seq_len: tokens per row.
+        seq_len: text tokens per row (capped at `n_ctx` minus the BOS).
         batch_size: rows per forward pass.
         early_stop: end each forward pass after the deepest layer (False runs the full
             model, kept for the speed benchmark).
@@ -137,9 +140,10 @@ def compute_stats(
         `({layer: C [d_mlp, d_mlp] float64}, tokens counted)`.
 
     Raises:
-        ValueError: a bad layer; `n_tokens` below `min_tokens` (before any forward pass),
-            or a corpus that ends before `min_tokens`; non-finite keys (e.g. an overflowing
-            half-precision model), naming the layer.
+        ValueError: a bad layer (`check_layers`); `n_tokens` not an int >= 1 or below
+            `min_tokens`, or `min_tokens` not an int >= 0 (before any forward pass); a
+            corpus path that is not a file, gives no tokens or ends before `min_tokens`;
+            non-finite keys (e.g. an overflowing half-precision model), naming the layer.
     """
     layers = sorted(set(check_layers(layers, "layers", model.cfg.n_layers)))
     check_positive_int(n_tokens, "n_tokens")
@@ -289,13 +293,14 @@ def layer_stats(
 ) -> Tensor | dict[int, Tensor]:
     """`C = E[k kᵀ]` at one layer (a Tensor) or several (a dict), from the cache or computed.
 
-    Layers missing from the cache are computed together in one pass over the corpus.
+    The `C` of ROME Eq. 2 and MEMIT Eq. 14. Layers missing from the cache are computed
+    together in one pass over the corpus.
 
     Args:
         model: a TransformerLens model with a tokenizer.
         layers: a block index or a list of them.
         corpus: text file or `hf:` spec (default: `../shared/data/wikitext-2-raw-test.txt`).
-        n_tokens: tokens to accumulate.
+        n_tokens: tokens to accumulate (BOS positions not counted).
         cache_dir: cache root (default `tracer.offline.cache_dir()`); `"none"` disables caching.
         dtype: dtype stored and returned.
         model_hash: weights hash of the model the statistics describe (default: computed).
@@ -307,7 +312,8 @@ def layer_stats(
         `[d_mlp, d_mlp]` on the model's device, or `{layer: C}` when `layers` is a list.
 
     Raises:
-        ValueError: see `compute_stats` (checked before the cache is read).
+        ValueError: see `compute_stats` (layers, `n_tokens`, `min_tokens` and the corpus
+            path are checked before the cache is read).
 
     Example:
         >>> C = layer_stats(model, 6, n_tokens=20_000, cache_dir="/tmp/romelens")
@@ -365,7 +371,17 @@ def layer_stats(
 def stats_path(model, layer: int, *, corpus: str | None = None, n_tokens: int = 100_000,
                cache_dir: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32,
                model_hash: str | None = None) -> Path:
-    """Where `layer_stats` caches layer `layer` (for inspection and tests)."""
+    """Where `layer_stats` caches layer `layer` (for inspection and tests).
+
+    Args:
+        model, layer, corpus, n_tokens, cache_dir, dtype, model_hash: as in `layer_stats`.
+
+    Returns:
+        The `.safetensors` path (which may not exist yet).
+
+    Raises:
+        ValueError: a corpus path that is not a file.
+    """
     _, cid, _ = _corpus_text(corpus or _default_corpus())
     root = default_cache_dir(cache_dir)
     return _path(root, model_name(model) + bos_cache_tag(model), model_hash or weights_hash(model), layer, cid, n_tokens, dtype)

@@ -47,6 +47,25 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run `python -m tracer`: trace one prompt (ROME section 2, Figure 1) or a fact set (Figure 2).
+
+    With `--facts` it traces the facts the model gets right, prints each kind's peak average
+    indirect effect per token group and, when "mlp" is traced, the chosen edit layer (also
+    cached for the editors); otherwise it traces `--prompt` / `--subject`.
+
+    Args:
+        argv: the arguments; None reads `sys.argv`.
+
+    Returns:
+        The exit status, 0.
+
+    Raises:
+        SystemExit: bad arguments (argparse exits with status 2), e.g. neither `--facts` nor
+            both `--prompt` and `--subject`, or `--severed` with `--kind all`.
+        ValueError: arguments the tracing functions refuse (an unknown subject, a bad
+            window, an unsupported `--out` suffix, ...).
+        RuntimeError: a static image `--out` without kaleido or a browser.
+    """
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.facts is None and (args.prompt is None or args.subject is None):

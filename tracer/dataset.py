@@ -90,6 +90,20 @@ class Fact:
 def load_facts(facts: str | os.PathLike | Iterable) -> list[Fact]:
     """Facts from a known_1000.json path, or from dicts/objects with prompt, subject, attribute.
 
+    A missing attribute falls back to the record's "prediction"; a missing known_id to the
+    record's index.
+
+    Args:
+        facts: a path to a known_1000.json file, or an iterable of `Fact`s, mappings or
+            objects with `prompt`, `subject` and optionally `attribute`, `known_id`.
+
+    Returns:
+        The facts, in order.
+
+    Raises:
+        ValueError: a path that is not a file, or a record without string `prompt` and
+            `subject`.
+
     Example:
         >>> load_facts([{"prompt": "The Eiffel Tower is in", "subject": "Eiffel Tower", "attribute": "Paris"}])
     """
@@ -118,6 +132,18 @@ def load_facts(facts: str | os.PathLike | Iterable) -> list[Fact]:
 def known_mask(model, facts: Sequence[Fact], *, batch_size: int = 32) -> list[bool]:
     """Whether the model's clean top-1 next token is the first token of each fact's attribute.
 
+    Args:
+        model: a TransformerLens model with a tokenizer.
+        facts: the facts; one with `attribute=None` counts as known.
+        batch_size: prompts per forward pass.
+
+    Returns:
+        One bool per fact.
+
+    Raises:
+        ValueError: a prompt or attribute that `encode` / `target_ids` refuse (empty, or
+            longer than the model's context `n_ctx`).
+
     Example:
         >>> sum(known_mask(model, load_facts("known_1000.json")))
     """
@@ -142,7 +168,15 @@ def known_mask(model, facts: Sequence[Fact], *, batch_size: int = 32) -> list[bo
 
 
 def group_tokens(subject: tuple[int, int], n_pos: int) -> dict[str, list[int]]:
-    """Token positions of each group for a prompt of `n_pos` tokens with subject span `subject`."""
+    """Token positions of each group for a prompt of `n_pos` tokens with subject span `subject`.
+
+    Args:
+        subject: `(start, end)` subject token span, end exclusive.
+        n_pos: the prompt's length in tokens.
+
+    Returns:
+        Each name of `GROUPS` mapped to its token positions (possibly empty).
+    """
     a, b = subject
     last = n_pos - 1
     return {
@@ -156,7 +190,10 @@ def group_tokens(subject: tuple[int, int], n_pos: int) -> dict[str, list[int]]:
 
 
 def group_effects(res: TraceResult) -> torch.Tensor:
-    """`[len(GROUPS), n_layers]` mean indirect effect per token group (NaN for an empty or untraced group)."""
+    """`[len(GROUPS), n_layers]` mean indirect effect (probabilities) per token group of `res`.
+
+    NaN for an empty or untraced group (ROME section 2, Figure 2's token groups).
+    """
     ie = res.indirect_effect().float()
     idx = group_tokens(res.subject, ie.shape[0])
     rows = [ie[idx[g]].mean(0) if idx[g] else torch.full((ie.shape[1],), float("nan")) for g in GROUPS]
@@ -164,7 +201,14 @@ def group_effects(res: TraceResult) -> torch.Tensor:
 
 
 def mean_ci(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Mean, 95% CI half-width and count over dim 0, ignoring NaNs."""
+    """Mean, 95% CI half-width (`1.96 * std / sqrt(n)`) and count over dim 0, ignoring NaNs.
+
+    Args:
+        x: `[n, ...]` values, NaN where missing.
+
+    Returns:
+        `(mean, ci, n)`, each `x.shape[1:]`; mean is NaN where `n == 0`, ci where `n < 2`.
+    """
     ok = ~torch.isnan(x)
     n = ok.sum(0)
     z = torch.where(ok, x, torch.zeros_like(x))
@@ -178,20 +222,25 @@ def mean_ci(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 @dataclass(frozen=True, kw_only=True)
 class DatasetTraceResult:
-    """Average indirect effects over facts, per kind, token group and layer.
+    """Average indirect effects over facts, per kind, token group and layer (ROME section 2, Figure 2).
 
     Attributes:
         model_name: the traced model.
         kinds: traced kinds.
-        effects: per kind, `[n_facts, len(GROUPS), n_layers]` per-fact group indirect effects.
+        effects: per kind, `[n_facts, len(GROUPS), n_layers]` per-fact group indirect
+            effects, in probability (NaN for an empty or untraced group).
         high: clean target probability per kept fact, `[n_facts]`.
-        low: per kind, corrupted probability per kept fact, `[n_facts]` (equal across kinds).
+        low: corrupted target probability per kept fact, `[n_facts]` (the same for every kind).
         known_ids: ids of the kept facts, in order.
         n_tried: facts checked; `n_facts + n_dropped`.
         n_dropped: facts the model got wrong (not traced).
         window: mlp/attn window.
         samples: noise samples.
-        noise_std: noise std in hook_embed units.
+        noise_std: noise standard deviation, in `hook_embed` units.
+
+    Raises:
+        ValueError: from `mean`, `ci`, `curve` and the plots, for a kind that was not
+            traced, an unknown group, or a result with no fact kept.
     """
 
     model_name: str
@@ -208,18 +257,38 @@ class DatasetTraceResult:
 
     @property
     def n_facts(self) -> int:
+        """Facts kept (the model got them right) and averaged."""
         return len(self.known_ids)
 
     def mean(self, kind: str) -> torch.Tensor:
-        """`[len(GROUPS), n_layers]` average indirect effect."""
+        """`[len(GROUPS), n_layers]` average indirect effect of `kind`, in probability.
+
+        Raises:
+            ValueError: `kind` was not traced, or no fact was kept.
+        """
         return mean_ci(self._effects(kind))[0]
 
     def ci(self, kind: str) -> torch.Tensor:
-        """`[len(GROUPS), n_layers]` 95% CI half-widths."""
+        """`[len(GROUPS), n_layers]` 95% CI half-widths of `mean(kind)`.
+
+        Raises:
+            ValueError: `kind` was not traced, or no fact was kept.
+        """
         return mean_ci(self._effects(kind))[1]
 
     def curve(self, kind: str, group: str = "last_subject") -> tuple[torch.Tensor, torch.Tensor]:
-        """`(mean, ci)` over layers for one kind and token group."""
+        """`(mean, ci)` over layers for one kind and token group, each `[n_layers]`.
+
+        Args:
+            kind: a traced kind ("resid", "mlp", "attn").
+            group: one of `GROUPS`.
+
+        Returns:
+            The average indirect effect and its 95% CI half-width per layer.
+
+        Raises:
+            ValueError: an unknown `group`, a `kind` that was not traced, or no fact kept.
+        """
         if group not in GROUPS:
             raise ValueError(f"group {group!r} is unknown; expected one of {GROUPS}")
         g = GROUPS.index(group)
@@ -253,7 +322,14 @@ class DatasetTraceResult:
         return out
 
     def plot_heatmaps(self):
-        """Average indirect effect per token group x layer, one heatmap per kind (paper, Fig. 2 top)."""
+        """Average indirect effect per token group x layer, one heatmap per kind (paper, Fig. 2 top).
+
+        Returns:
+            A plotly Figure with one `[len(GROUPS), n_layers]` heatmap per kind.
+
+        Raises:
+            ValueError: no fact was kept.
+        """
         import plotly.graph_objects as go  # noqa: PLC0415
         from plotly.subplots import make_subplots  # noqa: PLC0415
 
@@ -290,7 +366,17 @@ class DatasetTraceResult:
         return fig
 
     def plot_lines(self, groups: Sequence[str] = ("last_subject", "last")):
-        """Average indirect effect by layer with 95% CI bands, one panel per kind (paper, Fig. 2 bottom)."""
+        """Average indirect effect by layer with 95% CI bands, one panel per kind (paper, Fig. 2 bottom).
+
+        Args:
+            groups: the token groups drawn, one line each.
+
+        Returns:
+            A plotly Figure with one panel per kind.
+
+        Raises:
+            ValueError: a group not in `GROUPS`, or no fact was kept.
+        """
         import plotly.graph_objects as go  # noqa: PLC0415
         from plotly.subplots import make_subplots  # noqa: PLC0415
 
@@ -316,7 +402,11 @@ class DatasetTraceResult:
         """Write `summary.json`, `heatmaps.html` and `lines.html` into `folder`.
 
         The two figures share one `folder/plotly.min.js` (written once, see
-        `tracer.result.save_figure`), so they open offline.
+        `tracer.result.save_figure`), so they open offline. With no fact kept only
+        `summary.json` is written.
+
+        Returns:
+            `folder`.
         """
         folder = Path(folder)
         atomic_write_text(folder / "summary.json", json.dumps(self.summary(), indent=1))
@@ -390,7 +480,13 @@ def trace_dataset(
         progress: show a tqdm bar.
 
     Returns:
-        A `DatasetTraceResult`.
+        A `DatasetTraceResult`; its effects are `[n_facts, len(GROUPS), n_layers]` per kind.
+
+    Raises:
+        ValueError: `kinds` or `groups` empty or unknown, `n` not None or an integer >= 1,
+            bad `noise`, `window`, `samples` or `batch_size` (`resolve_noise`,
+            `prepare_runs`, `restore_scores`), facts `load_facts` refuses, or an `out` folder
+            holding a run with other settings.
 
     Example:
         >>> ds = trace_dataset(model, "known_1000.json", kinds=("mlp",), n=20)

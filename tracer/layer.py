@@ -45,8 +45,8 @@ class LayerChoice:
 
     Attributes:
         layer: block index whose MLP has the largest average indirect effect.
-        curve: average indirect effect per layer, `(n_layers,)` floats.
-        ci: 95% confidence half-widths per layer.
+        curve: average indirect effect per layer, `(n_layers,)` floats, in probability.
+        ci: 95% confidence half-widths per layer, `(n_layers,)`.
         n_facts: facts averaged.
         kind: traced sublayer ("mlp").
         group: token group ("last_subject").
@@ -66,7 +66,7 @@ class LayerChoice:
     margin: float = 0.0
 
     def plot(self):
-        """The curve with its CI band, chosen layer marked."""
+        """The curve with its CI band, chosen layer marked: a plotly Figure (paper, Fig. 2 bottom)."""
         import plotly.graph_objects as go  # noqa: PLC0415
 
         x = list(range(len(self.curve)))
@@ -86,7 +86,20 @@ class LayerChoice:
 
 
 def choose_from_result(result: DatasetTraceResult, *, kind: str = "mlp", group: str = "last_subject") -> LayerChoice:
-    """The layer with the largest average indirect effect of `kind` at `group` in `result`."""
+    """The layer with the largest average indirect effect of `kind` at `group` in `result`.
+
+    Args:
+        result: traces over facts (`trace_dataset`).
+        kind: the traced sublayer.
+        group: the token group, one of `tracer.dataset.GROUPS`.
+
+    Returns:
+        A `LayerChoice`; NaN layers rank last.
+
+    Raises:
+        ValueError: an unknown `group`, a `kind` that `result` did not trace, or no fact kept
+            (`DatasetTraceResult.curve`).
+    """
     mean, ci = result.curve(kind, group)
     order = torch.argsort(torch.nan_to_num(mean, nan=-float("inf")), descending=True)
     best = int(order[0])
@@ -117,6 +130,9 @@ def choose_edit_layer(
 ) -> LayerChoice:
     """Choose ROME's edit layer: the MLP with the largest average indirect effect at the last subject token.
 
+    ROME section 2.2 and Figure 2: the edit goes where MLP restoration at the last subject
+    token matters most.
+
     Args:
         model: the model (not needed when `facts` is a `DatasetTraceResult` holding "mlp").
         facts: a known_1000.json path, a list of facts, or a `DatasetTraceResult`.
@@ -131,6 +147,10 @@ def choose_edit_layer(
 
     Returns:
         A `LayerChoice` with the layer and the curve, CIs and fact count behind it.
+
+    Raises:
+        ValueError: neither a `DatasetTraceResult` nor both `model` and `facts`; a result
+            without "mlp" or with no fact kept; or arguments `trace_dataset` refuses.
 
     Example:
         >>> choose_edit_layer(model, "known_1000.json", n=50).layer
@@ -156,6 +176,14 @@ def edit_layer_path(model, *, model_hash: str | None = None, cache_dir: str | os
 
     `<cache root>/edit_layer/<model name>-<weights hash>.json`; `model_hash` defaults to
     `weights_hash(model)` (the editors pass the hash from before any edit they applied).
+
+    Args:
+        model: the model the choice is for.
+        model_hash: its weights hash; None computes it.
+        cache_dir: the cache root; None the default, "none" turns caching off.
+
+    Returns:
+        The JSON file's path, or None.
     """
     root = cache_root(cache_dir)
     if root is None:
@@ -165,7 +193,11 @@ def edit_layer_path(model, *, model_hash: str | None = None, cache_dir: str | os
 
 
 def save_layer_choice(model, choice, *, model_hash: str | None = None, cache_dir: str | os.PathLike | None = None) -> Path | None:
-    """Write `choice` (a `LayerChoice`) where `cached_layer_choice` finds it; atomic. Returns the path."""
+    """Write `choice` (a `LayerChoice`) where `cached_layer_choice` finds it; atomic.
+
+    Returns:
+        The path written, or None where caching is off (`cache_dir="none"`).
+    """
     path = edit_layer_path(model, model_hash=model_hash, cache_dir=cache_dir)
     if path is None:
         return None
@@ -187,6 +219,13 @@ def cached_layer_choice(model, *, model_hash: str | None = None, cache_dir: str 
 
     An unreadable or out-of-range file is ignored with a warning (and replaced by the next
     choice).
+
+    Args:
+        model: the model; its `cfg.n_layers` bounds the cached layer.
+        model_hash, cache_dir: as in `edit_layer_path`.
+
+    Returns:
+        The record with its `"path"` added, or None when there is none (or caching is off).
     """
     path = edit_layer_path(model, model_hash=model_hash, cache_dir=cache_dir)
     if path is None or not path.exists():
@@ -210,6 +249,15 @@ def estimate_minutes(model, n: int, *, samples: int = 10, n_tokens: int = 12) ->
     typical known_1000 prompt; the fastest of 3, after one to warm up, so that a busy
     moment does not inflate it) and counts about `n_layers + 2` such passes per fact: the
     clean and corrupted runs, and one restored run per layer at the last subject token.
+
+    Args:
+        model: the model.
+        n: facts to trace.
+        samples: noise samples (rows per forward pass).
+        n_tokens: prompt length assumed, in tokens (capped at `n_ctx`).
+
+    Returns:
+        The estimate, in minutes.
     """
     device = model_device(model)
     tokens = torch.zeros(samples, min(n_tokens, int(getattr(model.cfg, "n_ctx", n_tokens) or n_tokens)), dtype=torch.long, device=device)

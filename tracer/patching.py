@@ -55,6 +55,16 @@ def subject_noise(std: float, samples: int, subject_len: int, d_model: int, seed
     `std * randn(samples, subject_len, d_model)` from a CPU `torch.Generator` seeded with
     `seed`, so the same arguments give the same tensor on every device (paper, section 2.1:
     `h_i^(0) := h_i^(0) + eps` for each subject token `i`, `eps ~ N(0, nu)`).
+
+    Args:
+        std: the noise standard deviation, in `hook_embed` units (`resolve_noise`).
+        samples: noise draws.
+        subject_len: subject tokens.
+        d_model: the model width.
+        seed: seed of the CPU generator.
+
+    Returns:
+        The noise, `[samples, subject_len, d_model]`, float32 on the CPU.
     """
     gen = torch.Generator().manual_seed(int(seed))
     return std * torch.randn(samples, subject_len, d_model, generator=gen)
@@ -67,6 +77,10 @@ def noise_hook(span: tuple[int, int], delta: Float[Tensor, "samples subject d_mo
         span: `(start, end)` subject token span, end exclusive.
         delta: from `subject_noise`.
         n_pos: if given, the token length the activation must have.
+
+    Returns:
+        A hook `(x: [batch, pos, d_model], hook) -> [batch, pos, d_model]` that returns a
+        noised copy of `x`.
 
     Raises:
         ValueError (when the hook runs): the batch is not a multiple of `samples`, or the
@@ -130,8 +144,9 @@ def corruption_hooks(
         `[("hook_embed", hook)]`, for `model.hooks(fwd_hooks=...)` or `run_with_hooks`.
 
     Raises:
-        ValueError: a bad span, `samples` or `noise`; at run time, a batch that is not a
-            multiple of `samples` or a prompt of another length.
+        ValueError: `tokens` not a `[pos]` or `[batch, pos]` tensor, a bad span, `samples`
+            or `noise` (`resolve_noise`); at run time, a batch that is not a multiple of
+            `samples` or a prompt of another length.
 
     Example:
         >>> hooks = corruption_hooks(model, tokens, (2, 4), samples=3)

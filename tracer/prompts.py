@@ -65,9 +65,11 @@ class PromptTokens:
 
     @property
     def subject_tokens(self) -> list[str]:
+        """The subject's token strings, `ids[start:end]` decoded."""
         return list(self.tokens[self.subject[0] : self.subject[1]])
 
     def tensor(self, device: torch.device | str | None = None) -> Int[Tensor, "1 pos"]:
+        """`ids` as a `[1, pos]` long tensor on `device`."""
         return torch.tensor([self.ids], dtype=torch.long, device=device)
 
 
@@ -120,8 +122,16 @@ def encode(model, text: str) -> list[int]:
 
     Trailing spaces are dropped (`canonical_prompt`): the next token carries its own space.
 
+    Args:
+        model: a TransformerLens model with a tokenizer.
+        text: the prompt text.
+
+    Returns:
+        The token ids, `[pos]` as a list, BOS first when the model prepends one.
+
     Raises:
-        ValueError: `text` is empty, or longer than the model's context `n_ctx`.
+        ValueError: `text` is empty, longer than the model's context `n_ctx`, or the model
+            has no tokenizer.
     """
     if not isinstance(text, str) or not text.strip():
         raise ValueError(f"prompt {text!r} is empty; expected a non-empty string")
@@ -150,8 +160,9 @@ def locate_subject(model, prompt: str, subject: str) -> PromptTokens:
         A `PromptTokens` with ids, the subject span and token strings.
 
     Raises:
-        ValueError: an empty prompt or subject, a subject not in the prompt, or a prompt
-            longer than the model's context `n_ctx`.
+        ValueError: an empty prompt or subject, a subject not in the prompt (or covering
+            no token of it), a prompt longer than the model's context `n_ctx`, or a model
+            without a tokenizer.
 
     Example:
         >>> locate_subject(model, "{} is located in", "Eiffel Tower").subject
@@ -248,12 +259,12 @@ def target_ids(model, prompt: str, target: str | int | Sequence[int]) -> list[in
         target: target text, or token id(s).
 
     Returns:
-        A non-empty list of token ids.
+        A non-empty list of token ids, `[n_target_tokens]`.
 
     Raises:
         ValueError: an empty target, a token id that is not an int in `[0, d_vocab)`
-            (`token_ids`), or prompt and target together longer than the model's context
-            `n_ctx`.
+            (`token_ids`), prompt and target together longer than the model's context
+            `n_ctx`, or a model without a tokenizer.
 
     Example:
         >>> target_ids(model, "The capital of France is ", "Paris") == target_ids(model, "The capital of France is", "Paris")
@@ -284,11 +295,12 @@ class TargetProbs:
     """Probabilities of target continuations, one entry per (prompt, target) pair.
 
     Attributes:
-        first: probability of the target's first token, `[n]`.
+        first: probability of the target's first token, `[n]`, in [0, 1].
         seq: probability of the whole target sequence (product over its tokens), `[n]`.
-        mean_nll: mean negative log-likelihood per target token, `[n]`. `exp(-mean_nll)`
-            is the per-token probability that the ROME/MEMIT CounterFact metrics compare.
-        n_tokens: number of target tokens, `[n]`.
+        mean_nll: mean negative log-likelihood per target token, `[n]`, in nats.
+            `exp(-mean_nll)` is the per-token probability that the ROME/MEMIT CounterFact
+            metrics compare.
+        n_tokens: number of target tokens, `[n]`, tokens.
     """
 
     first: Float[Tensor, " n"]
@@ -313,12 +325,17 @@ def target_probs(
 
     Args:
         model: a TransformerLens model with a tokenizer.
-        prompts: filled prompts.
-        targets: one target per prompt (text or token ids).
-        batch_size: pairs per forward pass.
+        prompts: `[n]` filled prompts.
+        targets: `[n]`, one target per prompt (text or token ids).
+        batch_size: (prompt, target) pairs per forward pass.
 
     Returns:
-        A `TargetProbs`.
+        A `TargetProbs` of `[n]` CPU tensors (probabilities, and NLL in nats).
+
+    Raises:
+        ValueError: `prompts` and `targets` differ in length, `batch_size` < 1, or any
+            pair fails `encode` / `target_ids` (empty, out-of-vocabulary ids, longer than
+            `n_ctx`, no tokenizer).
 
     Example:
         >>> target_probs(model, ["The capital of France is"], ["Paris"]).first

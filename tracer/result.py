@@ -39,11 +39,11 @@ def display_token(tok: str) -> str:
 
 @dataclass(frozen=True, kw_only=True)
 class TraceResult:
-    """A causal trace of one prompt for one kind of state.
+    """A causal trace of one prompt for one kind of state (ROME section 2, Figure 1).
 
     Attributes:
-        scores: `[pos, layer]` target probability after restoring the state at (token, layer),
-            averaged over noise samples.
+        scores: `[pos, layer]` target probability (in [0, 1]) after restoring the state at
+            (token, layer), averaged over noise samples.
         low: target probability in the corrupted run (the score of restoring nothing).
         high: target probability in the clean run.
         prompt: the prompt text.
@@ -54,7 +54,8 @@ class TraceResult:
         kind: "resid", "mlp" or "attn".
         window: layers per restored window for "mlp"/"attn" (stored for "resid" too).
         samples: noise samples per condition.
-        noise_std: noise std in hook_embed units (None with a corrupted prompt).
+        noise_std: noise standard deviation, in the units of the embeddings the first block
+            receives (`hook_embed`); None with a corrupted prompt.
         severed: None, or the sublayer frozen at later layers ("mlp"/"attn").
         corrupted_prompt: the prompt used instead of noise, if any.
         model_name: the traced model.
@@ -77,12 +78,12 @@ class TraceResult:
     model_name: str = ""
 
     def indirect_effect(self) -> Float[Tensor, "pos layer"]:
-        """`scores - low`: how much restoring each state recovers the target probability."""
+        """`scores - low`, `[pos, layer]` probabilities: each state's indirect effect (ROME section 2)."""
         return self.scores - self.low
 
     @property
     def total_effect(self) -> float:
-        """`high - low`: how much the corruption costs the target."""
+        """`high - low`, a probability: the total effect, how much the corruption costs the target."""
         return self.high - self.low
 
     def labels(self) -> list[str]:
@@ -91,6 +92,7 @@ class TraceResult:
         return [display_token(t) + ("*" if a <= i < b else "") for i, t in enumerate(self.tokens)]
 
     def title(self) -> str:
+        """The plot title, as in the paper's Figure 1 (and Figure 3 for a severed trace)."""
         if self.severed:
             return f"Restoring state with {self.severed.upper()} severed"
         if self.kind == "resid":
@@ -98,6 +100,7 @@ class TraceResult:
         return f"Impact of restoring {KIND_NAMES[self.kind]} after corrupted input"
 
     def xlabel(self) -> str:
+        """The x-axis label: the restored layer, or the centre of the restored window."""
         if self.kind == "resid":
             return "single restored layer"
         return f"center of interval of {self.window} restored {KIND_NAMES[self.kind]} layers"
@@ -132,6 +135,12 @@ class TraceResult:
 
     def plot(self, *, title: str | None = None):
         """A plotly Figure like the paper's Figure 1: tokens down, layers across, low..high colours.
+
+        Args:
+            title: the figure title; None uses `title()`.
+
+        Returns:
+            A `plotly.graph_objects.Figure` with one `[pos, layer]` heatmap.
 
         Example:
             >>> save_figure(res.plot(), "trace.html")
@@ -181,6 +190,7 @@ class TraceResult:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TraceResult":
+        """The `TraceResult` that `to_dict` wrote (scores back to a float32 tensor)."""
         d = dict(d)
         d["scores"] = torch.tensor(d["scores"], dtype=torch.float32)
         d["tokens"] = tuple(d["tokens"])
@@ -194,8 +204,16 @@ class TraceResult:
         it opens offline; `.png`/`.svg`/`.pdf` need kaleido and a Chrome/Chromium browser.
         `~` is expanded and missing parent folders are created.
 
+        Args:
+            path: the file to write; `.json` saves `to_dict()`, any figure suffix the plot.
+
+        Returns:
+            The path written.
+
         Raises:
             ValueError: `path` is a folder or has a suffix other than `.json` and `FIGURE_SUFFIXES`.
+            RuntimeError: a static image was asked for and kaleido or a browser is missing
+                (`save_figure`).
 
         Example:
             >>> res.save("out/mlp.html"); res.save("out/mlp.json")
@@ -208,6 +226,16 @@ class TraceResult:
 
 def plot_traces(results: Sequence[TraceResult], *, title: str | None = None):
     """The traces side by side (e.g. resid, mlp, attn of one prompt), each with its colour bar.
+
+    Args:
+        results: the traces, one `[pos, layer]` heatmap each, left to right.
+        title: the figure title; None uses the first result's prompt.
+
+    Returns:
+        A plotly Figure with one subplot per result.
+
+    Raises:
+        ValueError: `results` is empty.
 
     Example:
         >>> save_figure(plot_traces([res_resid, res_mlp, res_attn]), "all.html")
