@@ -1,0 +1,222 @@
+"""Lifelong (sequential) editing: batches of edits that pile up, with checkpoints, resumable.
+
+The 2022 protocol edits one record (or one batch), scores it and restores the model. Here the
+edits accumulate: records `[0, K)` are edited, then `[K, 2K)` on the model that already
+holds the first batch, and so on, never restoring in between (Gupta et al. 2024; Fang et al.
+2025). What matters is whether early edits survive later ones, and whether the model is
+still a language model (perplexity), so at checkpoints the run records:
+
+- the evaluation's mean metrics (e.g. ES, PS, NS, teacher-forced) over the records edited
+  so far, or over a fixed seeded sample of at most `sample` of them;
+- perplexity on a fixed text budget (when a `perplexity` function is given);
+- `‖ΔW_out‖_F` accumulated per edited layer, and `‖W_out‖_F` of that layer;
+- seconds of editing so far.
+
+A run folder holds `edits/batch_NNNNN.safetensors` (+ `.json`; each batch's `editor.Edit`,
+computed on the model that held every earlier batch, rank-one factors kept factored),
+`checkpoints.jsonl` (one line per checkpoint, keyed by `n_edits`) and `records.jsonl` (the
+final evaluation of every edited record, keyed by `case_id`). Rerun with the same folder,
+a killed run re-applies the saved batches in order (each `Edit` checks that it lands on the
+weights it was computed for), skips finished checkpoints and records, and goes on: nothing
+computed is computed again, and the weights are bit-identical to an uninterrupted run's.
+At the end, or on any error, every batch is restored last-in first-out and
+`model_restored` says whether the weights are bit-identical to the start.
+
+Example:
+    >>> from benchmarks.sequential import run_sequential
+    >>> from editor import METHODS
+    >>> out = run_sequential(model=model, method=METHODS["rome"], records=records[:50], batch=1,
+    ...                      out_dir="results/seq-rome", evaluate=evaluate_no_generation)
+    >>> out["checkpoints"][-1]["es"], out["model_restored"]
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from editor.edit import Edit
+from tracer.model import w_out, weights_hash
+from tracer.resume import append_jsonl, read_jsonl
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints.jsonl"
+RECORDS = "records.jsonl"
+EDITS = "edits"
+
+
+def batch_path(out_dir: str | os.PathLike, i: int) -> Path:
+    """Where batch `i`'s `Edit` is saved: `out_dir/edits/batch_{i:05d}.safetensors`."""
+    return Path(out_dir) / EDITS / f"batch_{i:05d}.safetensors"
+
+
+def mean_metrics(rows: Sequence[dict]) -> dict[str, float]:
+    """The mean of every top-level number (bools excluded) the rows share, e.g. `es`, `ps`, `ns`."""
+    keys = [k for k, v in rows[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)] if rows else []
+    out = {}
+    for k in keys:
+        vals = [r[k] for r in rows if isinstance(r.get(k), (int, float)) and math.isfinite(r[k])]
+        if len(vals) == len(rows):
+            out[k] = sum(vals) / len(vals)
+    return out
+
+
+def check_sequential_args(method, records: Sequence[Any], batch: int, checkpoint_every: int | None, sample: int) -> None:
+    """Refuse a sequential run's bad arguments before any weight changes.
+
+    Raises:
+        ValueError: a method without `compute` (e.g. `none`: nothing accumulates), `batch` or
+            `checkpoint_every` or `sample` not an integer >= 1, no records, or repeated
+            `case_id`s.
+    """
+    if not callable(getattr(method, "compute", None)):
+        raise ValueError(f"method {getattr(method, 'name', method)!r} cannot edit sequentially: it has no compute() (the 'none' method edits nothing)")
+    for name, v in (("batch", batch), ("sample", sample)) + ((("checkpoint_every", checkpoint_every),) if checkpoint_every is not None else ()):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} {v!r} must be an integer >= 1")
+    if not records:
+        raise ValueError("records is empty; a sequential run needs at least one record")
+    ids = [r.case_id for r in records]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"records repeat case_ids {sorted({i for i in ids if ids.count(i) > 1})[:5]}")
+
+
+def run_sequential(
+    *,
+    model,
+    method,
+    records: Sequence[Any],
+    out_dir: str | os.PathLike,
+    evaluate: Callable[[Any, Any], dict],
+    batch: int = 1,
+    checkpoint_every: int | None = None,
+    hparams=None,
+    perplexity: Callable[[Any], float] | None = None,
+    final_evaluate: Callable[[Any, Any], dict] | None = None,
+    sample: int = 200,
+    seed: int = 0,
+    edit_kwargs: dict | None = None,
+    max_minutes: float | None = None,
+    desc: str = "batches",
+) -> dict:
+    """Edit `records` batch after batch without restoring, with checkpoints; resumable.
+
+    Args:
+        model: the model; restored bit-exactly when this returns or raises.
+        method: an `editor.METHODS` entry (`compute(model, requests, hparams, **kw) -> Edit`).
+        records: records with `.case_id` and `.request()`, edited in this order.
+        out_dir: the run folder (see the module docstring); resumed when it exists.
+        evaluate: `evaluate(model, record) -> dict` used at checkpoints (teacher-forced metrics,
+            no generation: it runs on up to `sample` records per checkpoint).
+        batch: edits per batch, K (1: one at a time, ROME's only mode).
+        checkpoint_every: edits between checkpoints, rounded up to whole batches (None: every
+            batch). The last batch always ends with a checkpoint.
+        hparams: the method's hyperparameters (None: its preset for the model).
+        perplexity: `perplexity(model) -> float` at each checkpoint (None: not measured).
+        final_evaluate: `final_evaluate(model, record) -> dict` for every edited record after
+            the last batch (all metrics, e.g. with generation); None uses `evaluate`.
+        sample: most records scored per checkpoint; a larger edited set is sampled with
+            `random.Random(seed + n_edits)`, so a resumed run scores the same sample.
+        seed: see `sample`.
+        edit_kwargs: extra keyword arguments for `method.compute` (e.g. `cache_dir`, `stats`).
+        max_minutes: stop starting new batches after this many minutes (a later run resumes).
+        desc: the progress bar's label.
+
+    Returns:
+        `{"checkpoints": [...], "records": [...], "model_restored": bool, "complete": bool,
+        "batches": int}`; `records` is empty until every batch is done.
+
+    Raises:
+        ValueError: see `check_sequential_args`; a saved batch that does not fit the records
+            (another run's folder) or the weights it lands on (`Edit.apply`).
+    """
+    check_sequential_args(method, records, batch, checkpoint_every, sample)
+    out_dir = Path(out_dir)
+    (out_dir / EDITS).mkdir(parents=True, exist_ok=True)
+    every = max(1, math.ceil((checkpoint_every or batch) / batch))  # in batches
+    chunks = [list(records[i : i + batch]) for i in range(0, len(records), batch)]
+    start_hash = weights_hash(model)
+    done_ckpt = read_jsonl(out_dir / CHECKPOINTS, key="n_edits", repair=True)
+    applied, originals = [], {}
+    started = time.monotonic()
+    prior_seconds = max((c.get("seconds", 0.0) for c in done_ckpt.values()), default=0.0)
+    complete = False
+    try:
+        bar = tqdm(total=len(chunks), desc=desc, unit="batch")
+        for i, chunk in enumerate(chunks):
+            path = batch_path(out_dir, i)
+            if path.exists():
+                edit = Edit.load(path)
+                want = [r.request().subject for r in chunk]
+                if [q.subject for q in edit.requests] != want:
+                    raise ValueError(f"{path} edits {[q.subject for q in edit.requests]}, not records {want}: another run's folder?")
+            else:
+                if max_minutes is not None and (time.monotonic() - started) / 60 > max_minutes:
+                    log.info("max_minutes %s reached after %d of %d batches; rerun to resume", max_minutes, i, len(chunks))
+                    break
+                edit = method.compute(model, [r.request() for r in chunk], hparams, **(edit_kwargs or {}))
+                edit.save(path)
+            for layer in edit.layers:  # the unedited W_out, for the accumulated change
+                originals.setdefault(layer, w_out(model, layer).detach().clone())
+            applied.append(edit.apply(model))
+            bar.update(1)
+            n_edits = min(len(records), (i + 1) * batch)
+            if ((i + 1) % every == 0 or i == len(chunks) - 1) and n_edits not in done_ckpt:
+                row = _checkpoint(model, records[:n_edits], evaluate, perplexity, originals, sample, seed)
+                row["seconds"] = prior_seconds + time.monotonic() - started
+                append_jsonl(out_dir / CHECKPOINTS, row)
+                done_ckpt[n_edits] = row
+                log.info("checkpoint after %d edits: %s", n_edits, {k: round(v, 4) for k, v in row["metrics"].items()})
+        else:
+            complete = True
+        bar.close()
+        rows = _final_rows(model, records, out_dir, final_evaluate or evaluate) if complete else []
+    finally:
+        for a in reversed(applied):
+            a.restore()
+        restored = weights_hash(model) == start_hash
+        if not restored:
+            log.error("the model's weights differ from the start after restoring %d batches", len(applied))
+    return {
+        "checkpoints": sorted(done_ckpt.values(), key=lambda c: c["n_edits"]),
+        "records": rows,
+        "model_restored": restored,
+        "complete": complete,
+        "batches": len(chunks),
+    }
+
+
+@torch.no_grad()
+def _checkpoint(model, edited: Sequence[Any], evaluate, perplexity, originals: dict, sample: int, seed: int) -> dict:
+    """One checkpoint line: metrics on (a sample of) the edited records, perplexity, norms."""
+    n = len(edited)
+    scored = list(edited) if n <= sample else random.Random(seed + n).sample(list(edited), sample)
+    metrics = mean_metrics([evaluate(model, r) for r in scored])
+    norms = {
+        str(layer): {"delta_fro": float((w_out(model, layer) - w0).norm()), "w_out_fro": float(w0.norm())}
+        for layer, w0 in sorted(originals.items())
+    }
+    row = {"n_edits": n, "n_scored": len(scored), "metrics": metrics, "norms": norms}
+    if perplexity is not None:
+        row["perplexity"] = float(perplexity(model))
+    return row
+
+
+def _final_rows(model, records: Sequence[Any], out_dir: Path, evaluate) -> list[dict]:
+    """Every edited record evaluated on the final model, resumed by `case_id`."""
+    done = read_jsonl(out_dir / RECORDS, key="case_id", repair=True)
+    for r in tqdm(records, desc="final evaluation", unit="rec"):
+        if r.case_id not in done:
+            row = {"case_id": r.case_id, **evaluate(model, r)}
+            append_jsonl(out_dir / RECORDS, row)
+            done[r.case_id] = row
+    return [done[r.case_id] for r in records]

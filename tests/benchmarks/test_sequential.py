@@ -1,0 +1,114 @@
+"""Sequential (lifelong) editing on the tiny model: edits accumulate, checkpoints, exact resume, exact restore."""
+
+import json
+
+import pytest
+import torch
+
+from benchmarks.counterfact import evaluate_counterfact
+from benchmarks.data import load_counterfact
+from benchmarks.runner import get_method
+from benchmarks.sequential import CHECKPOINTS, batch_path, run_sequential
+from editor import METHODS, Edit
+from tests.conftest import FIXTURES
+from tests.editor.test_edit import ROME_HP
+from tracer import weights_hash
+from tracer.model import w_out
+
+
+@pytest.fixture
+def records():
+    return load_counterfact(FIXTURES / "counterfact_tiny.json")
+
+
+def evaluate(model, record):
+    return evaluate_counterfact(model, record, gen_tokens=0)
+
+
+def kw(model, tmp_path):
+    return {"stats": torch.eye(model.cfg.d_mlp), "cache_dir": tmp_path / "cache"}
+
+
+class Killed(RuntimeError):
+    pass
+
+
+class KillAfter:
+    """ROME that dies (as a killed process would) when asked for its `n`-th edit."""
+
+    def __init__(self, n):
+        self.n, self.calls = n, 0
+
+    def compute(self, *a, **k):
+        self.calls += 1
+        if self.calls == self.n:
+            raise Killed("killed")
+        return METHODS["rome"].compute(*a, **k)
+
+
+def test_edits_accumulate_and_the_model_is_restored(tiny_model, records, tmp_path):
+    before = weights_hash(tiny_model)
+    out = run_sequential(model=tiny_model, method=METHODS["rome"], records=records, out_dir=tmp_path / "run",
+                         evaluate=evaluate, batch=1, hparams=ROME_HP, edit_kwargs=kw(tiny_model, tmp_path),
+                         perplexity=lambda m: float(w_out(m, 1).norm()))
+    assert out["model_restored"] and out["complete"] and weights_hash(tiny_model) == before
+    assert [c["n_edits"] for c in out["checkpoints"]] == [1, 2, 3]
+    # the second batch was computed on the model holding the first: its Edit names those weights
+    e0, e1 = Edit.load(batch_path(tmp_path / "run", 0)), Edit.load(batch_path(tmp_path / "run", 1))
+    assert e0.model_hash == before and e1.model_hash != before
+    # the accumulated change grows batch by batch, and the stand-in perplexity follows the weights
+    norms = [c["norms"]["1"]["delta_fro"] for c in out["checkpoints"]]
+    assert 0 < norms[0] < norms[2] and len({c["perplexity"] for c in out["checkpoints"]}) == 3
+    assert out["checkpoints"][-1]["metrics"]["es"] == pytest.approx(sum(r["es"] for r in out["records"]) / 3)
+    assert [r["case_id"] for r in out["records"]] == [r.case_id for r in records]
+
+
+def test_a_killed_run_resumes_to_the_same_edits_and_checkpoints(tiny_model, records, tmp_path):
+    common = dict(records=records, evaluate=evaluate, batch=1, hparams=ROME_HP, edit_kwargs=kw(tiny_model, tmp_path))
+    before = weights_hash(tiny_model)
+    full = run_sequential(model=tiny_model, method=METHODS["rome"], out_dir=tmp_path / "full", **common)
+    with pytest.raises(Killed):
+        run_sequential(model=tiny_model, method=KillAfter(3), out_dir=tmp_path / "r", **common)
+    assert weights_hash(tiny_model) == before  # restored on the error too
+    assert [json.loads(l)["n_edits"] for l in (tmp_path / "r" / CHECKPOINTS).read_text().splitlines()] == [1, 2]
+    again = KillAfter(99)
+    resumed = run_sequential(model=tiny_model, method=again, out_dir=tmp_path / "r", **common)
+    assert again.calls == 1  # only the missing batch was computed
+    assert resumed["model_restored"] and weights_hash(tiny_model) == before
+    for i in range(3):  # the same deltas, bit for bit, so the same final weights
+        a, b = Edit.load(batch_path(tmp_path / "full", i)), Edit.load(batch_path(tmp_path / "r", i))
+        assert a.model_hash == b.model_hash
+        assert all(torch.equal(a.deltas[l].u, b.deltas[l].u) and torch.equal(a.deltas[l].v, b.deltas[l].v) for l in a.deltas)
+    strip = lambda cs: [{k: v for k, v in c.items() if k != "seconds"} for c in cs]  # noqa: E731
+    assert strip(resumed["checkpoints"]) == strip(full["checkpoints"])
+    assert resumed["records"] == full["records"]
+
+
+def test_checkpoint_every_and_a_seeded_sample(tiny_model, records, tmp_path):
+    out = run_sequential(model=tiny_model, method=METHODS["rome"], records=records, out_dir=tmp_path / "run",
+                         evaluate=evaluate, batch=1, checkpoint_every=2, sample=2, hparams=ROME_HP,
+                         edit_kwargs=kw(tiny_model, tmp_path))
+    assert [(c["n_edits"], c["n_scored"]) for c in out["checkpoints"]] == [(2, 2), (3, 2)]  # and the last batch
+
+
+def test_a_folder_of_other_records_is_refused(tiny_model, records, tmp_path):
+    common = dict(evaluate=evaluate, batch=1, hparams=ROME_HP, edit_kwargs=kw(tiny_model, tmp_path), out_dir=tmp_path / "r")
+    run_sequential(model=tiny_model, method=METHODS["rome"], records=records[:1], **common)
+    with pytest.raises(ValueError, match="another run's folder"):
+        run_sequential(model=tiny_model, method=METHODS["rome"], records=records[1:], **common)
+
+
+def test_bad_arguments_change_nothing(tiny_model, records, tmp_path):
+    before = weights_hash(tiny_model)
+    go = lambda **k: run_sequential(model=tiny_model, records=records, out_dir=tmp_path / "x", evaluate=evaluate, **k)  # noqa: E731
+    with pytest.raises(ValueError, match="'none' method edits nothing"):
+        go(method=get_method("none"))
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="batch"):
+            go(method=METHODS["rome"], batch=bad)
+    with pytest.raises(ValueError, match="checkpoint_every 0"):
+        go(method=METHODS["rome"], checkpoint_every=0)
+    with pytest.raises(ValueError, match="repeat case_ids"):
+        run_sequential(model=tiny_model, records=records + records[:1], out_dir=tmp_path / "y", evaluate=evaluate,
+                       method=METHODS["rome"])
+    assert weights_hash(tiny_model) == before
