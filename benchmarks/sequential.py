@@ -91,22 +91,10 @@ def check_sequential_args(method, records: Sequence[Any], batch: int, checkpoint
 
 
 def run_sequential(
-    *,
-    model,
-    method,
-    records: Sequence[Any],
-    out_dir: str | os.PathLike,
-    evaluate: Callable[[Any, Any], dict],
-    batch: int = 1,
-    checkpoint_every: int | None = None,
-    hparams=None,
-    perplexity: Callable[[Any], float] | None = None,
-    final_evaluate: Callable[[Any, Any], dict] | None = None,
-    sample: int = 200,
-    seed: int = 0,
-    edit_kwargs: dict | None = None,
-    max_minutes: float | None = None,
-    desc: str = "batches",
+    *, model, method, records: Sequence[Any], out_dir: str | os.PathLike, evaluate: Callable[[Any, Any], dict],
+    batch: int = 1, checkpoint_every: int | None = None, hparams=None, perplexity: Callable[[Any], float] | None = None,
+    final_evaluate: Callable[[Any, Any], dict] | None = None, sample: int = 200, seed: int = 0,
+    edit_kwargs: dict | None = None, max_minutes: float | None = None, desc: str = "batches",
 ) -> dict:
     """Edit `records` batch after batch without restoring, with checkpoints; resumable.
 

@@ -28,6 +28,7 @@ Example:
 from __future__ import annotations
 
 import logging
+import sys
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
@@ -74,12 +75,13 @@ def templates_for(model, lengths, *, cache_dir, model_hash) -> list[str]:
 
 
 def start_compute(
-    model, method: str, requests, hparams, *, preset: Callable, kind: type, stats=None, device=None
+    model, method: str, requests, hparams, *, preset: Callable, kind: type, stats=None, device=None, cache_dir=None
 ) -> tuple[list[EditRequest], object]:
     """The start of every method's `compute`: `(requests, hp)`, checked before anything runs.
 
-    `requests` normalised by `as_requests`; `hp` is `hparams`, or `preset(model)` when it is
-    None, and must be a `kind`; then `editor.checks.check_edit(model, method, ...)`.
+    `requests` normalised by `as_requests`; `hp` is `hparams`, or `preset(model,
+    cache_dir=cache_dir)` when it is None (a model without a preset keeps its layer choice
+    under `cache_dir`), and must be a `kind`; then `editor.checks.check_edit(model, method, ...)`.
 
     Raises:
         ValueError: `hp` is not a `kind`, or a check of `check_edit` fails.
@@ -88,7 +90,7 @@ def start_compute(
         >>> requests, hp = start_compute(model, "memit", requests, None, preset=memit_hparams, kind=MEMITHParams)
     """
     requests = as_requests(requests)
-    hp = hparams or preset(model)
+    hp = hparams or preset(model, cache_dir=cache_dir)
     if not isinstance(hp, kind):
         raise ValueError(f"hparams {hp!r} has type {type(hp).__name__}; expected {kind.__name__}")
     check_edit(model, method, requests, hp, stats=stats, device=device)
@@ -172,8 +174,12 @@ def conveniences(compute: Callable, method: str) -> tuple[Callable, Callable]:
         >>> edit_many, edit = conveniences(compute, "memit")     # at the end of editor/memit.py
     """
 
+    home, name = sys.modules[compute.__module__], compute.__name__
+
     def edit_many(model, requests, hparams=None, **kw) -> "AppliedEdit":
-        return apply_and_probe(compute(model, requests, hparams, **kw), model)
+        # looked up when called, so that `edit_many` runs whatever `<method>.compute` is now
+        # (a wrapped or patched compute included), as a function written in the module would
+        return apply_and_probe(getattr(home, name)(model, requests, hparams, **kw), model)
 
     def edit(model, request, hparams=None, **kw) -> "AppliedEdit":
         return edit_many(model, one_request(request), hparams, **kw)

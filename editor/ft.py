@@ -107,8 +107,8 @@ def compute(
         model: a TransformerLens model.
         requests: `EditRequest`s.
         hparams: `FTHParams`; default the preset for the model.
-        stats, corpus, cache_dir: accepted and unused (FT-L needs no key statistics or
-            context templates).
+        stats, corpus: accepted and unused (FT-L needs no key statistics);
+        cache_dir: where a model without a preset keeps its chosen edit layer.
         device: where to compute; default (and only) the model's device.
 
     Returns:
@@ -121,8 +121,9 @@ def compute(
     Example:
         >>> e = ft.compute(model, requests, FTHParams(layer=4)); e.deltas[4].dense.abs().max()
     """
-    del stats, corpus, cache_dir  # the shared keyword set; FT-L uses none of them
-    requests, hp = start_compute(model, "ft-l", requests, hparams, preset=ft_hparams, kind=FTHParams, device=device)
+    del stats, corpus  # the shared keyword set; FT-L needs no key statistics
+    requests, hp = start_compute(model, "ft-l", requests, hparams, preset=ft_hparams, kind=FTHParams, device=device,
+                                 cache_dir=cache_dir)
     now_hash = weights_hash(model)
     grads = layer_grad_norms(model, requests)
     batch = _batch(model, requests)

@@ -229,7 +229,7 @@ def compute(
         >>> e.save("memit100.safetensors")
     """
     requests, hp = start_compute(model, "memit", requests, hparams, preset=memit_hparams, kind=MEMITHParams,
-                                 stats=stats, device=device)
+                                 stats=stats, device=device, cache_dir=cache_dir)
     bh, now_hash = edit_hashes(model)
     if stats is None:
         stats = layer_stats(model, list(hp.layers), corpus=corpus, n_tokens=hp.mom2_n_tokens, cache_dir=cache_dir, model_hash=bh)

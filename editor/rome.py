@@ -43,15 +43,15 @@ from typing import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from editor.checks import check_edit, check_stats
-from editor.common import apply_and_probe, base_hash, one_request, probe, restoring_weights, templates_for
+from editor.checks import check_stats
+from editor.common import conveniences, edit_hashes, probe, restoring_weights, start_compute, templates_for
 from editor.edit import Edit
 from editor.hparams import ROME_KEYS, ROMEHParams, one_of, rome_hparams
-from editor.optimize import block_values, optimize_values, subject_keys
-from editor.requests import EditRequest, as_requests
-from editor.result import AppliedEdit, LayerDelta, edit_stack
+from editor.optimize import block_values, optimize_with, subject_keys
+from editor.requests import EditRequest
+from editor.result import LayerDelta
 from editor.stats import layer_stats
-from tracer.model import model_device, model_name, w_out, weights_hash
+from tracer.model import model_device, model_name, w_out
 
 log = logging.getLogger(__name__)
 
@@ -151,22 +151,7 @@ def compute_factors(
         U = k_star.clone()
     U = U / U.norm(dim=-1, keepdim=True)
     ref = block_values(model, requests, layer, "raw")  # original value at the bare prompt, [n, d_model]
-    delta, curve = optimize_values(
-        model,
-        requests,
-        layer=layer,
-        templates=templates,
-        kl_prompts=hp.kl_prompts,
-        ref_norm=ref.norm(dim=-1),
-        steps=hp.v_num_grad_steps,
-        lr=hp.v_lr,
-        weight_decay=hp.v_weight_decay,
-        clamp_norm_factor=hp.clamp_norm_factor,
-        kl_factor=hp.kl_factor,
-        early_stop_nll=hp.early_stop_nll,
-        kl_position=hp.kl_position,
-        early_stop_on=hp.early_stop_on,
-    )
+    delta, curve = optimize_with(model, requests, hp, layer=layer, templates=templates, ref_norm=ref.norm(dim=-1))
     w = w_out(model, layer).detach()
     out = []
     for i in range(len(requests)):
@@ -262,13 +247,9 @@ def compute(
         ...                                     subject="The Eiffel Tower", target_new="Rome"))
         >>> e.deltas[e.layers[0]].u.shape              # [d_mlp, 1]
     """
-    requests = as_requests(requests)
-    hp = hparams or rome_hparams(model, cache_dir=cache_dir)
-    if not isinstance(hp, ROMEHParams):
-        raise ValueError(f"hparams {hp!r} is not a ROMEHParams")
-    check_edit(model, "rome", requests, hp, stats=stats, device=device)
-    bh = base_hash(model)
-    now_hash = weights_hash(model) if edit_stack(model) else bh
+    requests, hp = start_compute(model, "rome", requests, hparams, preset=rome_hparams, kind=ROMEHParams,
+                                 stats=stats, device=device, cache_dir=cache_dir)
+    bh, now_hash = edit_hashes(model)
     if stats is None:
         C = layer_stats(model, hp.layer, corpus=corpus, n_tokens=hp.mom2_n_tokens, cache_dir=cache_dir, model_hash=bh)
         if hp.mom2_adjustment:
@@ -306,36 +287,4 @@ def compute(
     )
 
 
-def edit_many(model, requests, hparams: ROMEHParams | None = None, **kw) -> AppliedEdit:
-    """`compute(...)`, then apply it; `diagnostics["after"]` holds the probabilities after.
-
-    Takes `compute`'s arguments and raises what it raises.
-
-    Returns:
-        The applied `AppliedEdit`; `restore()` (or leaving a `with` block) undoes it exactly.
-
-    Raises:
-        ValueError: as `compute` (nothing was applied).
-
-    Example:
-        >>> with rome.edit_many(model, requests) as e:
-        ...     print(e.diagnostics["after"]["new_first"])
-    """
-    return apply_and_probe(compute(model, requests, hparams, **kw), model)
-
-
-def edit(model, request, hparams: ROMEHParams | None = None, **kw) -> AppliedEdit:
-    """Apply one ROME edit: `edit_many` with one request.
-
-    Returns:
-        The applied `AppliedEdit`.
-
-    Raises:
-        ValueError: more than one request (use `edit_many`), or as `compute`.
-
-    Example:
-        >>> e = rome.edit(model, EditRequest(prompt="{} is located in the city of",
-        ...                                  subject="Eiffel Tower", target_new="Rome"))
-        >>> e.restore()
-    """
-    return edit_many(model, one_request(request), hparams, **kw)
+edit_many, edit = conveniences(compute, "rome")

@@ -299,7 +299,7 @@ def test_edit_conveniences_check_one_request_and_the_registry_is_one_entry_per_m
         ft.edit(None, TWO, FT_HP)
 
 
-@pytest.mark.parametrize("name", ["memit", "ft-l"])  # rome too once it starts with editor.common.start_compute
+@pytest.mark.parametrize("name", ["rome", "memit", "ft-l"])
 def test_every_compute_refuses_another_methods_hparams_before_anything_runs(tiny_model, tmp_path, name):
     other = HPS["ft-l" if name != "ft-l" else "rome"]
     w0 = outs(tiny_model)
