@@ -95,8 +95,14 @@ def main(argv=None) -> None:
     parser.add_argument("--common", action="store_true", help="recompute over the records every run finished")
     parser.add_argument("--plotly-js", default=None, metavar="PATH",
                         help="with --html: load this shared plotly.min.js (written if missing) instead of one beside it")
+    parser.add_argument("--collapse", default=None, metavar="HTML",
+                        help="sequential runs: also write their collapse curves, overlaid, here")
     args = parser.parse_args(argv)
     print(compare(args.runs, html=args.html, common=args.common, plotly_js=args.plotly_js), end="")
+    if args.collapse:
+        from benchmarks.sequential import collapse_figure  # noqa: PLC0415
+
+        save_figure(collapse_figure(args.runs), args.collapse, plotly_js=args.plotly_js)
 
 
 if __name__ == "__main__":

@@ -222,7 +222,8 @@ def _run(args, argv, *, parser_module, load) -> dict:
     gen_tokens = 0 if args.no_generation else args.gen_tokens
     reference = build_reference(args) if gen_tokens > 0 else None
     run = runner.execute(args, records=records, desc=f"counterfact {args.method}",
-                         evaluate=CounterFactEval(gen_tokens=gen_tokens, reference=reference))
+                         evaluate=CounterFactEval(gen_tokens=gen_tokens, reference=reference),
+                         checkpoint_evaluate=CounterFactEval(gen_tokens=0))  # checkpoints: teacher-forced only
     rows, restored, ppl_before = run["rows"], run["restored"], run["ppl_before"]
     rs_column = reference.column if reference else "RS"
     notes = [
@@ -244,6 +245,7 @@ def _run(args, argv, *, parser_module, load) -> dict:
         "transformer_lens_api": TL_API,
         "model_restored": restored,
         "command": runner.command_line(parser_module, argv),
+        **run.get("meta", {}),
     }
     summary = runner.write_summary(
         out_dir=args.out,

@@ -287,26 +287,42 @@ def run_records(
     return [done[r.case_id] for r in records if r.case_id in done]
 
 
-def execute(args, *, records: Sequence[Any], evaluate: Callable[[Any, Any], dict], desc: str) -> dict:
+def execute(
+    args, *, records: Sequence[Any], evaluate: Callable[[Any, Any], dict], desc: str,
+    checkpoint_evaluate: Callable[[Any, Any], dict] | None = None,
+) -> dict:
     """The shared body of `python -m benchmarks.counterfact` and `benchmarks.zsre`.
 
     Sets the torch threads, loads the model, measures the unedited perplexity (once per run
     directory), resolves the method's hparams once (the preset with `--hparam` overrides)
     and passes them to every edit, runs the records and checks that every block's `W_out`
-    is back as it was.
+    is back as it was. With `--sequential`, the edits accumulate batch after batch
+    (`benchmarks.sequential.run_sequential`): `checkpoint_evaluate` (default `evaluate`)
+    scores the edited records at each checkpoint, `evaluate` every record at the end.
 
     Returns:
-        `{"rows", "hparams", "restored", "ppl_before", "hparams_record"}`.
+        `{"rows", "hparams", "restored", "ppl_before", "hparams_record"}`, plus
+        `"checkpoints"`, `"complete"` and `"meta"` (for the summary) for a sequential run,
+        which also writes `collapse.html` (`benchmarks.sequential.collapse_figure`).
+
+    Raises:
+        ValueError: `--sequential` with the `none` method or a bad `--batch`,
+            `--checkpoint-every` or `--checkpoint-sample` (before the model is loaded).
     """
     import torch  # noqa: PLC0415
 
     from benchmarks.perplexity import wikitext_perplexity  # noqa: PLC0415
+    from benchmarks.sequential import check_sequential_args, collapse_figure, run_sequential  # noqa: PLC0415
     from tracer import load_model, weights_hash  # noqa: PLC0415
     from tracer.model import load_any  # noqa: PLC0415
 
+    method = get_method(args.method)
+    sequential = getattr(args, "sequential", False)
+    if sequential:
+        check_sequential_args(method, records, 1 if args.batch is None else args.batch, args.checkpoint_every,
+                              args.checkpoint_sample)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    method = get_method(args.method)
     loader = getattr(args, "model_loader", None)
     # --model NAME or FOLDER (load_model), or --model-loader (load_any; without a loader the two are the same)
     model = load_any(args.model, loader=loader, device=args.device) if loader else load_model(args.model, device=args.device)
@@ -318,25 +334,40 @@ def execute(args, *, records: Sequence[Any], evaluate: Callable[[Any, Any], dict
         hparams = method.hparams_for(model)
     mlp_layers = range(model.cfg.n_layers)  # every edit method changes W_out only
     before = weights_hash(model, layers=mlp_layers)
-    rows = run_records(
-        model=model,
-        method=method,
-        records=records,
-        out_dir=args.out,
-        evaluate=evaluate,
-        batch=args.batch,
-        hparams=hparams,
-        perplexity=ppl,
-        ppl_every=args.ppl_every,
-        max_minutes=args.max_minutes,
-        edit_kwargs=edit_kwargs(args),
-        desc=desc,
-    )
+    extra = {}
+    if sequential:
+        seq = run_sequential(
+            model=model, method=method, records=records, out_dir=args.out, evaluate=checkpoint_evaluate or evaluate,
+            final_evaluate=evaluate, batch=1 if args.batch is None else args.batch, checkpoint_every=args.checkpoint_every, hparams=hparams,
+            perplexity=ppl, sample=args.checkpoint_sample, edit_kwargs=edit_kwargs(args), max_minutes=args.max_minutes,
+            desc=desc,
+        )
+        rows = seq["records"]
+        save_figure(collapse_figure([args.out]), Path(args.out) / "collapse.html")
+        extra = {"checkpoints": seq["checkpoints"], "complete": seq["complete"], "meta": {
+            "sequential": {"batch": 1 if args.batch is None else args.batch, "checkpoint_every": args.checkpoint_every,
+                           "checkpoint_sample": args.checkpoint_sample, "checkpoints": len(seq["checkpoints"]),
+                           "complete": seq["complete"], "final_evaluation": "every edited record, after the last batch"}}}
+    else:
+        rows = run_records(
+            model=model,
+            method=method,
+            records=records,
+            out_dir=args.out,
+            evaluate=evaluate,
+            batch=args.batch,
+            hparams=hparams,
+            perplexity=ppl,
+            ppl_every=args.ppl_every,
+            max_minutes=args.max_minutes,
+            edit_kwargs=edit_kwargs(args),
+            desc=desc,
+        )
     restored = weights_hash(model, layers=mlp_layers) == before
     if not restored:
         log.error("the model's weights differ from before the run: an edit was not restored")
     return {"rows": rows, "hparams": hparams, "restored": restored, "ppl_before": ppl_before,
-            "hparams_record": hparams_record(method, model, hparams, overridden=overridden)}
+            "hparams_record": hparams_record(method, model, hparams, overridden=overridden), **extra}
 
 
 def hparams_record(method, model, hparams, *, overridden: bool = True) -> str | None:
@@ -501,6 +532,13 @@ def add_common_args(parser) -> None:
     parser.add_argument("--max-minutes", type=float, default=None, help="stop after this long, summarize, resume later")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (1 avoids oversubscription on shared CPUs)")
+    parser.add_argument("--sequential", action="store_true",
+                        help="lifelong editing: edit batch after batch (--batch K, default 1) without restoring in "
+                        "between; checkpoints in checkpoints.jsonl, collapse.html (benchmarks.sequential)")
+    parser.add_argument("--checkpoint-every", type=int, default=None, metavar="M",
+                        help="with --sequential: a checkpoint every M edits (default: every batch)")
+    parser.add_argument("--checkpoint-sample", type=int, default=200, metavar="S",
+                        help="with --sequential: most edited records scored per checkpoint (a seeded sample)")
 
 
 def parse_overrides(items: Sequence[str], *, what: str = "--hparam") -> dict[str, Any]:

@@ -167,7 +167,8 @@ def run_sequential(
         else:
             complete = True
         bar.close()
-        rows = _final_rows(model, records, out_dir, final_evaluate or evaluate) if complete else []
+        last_ppl = done_ckpt[len(records)].get("perplexity") if complete else None  # the last batch's checkpoint
+        rows = _final_rows(model, records, out_dir, final_evaluate or evaluate, last_ppl) if complete else []
     finally:
         for a in reversed(applied):
             a.restore()
@@ -199,12 +200,68 @@ def _checkpoint(model, edited: Sequence[Any], evaluate, perplexity, originals: d
     return row
 
 
-def _final_rows(model, records: Sequence[Any], out_dir: Path, evaluate) -> list[dict]:
-    """Every edited record evaluated on the final model, resumed by `case_id`."""
+def _final_rows(model, records: Sequence[Any], out_dir: Path, evaluate, ppl_after: float | None) -> list[dict]:
+    """Every edited record evaluated on the final model, resumed by `case_id`; `ppl_after` is
+    that model's perplexity (from the last checkpoint), kept on each row for the summary."""
     done = read_jsonl(out_dir / RECORDS, key="case_id", repair=True)
     for r in tqdm(records, desc="final evaluation", unit="rec"):
         if r.case_id not in done:
-            row = {"case_id": r.case_id, **evaluate(model, r)}
+            row = {"case_id": r.case_id, **evaluate(model, r)} | ({} if ppl_after is None else {"ppl_after": ppl_after})
             append_jsonl(out_dir / RECORDS, row)
             done[r.case_id] = row
     return [done[r.case_id] for r in records]
+
+
+def read_checkpoints(run_dir: str | os.PathLike) -> list[dict]:
+    """A sequential run's checkpoint lines, by number of edits.
+
+    Raises:
+        ValueError: a corrupt `checkpoints.jsonl` (see `tracer.resume`).
+    """
+    return sorted(read_jsonl(Path(run_dir) / CHECKPOINTS, key="n_edits").values(), key=lambda c: c["n_edits"])
+
+
+def collapse_figure(run_dirs: Sequence[str | os.PathLike]):
+    """One panel per checkpoint measure against the number of edits, one line per run.
+
+    The panels are the evaluation's metrics (×100 for the CounterFact and zsRE fractions),
+    perplexity, and `‖ΔW_out‖_F / ‖W_out‖_F` of each edited layer (the accumulated change
+    relative to the unedited weights): where edits pile up, a method that collapses shows it
+    as a fall of the metrics with a rise of perplexity and of the relative change.
+
+    Raises:
+        ValueError: a run folder without checkpoints.
+    """
+    from plotly.subplots import make_subplots  # noqa: PLC0415
+
+    runs = {}
+    for d in run_dirs:
+        ckpts = read_checkpoints(d)
+        if not ckpts:
+            raise ValueError(f"{d} has no {CHECKPOINTS}: not a sequential run folder (or not started)")
+        runs[Path(d).name] = ckpts
+    panels: dict[str, dict[str, tuple[list, list]]] = {}
+    for name, ckpts in runs.items():
+        for c in ckpts:
+            measures = {k: 100 * v for k, v in c["metrics"].items()}
+            if "perplexity" in c:
+                measures["perplexity"] = c["perplexity"]
+            for layer, nm in c["norms"].items():
+                measures[f"|dW| / |W| layer {layer}"] = nm["delta_fro"] / nm["w_out_fro"]
+            for k, v in measures.items():
+                xs, ys = panels.setdefault(k, {}).setdefault(name, ([], []))
+                xs.append(c["n_edits"])
+                ys.append(v)
+    cols = min(3, len(panels))
+    rows = -(-len(panels) // cols)
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=list(panels), horizontal_spacing=0.08, vertical_spacing=0.12)
+    palette = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#17becf", "#7f7f7f"]
+    for i, (measure, by_run) in enumerate(panels.items()):
+        for j, name in enumerate(runs):
+            if name in by_run:
+                xs, ys = by_run[name]
+                fig.add_scatter(x=xs, y=ys, mode="lines+markers", name=name, legendgroup=name, showlegend=i == 0,
+                                line={"color": palette[j % len(palette)]}, row=i // cols + 1, col=i % cols + 1)
+    fig.update_xaxes(title_text="edits so far")
+    fig.update_layout(height=300 * rows, width=1100, title="Sequential editing: measures against the number of edits")
+    return fig

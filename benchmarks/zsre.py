@@ -91,6 +91,7 @@ def main(argv=None) -> dict:
         "transformer_lens_api": TL_API,
         "model_restored": restored,
         "command": runner.command_line("benchmarks.zsre", argv),
+        **run.get("meta", {}),
     }
     notes = [
         "Token accuracy ×100 (teacher forced), mean over records; ± is a 95% CI half-width.",

@@ -39,6 +39,9 @@ class KillAfter:
     def __init__(self, n):
         self.n, self.calls = n, 0
 
+    def __getattr__(self, name):  # presets and the rest: ROME's
+        return getattr(METHODS["rome"], name)
+
     def compute(self, *a, **k):
         self.calls += 1
         if self.calls == self.n:
@@ -112,3 +115,45 @@ def test_bad_arguments_change_nothing(tiny_model, records, tmp_path):
         run_sequential(model=tiny_model, records=records + records[:1], out_dir=tmp_path / "y", evaluate=evaluate,
                        method=METHODS["rome"])
     assert weights_hash(tiny_model) == before
+
+
+def test_cli_sequential_end_to_end_resume_and_collapse_figure(tiny_model, tmp_path, monkeypatch, capsys):
+    import tracer
+    from benchmarks import compare, counterfact, runner
+
+    monkeypatch.setattr(tracer, "load_model", lambda *a, **k: tiny_model)
+    monkeypatch.setattr(runner, "edit_kwargs", lambda args: kw(tiny_model, tmp_path))
+    wiki = tmp_path / "wiki.txt"
+    wiki.write_text("= Heading =\n The Eiffel Tower is located in the city of Paris .\n Tokyo is the capital of Japan .\n" * 5)
+    out = tmp_path / "seq"
+    argv = ["--method", "rome", "--sequential", "--batch", "1", "--n", "3", "--out", str(out),
+            "--data", str(FIXTURES / "counterfact_tiny.json"), "--gen-tokens", "2", "--wikitext", str(wiki),
+            "--ppl-tokens", "40", "--hparam", "layer=1", "--hparam", "v_num_grad_steps=5", "--hparam", "kl_factor=0.0"]
+    before = weights_hash(tiny_model)
+    s = counterfact.main(argv)
+    assert s["model_restored"] and weights_hash(tiny_model) == before
+    assert s["sequential"]["checkpoints"] == 3 and s["sequential"]["complete"] and s["records_evaluated"] == 3
+    assert "GE" in s["columns"]  # the final evaluation generates; the checkpoints do not
+    assert s["perplexity"]["after"] == pytest.approx(json.loads((out / CHECKPOINTS).read_text().splitlines()[-1])["perplexity"])
+    ckpts = [json.loads(l) for l in (out / CHECKPOINTS).read_text().splitlines()]
+    assert [c["n_edits"] for c in ckpts] == [1, 2, 3] and all("perplexity" in c and "es" in c["metrics"] for c in ckpts)
+    html = (out / "collapse.html").read_text()
+    assert "edits so far" in html and "|dW| \\u002f |W| layer 1" in html  # plotly escapes the slash
+    # rerun: nothing is computed again
+    monkeypatch.setattr(runner, "get_method", lambda name: KillAfter(1))  # any compute now fails the test
+    assert counterfact.main(argv)["sequential"]["checkpoints"] == 3
+    compare.main([str(out), "--collapse", str(tmp_path / "both.html")])
+    assert "edits so far" in (tmp_path / "both.html").read_text()
+
+
+def test_cli_sequential_refuses_the_none_method_before_loading(tmp_path, monkeypatch):
+    import tracer
+    from benchmarks import counterfact
+
+    monkeypatch.setattr(tracer, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
+    with pytest.raises(ValueError, match="'none' method edits nothing"):
+        counterfact.main(["--method", "none", "--sequential", "--n", "2", "--out", str(tmp_path / "x"),
+                          "--data", str(FIXTURES / "counterfact_tiny.json")])
+    with pytest.raises(ValueError, match="batch 0"):
+        counterfact.main(["--method", "rome", "--sequential", "--batch", "0", "--n", "2", "--out", str(tmp_path / "y"),
+                          "--data", str(FIXTURES / "counterfact_tiny.json")])
