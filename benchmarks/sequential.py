@@ -135,6 +135,9 @@ def run_sequential(
     start_hash = weights_hash(model)
     done_ckpt = read_jsonl(out_dir / CHECKPOINTS, key="n_edits", repair=True)
     applied, originals = [], {}
+    # a method whose solve depends on the earlier batches (AlphaEdit) keeps that state here
+    sequence = method.new_sequence() if getattr(method, "new_sequence", None) else None
+    extra = {} if sequence is None else {"sequence": sequence}
     started = time.monotonic()
     prior_seconds = max((c.get("seconds", 0.0) for c in done_ckpt.values()), default=0.0)
     complete = False
@@ -151,11 +154,13 @@ def run_sequential(
                 if max_minutes is not None and (time.monotonic() - started) / 60 > max_minutes:
                     log.info("max_minutes %s reached after %d of %d batches; rerun to resume", max_minutes, i, len(chunks))
                     break
-                edit = method.compute(model, [r.request() for r in chunk], hparams, **(edit_kwargs or {}))
+                edit = method.compute(model, [r.request() for r in chunk], hparams, **(edit_kwargs or {}), **extra)
                 edit.save(path)
             for layer in edit.layers:  # the unedited W_out, for the accumulated change
                 originals.setdefault(layer, w_out(model, layer).detach().clone())
             applied.append(edit.apply(model))
+            if sequence is not None:  # its keys join the sequence (on resume: replayed, not recomputed)
+                sequence.record(model, edit)
             bar.update(1)
             n_edits = min(len(records), (i + 1) * batch)
             if ((i + 1) % every == 0 or i == len(chunks) - 1) and n_edits not in done_ckpt:

@@ -23,7 +23,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from editor import ft, memit, rome
+from editor import alphaedit, ft, memit, rome
+from editor.alphaedit import AlphaEditHParams, AlphaEditSequence, alphaedit_hparams
 from editor.edit import Edit
 from editor.hparams import FTHParams, MEMITHParams, ROMEHParams, ft_hparams, memit_hparams, rome_hparams
 from editor.requests import EditRequest, EditRequestError, as_requests
@@ -42,6 +43,9 @@ class Method:
         edit_many: `edit_many(model, requests, hparams=None, **kw) -> AppliedEdit`.
         HParams: its hyperparameter dataclass (`Edit.load` rebuilds saved hparams with it).
         hparams_for: preset lookup, `hparams_for(model_or_name) -> HParams`.
+        new_sequence: for a method whose batches depend on the earlier ones of a sequential
+            run (AlphaEdit), `new_sequence()` gives the state `compute(..., sequence=state)`
+            takes, and `state.record(model, edit)` is called after each batch is applied.
     """
 
     name: str
@@ -50,6 +54,7 @@ class Method:
     edit_many: Callable
     HParams: type
     hparams_for: Callable
+    new_sequence: Callable | None = None
 
 
 METHODS: dict[str, Method] = {
@@ -61,11 +66,15 @@ METHODS: dict[str, Method] = {
                hparams_for=memit_hparams),
         Method(name="ft-l", compute=ft.compute, edit=ft.edit, edit_many=ft.edit_many, HParams=FTHParams,
                hparams_for=ft_hparams),
+        Method(name="alphaedit", compute=alphaedit.compute, edit=alphaedit.edit, edit_many=alphaedit.edit_many,
+               HParams=AlphaEditHParams, hparams_for=alphaedit_hparams, new_sequence=alphaedit.new_sequence),
     )
 }
 
 __all__ = [
     "METHODS",
+    "AlphaEditHParams",
+    "AlphaEditSequence",
     "AppliedEdit",
     "Edit",
     "EditOrderError",
@@ -76,6 +85,8 @@ __all__ = [
     "LayerDelta",
     "MEMITHParams",
     "Method",
+    "alphaedit",
+    "alphaedit_hparams",
     "ROMEHParams",
     "apply_saved",
     "as_requests",

@@ -342,7 +342,7 @@ def check_edit(model, method: str, requests: Sequence, hp, *, stats=None, device
 
     Args:
         model: the TransformerLens model.
-        method: "rome", "memit" or "ft-l".
+        method: "rome", "memit", "alphaedit" or "ft-l".
         requests: the `EditRequest`s (already normalised by `as_requests`).
         hp: the method's hyperparameters.
         stats: key statistics passed by the caller (ROME: a Tensor, MEMIT: a dict), or None
@@ -357,12 +357,12 @@ def check_edit(model, method: str, requests: Sequence, hp, *, stats=None, device
         >>> check_edit(model, "memit", requests, memit_hparams(model), stats=None, device=None)
     """
     n = int(model.cfg.n_layers)
-    if method == "memit":
+    if method in ("memit", "alphaedit"):
         field, layers = "hparams.layers", check_layers(hp.layers, "hparams.layers", n)
     elif method in ("rome", "ft-l"):
         field, layers = "hparams.layer", (check_layer(hp.layer, "hparams.layer", n),)
     else:
-        raise ValueError(f"method {method!r} must be 'rome', 'memit' or 'ft-l'")
+        raise ValueError(f"method {method!r} must be 'rome', 'memit', 'alphaedit' or 'ft-l'")
     check_device(model, device)
     check_requests(model, requests)
     warn_detached_saes(model, min(layers))
@@ -374,7 +374,7 @@ def check_edit(model, method: str, requests: Sequence, hp, *, stats=None, device
         check_stats_tokens(model, hp.mom2_n_tokens)
     else:
         check_stats(model, stats, layers)
-    if method == "memit" and hp.spread != "joint":
+    if method in ("memit", "alphaedit") and hp.spread != "joint":
         field = "hparams.layers[-1]"  # the "residual" spread optimises z at the top layer only
         layers = layers[-1:]
     check_reach(model, method.upper(), requests, layers, field)

@@ -131,8 +131,20 @@ def _resid_with(model, requests, layers: Sequence[int], delta: Tensor) -> Tensor
     return h[rows, pos].float()
 
 
+def memit_solve(hp: MEMITHParams, stats: dict[int, Tensor]):
+    """MEMIT Eq. 14's left factor for layer `l`: `A = (λC + K Kᵀ)⁻¹ K`, `[d_mlp, n]` float64,
+    so that `ΔW_out = A R` (`K`: `[d_mlp, n]` float64 keys)."""
+
+    def solve(layer: int, K: Tensor) -> Tensor:
+        C = stats[layer].to(K.device).double()
+        return torch.linalg.solve(hp.mom2_update_weight * C + K @ K.T, K)
+
+    return solve
+
+
 def spread_updates(
-    model, requests, zs: Tensor, hp: MEMITHParams, stats: dict[int, Tensor], templates, raw_targets: dict[int, Tensor] | None = None
+    model, requests, zs: Tensor, hp: MEMITHParams, stats: dict[int, Tensor], templates,
+    raw_targets: dict[int, Tensor] | None = None, solve=None,
 ):
     """Step 2 of the method: per-layer least-squares updates towards the targets `zs`.
 
@@ -141,8 +153,11 @@ def spread_updates(
     `zs`, as in the paper. Each layer's update is applied before the next layer's keys and
     residuals are computed, and all are undone before returning. Returns `({layer: LayerDelta}, per-layer info)`;
     the info records the mean `|z - h|` before each layer and the fraction of the wanted
-    residual change that the layer's update achieved on the bare prompts.
+    residual change that the layer's update achieved on the bare prompts. `solve(layer, K)`
+    gives each layer's left factor `A` (`ΔW_out = A R`); default `memit_solve` (AlphaEdit
+    passes its null-space-projected solve).
     """
+    solve = solve or memit_solve(hp, stats)
     dev = model_device(model)
     top = hp.layers[-1]
     deltas: dict[int, LayerDelta] = {}
@@ -160,9 +175,7 @@ def spread_updates(
                 if isinstance(b_out, Tensor):
                     raw = raw + b_out.float()
                 R = _raw_change(norm, raw, R)
-            C = stats[l].to(dev).double()
-            Kd = K.double().T  # [d_mlp, n]
-            A = torch.linalg.solve(hp.mom2_update_weight * C + Kd @ Kd.T, Kd).float()  # [d_mlp, n]
+            A = solve(l, K.double().T).float()  # [d_mlp, n]
             d = LayerDelta(u=A, v=R.float())  # ΔW_out = A @ R, [d_mlp, d_model]
             deltas[l] = d
             dw = d.matrix()

@@ -3,13 +3,13 @@ to work (half precision) or refused before any weight changes, for every method.
 
 import inspect
 import logging
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import pytest
 import torch
 
-from editor import METHODS, EditRequest, FTHParams, MEMITHParams, ROMEHParams, apply_saved, edit_stack
-from editor import ft, memit, rome
+from editor import METHODS, AlphaEditHParams, EditRequest, FTHParams, MEMITHParams, ROMEHParams, apply_saved, edit_stack
+from editor import alphaedit, ft, memit, rome
 from editor.result import LayerDelta, apply_deltas
 from editor.stats import compute_stats, layer_stats
 from tracer.model import w_out
@@ -17,7 +17,9 @@ from tracer.model import w_out
 from .test_edit import MEMIT_HP, REQ, ROME_HP, TEMPLATE
 
 FT_HP = FTHParams(layer=1, lr=1e-2, norm_constraint=0.05, num_steps=10)
-HPS = {"rome": ROME_HP, "memit": MEMIT_HP, "ft-l": FT_HP}
+# threshold 2 on the identity statistics below: the null space is everything (AlphaEdit as MEMIT without λC)
+ALPHA_HP = AlphaEditHParams(**asdict(MEMIT_HP), nullspace_threshold=2.0)
+HPS = {"rome": ROME_HP, "memit": MEMIT_HP, "ft-l": FT_HP, "alphaedit": ALPHA_HP}
 # the subject does not end this prompt: the target is predicted two tokens after it
 MID = EditRequest(prompt="{} is located in the city of", subject="The Eiffel Tower", target_new="Rome",
                   target_true="Paris")
@@ -25,7 +27,7 @@ MID = EditRequest(prompt="{} is located in the city of", subject="The Eiffel Tow
 
 def stats_for(model, name, layers=None):
     eye = torch.eye(model.cfg.d_mlp)
-    if name == "memit":
+    if name in ("memit", "alphaedit"):
         return {l: eye for l in (layers or MEMIT_HP.layers)}
     return eye if name == "rome" else None
 
@@ -373,10 +375,10 @@ def _poisoned(edit, bad):
     return replace(edit, deltas={**edit.deltas, l: LayerDelta(u=u, v=d.v)})
 
 
-@pytest.mark.parametrize("name", ["rome", "memit", "ft-l"])
+@pytest.mark.parametrize("name", ["rome", "memit", "ft-l", "alphaedit"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_no_method_writes_a_non_finite_delta(tiny_model, tmp_path, monkeypatch, name, bad):
-    module = {"rome": rome, "memit": memit, "ft-l": ft}[name]
+    module = {"rome": rome, "memit": memit, "ft-l": ft, "alphaedit": alphaedit}[name]
     real = module.compute
     monkeypatch.setattr(module, "compute", lambda *a, **k: _poisoned(real(*a, **k), bad))
     edit = module.compute(tiny_model, REQ, HPS[name], stats=stats_for(tiny_model, name), cache_dir=tmp_path)
@@ -399,7 +401,7 @@ def test_rome_refuses_non_finite_factors_before_writing_them_for_the_next_reques
 
 def test_methods_share_one_keyword_set_and_refuse_misspelled_ones(tiny_model, tmp_path):
     sigs = {name: list(inspect.signature(m.edit_many).parameters) for name, m in METHODS.items()}
-    assert sigs["rome"] == sigs["memit"] == sigs["ft-l"]
+    assert sigs["rome"] == sigs["memit"] == sigs["ft-l"] == sigs["alphaedit"]
     for name, m in METHODS.items():
         for fn, reqs in ((m.edit_many, [REQ]), (m.edit, REQ)):
             refused(tiny_model, lambda: fn(tiny_model, reqs, HPS[name], cache_dirr=tmp_path), "cache_dirr", TypeError)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from editor import METHODS, AppliedEdit, Edit, EditOrderError, EditRequest, EditResult, LayerDelta, ROMEHParams
-from editor import apply_saved, edit_stack, ft, memit, rome
+from editor import alphaedit, apply_saved, edit_stack, ft, memit, rome
 from tracer.model import w_out, weights_hash
 
 from .test_checks import FT_HP, HPS, stats_for
@@ -20,7 +20,7 @@ from .test_edit import REQ, TEMPLATE
 
 FIXTURE = Path(__file__).parent / "fixtures" / "edit_rome_v1.safetensors"  # written by romelens before `compute`
 TWO = [REQ, EditRequest(prompt=TEMPLATE, subject="Japan", target_new="Tokyo", target_true="Berlin")]
-MODULES = {"rome": rome, "memit": memit, "ft-l": ft}
+MODULES = {"rome": rome, "memit": memit, "ft-l": ft, "alphaedit": alphaedit}
 
 
 def snapshot(model):
@@ -52,7 +52,7 @@ def compute(model, name, requests, tmp_path, **kw):
 # ---------------------------------------------------------------- compute
 
 
-@pytest.mark.parametrize("name", ["rome", "memit", "ft-l"])
+@pytest.mark.parametrize("name", ["rome", "memit", "ft-l", "alphaedit"])
 def test_compute_returns_an_edit_and_leaves_the_model_bit_identical(tiny_model, tmp_path, name):
     before, hooks0 = snapshot(tiny_model), hooks(tiny_model)
     whash = weights_hash(tiny_model)
@@ -63,7 +63,7 @@ def test_compute_returns_an_edit_and_leaves_the_model_bit_identical(tiny_model, 
     assert e.layers == tuple(sorted(e.deltas)) and all(isinstance(d, LayerDelta) for d in e.deltas.values())
     assert "after" not in e.diagnostics and e.diagnostics["before"]["new_first"].shape == (2,)
     what = {"rome": ("steps", "templates"), "memit": ("nll_curves", "layers", "templates"),
-            "ft-l": ("nll_curve", "grad_norms")}[name]
+            "ft-l": ("nll_curve", "grad_norms"), "alphaedit": ("nll_curves", "layers", "templates", "nullspace")}[name]
     assert all(k in e.diagnostics for k in what)
     if name == "rome":  # two requests: rank-2 factors kept factored
         assert e.deltas[1].u.shape == (tiny_model.cfg.d_mlp, 2) and e.deltas[1].v.shape == (2, tiny_model.cfg.d_model)

@@ -1,9 +1,11 @@
 """ROME, MEMIT and FT-L on a tiny random model: edits move the target, undo is exact."""
 
+from dataclasses import asdict
+
 import pytest
 import torch
 
-from editor import METHODS, EditOrderError, EditRequest, FTHParams, MEMITHParams, ROMEHParams, apply_saved, edit_stack
+from editor import METHODS, AlphaEditHParams, EditOrderError, EditRequest, FTHParams, MEMITHParams, ROMEHParams, apply_saved, edit_stack
 from editor import ft, memit, rome
 from tracer.model import w_out
 
@@ -180,12 +182,14 @@ def test_memit_save_apply(tiny_model, kw, tmp_path):
 
 
 def test_registry_uniform_signature(tiny_model, kw):
-    assert set(METHODS) == {"rome", "memit", "ft-l"}
-    hps = {"rome": ROME_HP, "memit": MEMIT_HP, "ft-l": FTHParams(layer=1, num_steps=2)}
+    assert set(METHODS) == {"rome", "memit", "ft-l", "alphaedit"}
+    hps = {"rome": ROME_HP, "memit": MEMIT_HP, "ft-l": FTHParams(layer=1, num_steps=2),
+           "alphaedit": AlphaEditHParams(**asdict(MEMIT_HP), nullspace_threshold=2.0)}
     w0 = weights(tiny_model)
     for name, m in METHODS.items():
         assert isinstance(hps[name], m.HParams)
-        extra = {"memit": {"stats": {0: kw["stats"], 1: kw["stats"]}}}.get(name, {"stats": kw["stats"]})
+        layered = {"stats": {0: kw["stats"], 1: kw["stats"]}}
+        extra = {"memit": layered, "alphaedit": layered}.get(name, {"stats": kw["stats"]})
         with m.edit_many(tiny_model, [REQ], hps[name], cache_dir=kw["cache_dir"], **extra) as e:
             assert e.method == name
     assert same(weights(tiny_model), w0)

@@ -1,0 +1,248 @@
+"""AlphaEdit: MEMIT with its update projected onto the null space of the preserved keys
+(Fang et al., ICLR 2025, "AlphaEdit: Null-Space Constrained Knowledge Editing for Language Models").
+
+MEMIT trades the new facts against the keys it should preserve through the term `λC` of
+its normal equations, so every update still disturbs preserved knowledge a little, and
+under sequential editing the disturbances pile up until the model collapses. AlphaEdit
+removes the trade: it projects the update onto the null space of the preserved keys, where
+it cannot change their outputs, and keeps earlier edits' keys in the solve instead.
+
+Per edited layer, in the paper's orientation (`W: [d_out, d_in]`, keys `K: [d_in, n]`,
+residuals `R: [d_out, n]`):
+
+- `P = Û Ûᵀ`, where `Û` are the eigenvectors of the preserved keys' second moment
+  `K₀K₀ᵀ` (here `C = E[k kᵀ]` over text, `editor.stats`) whose eigenvalues fall below
+  `nullspace_threshold` (the paper's section 3.2; the threshold and the rank of `P` are
+  recorded in the edit's diagnostics). Then `K₀ᵀ P ≈ 0`: the update `ΔP` cannot move the
+  preserved keys' outputs.
+- `Δ = R Kᵀ P (K_p K_pᵀ P + K Kᵀ P + α I)⁻¹` (the paper's Eq. 14), with `K_p` the keys of
+  every earlier batch of the sequence, accumulated as a running `K_p K_pᵀ` (an
+  `AlphaEditSequence`, passed along by the caller, never hidden global state); the update
+  written is `ΔP`. MEMIT's preservation term `λC` is dropped: `P` protects those keys.
+
+In our `[d_mlp, d_model]` orientation (`W_out` is the transpose), with `P` symmetric, the
+written update is `ΔW_out = (P (K_p K_pᵀ + K Kᵀ) + α I)⁻¹ P K Rᵀ`, kept factored as
+`LayerDelta(u=A, v=Rᵀ)` with `A = (P (K_p K_pᵀ + K Kᵀ) + α I)⁻¹ P K` (`[d_mlp, n]`). This is
+the same solve as the authors' code. Its columns lie in the range of `P` (up to the
+`α`-regularised inverse), so keys with `kᵀP = 0` map as before.
+
+Everything else is MEMIT's (`editor.memit`): the target residuals `z`, the layer spread
+(including our joint spread for post-norm models) and the keys averaged over context
+templates (the authors' code keeps one key per template; the average is MEMIT's and ours).
+
+Example:
+    >>> from editor import alphaedit
+    >>> seq = alphaedit.AlphaEditSequence()
+    >>> for batch in batches:
+    ...     e = alphaedit.compute(model, batch, sequence=seq)
+    ...     e.apply(model)
+    ...     seq.record(model, e)               # its keys join K_p K_pᵀ
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from editor.common import conveniences, edit_hashes, probe, start_compute, templates_for
+from editor.checks import check_real
+from editor.edit import Edit
+from editor.hparams import MEMITHParams, memit_hparams
+from editor.memit import compute_zs, spread_updates
+from editor.optimize import subject_keys
+from editor.stats import layer_stats
+from tracer.model import model_name
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class AlphaEditHParams(MEMITHParams):
+    """AlphaEdit: MEMIT's fields (see `MEMITHParams`; `mom2_update_weight` is unused, as the
+    null-space projection replaces MEMIT's preservation term), plus:
+
+    Attributes:
+        nullspace_threshold: eigenvalues of `C = E[k kᵀ]` below this span the null space
+            `P` projects onto (the authors' default 2e-2). Its rank depends on the model's key
+            scale: on Gemma-3-270m layer 4 (100k WikiText-2 tokens), 2e-2 keeps 1593 of 2048
+            directions, 1e-2 keeps 1199.
+        alpha: `α` of `(K_p K_pᵀ P + K Kᵀ P + α I)⁻¹` (the authors' `L2`, 10).
+
+    Raises:
+        ValueError: as `MEMITHParams`, or a non-positive or non-finite `nullspace_threshold`
+            or `alpha`.
+    """
+
+    nullspace_threshold: float = 2e-2
+    alpha: float = 10.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        object.__setattr__(self, "nullspace_threshold", check_real(self.nullspace_threshold, "nullspace_threshold", positive=True))
+        object.__setattr__(self, "alpha", check_real(self.alpha, "alpha", positive=True))
+
+
+def alphaedit_hparams(model_or_name, *, layer: int | None = None, cache_dir=None) -> AlphaEditHParams:
+    """The model's MEMIT preset (`memit_hparams`, same arguments) with AlphaEdit's defaults.
+
+    Raises:
+        ValueError: what `memit_hparams` raises.
+    """
+    return AlphaEditHParams(**asdict(memit_hparams(model_or_name, layer=layer, cache_dir=cache_dir)))
+
+
+def null_space_projector(C: Tensor, threshold: float) -> tuple[Tensor, int]:
+    """`(P, rank)`: the projector onto the eigenvectors of `C` with eigenvalues below `threshold`.
+
+    Args:
+        C: the keys' second moment `E[k kᵀ]`, `[d_mlp, d_mlp]`, symmetric.
+        threshold: eigenvalue bound (in `C`'s units, squared key activations).
+
+    Returns:
+        `P = Û Ûᵀ` (`[d_mlp, d_mlp]`, float64) and its rank, the number of eigenvalues below
+        `threshold` (AlphaEdit section 3.2).
+
+    Raises:
+        ValueError: no eigenvalue below `threshold` (rank 0: nothing could be edited).
+    """
+    evals, evecs = torch.linalg.eigh(C.double())
+    keep = evals < threshold
+    rank = int(keep.sum())
+    if rank == 0:
+        raise ValueError(
+            f"nullspace_threshold {threshold} leaves a null space of rank 0 (the smallest eigenvalue of C is "
+            f"{float(evals.min()):.3g}): no update could be made; raise the threshold"
+        )
+    U = evecs[:, keep]
+    return U @ U.T, rank
+
+
+class AlphaEditSequence:
+    """The keys of the AlphaEdit batches applied so far: per layer `K_p K_pᵀ` (`[d_mlp, d_mlp]`,
+    float64) and the null-space projectors, computed once per layer and reused.
+
+    Pass it to `compute(..., sequence=seq)` for every batch of a sequence, and call
+    `seq.record(model, edit)` after applying each batch: it adds the batch's keys, read on the
+    model as it now is. Keys at layer `l` depend only on the layers below `l`, which are
+    already edited when `compute` reads them, so these are the keys the solve used.
+
+    Attributes:
+        kkt: `{layer: K_p K_pᵀ}`.
+        n_keys: keys recorded (one per request).
+    """
+
+    def __init__(self) -> None:
+        self.kkt: dict[int, Tensor] = {}
+        self.n_keys = 0
+        self._projectors: dict[tuple[int, float], tuple[Tensor, int]] = {}
+
+    def projector(self, layer: int, C: Tensor, threshold: float) -> tuple[Tensor, int]:
+        """`null_space_projector(C, threshold)` for `layer`, computed once per sequence."""
+        if (layer, threshold) not in self._projectors:
+            self._projectors[(layer, threshold)] = null_space_projector(C, threshold)
+        return self._projectors[(layer, threshold)]
+
+    @torch.no_grad()
+    def record(self, model, edit: Edit) -> None:
+        """Add the keys of `edit`'s requests at each of its layers (call after applying it).
+
+        Raises:
+            ValueError: `edit` is not an AlphaEdit edit.
+        """
+        if edit.method != "alphaedit":
+            raise ValueError(f"edit of method {edit.method!r} is not an AlphaEdit edit; AlphaEditSequence records only those")
+        templates = edit.diagnostics["templates"]
+        for layer in edit.layers:
+            K = subject_keys(model, edit.requests, templates, layer).mean(1).double().T  # [d_mlp, n]
+            self.kkt[layer] = self.kkt.get(layer, 0) + K @ K.T
+        self.n_keys += len(edit.requests)
+
+
+def alphaedit_solve(hp: AlphaEditHParams, stats: dict[int, Tensor], sequence: AlphaEditSequence, info: dict):
+    """AlphaEdit Eq. 14's left factor for layer `l`: `A = (P (K_p K_pᵀ + K Kᵀ) + α I)⁻¹ P K`
+    (`[d_mlp, n]` float64; `ΔW_out = A R`). Records each layer's null-space rank in `info`."""
+
+    def solve(layer: int, K: Tensor) -> Tensor:
+        P, rank = sequence.projector(layer, stats[layer], hp.nullspace_threshold)
+        P = P.to(K.device)
+        prior = sequence.kkt.get(layer)
+        gram = K @ K.T if prior is None else prior.to(K.device) + K @ K.T
+        eye = torch.eye(K.shape[0], dtype=K.dtype, device=K.device)
+        info[layer] = {"threshold": hp.nullspace_threshold, "rank": rank, "d_mlp": K.shape[0],
+                       "prior_keys": sequence.n_keys}
+        return torch.linalg.solve(P @ gram + hp.alpha * eye, P @ K)
+
+    return solve
+
+
+def compute(
+    model, requests, hparams: AlphaEditHParams | None = None, *, sequence: AlphaEditSequence | None = None,
+    stats: dict[int, Tensor] | None = None, corpus: str | None = None, cache_dir: str | os.PathLike | None = None,
+    device=None,
+) -> Edit:
+    """Compute AlphaEdit for a batch of requests; the model's weights are bit-identical when
+    this returns or raises.
+
+    AlphaEdit Eq. 14 per layer of `hparams.layers` (module docstring), on MEMIT's targets and
+    layer spread. The null-space projectors are computed (and a rank-0 one refused) before
+    the target optimisation starts.
+
+    Args:
+        model: a TransformerLens model.
+        requests: `EditRequest`s (or CounterFact records / dicts).
+        hparams: `AlphaEditHParams`; default `alphaedit_hparams(model)`.
+        sequence: the `AlphaEditSequence` of the batches applied before this one (None: a
+            first batch, `K_p K_pᵀ = 0`). Not changed here: `record` the edit once applied.
+        stats: `{layer: C [d_mlp, d_mlp]}`; default loaded or computed over `corpus`.
+        corpus: text for the statistics (default WikiText-2 test in `../shared/data`).
+        cache_dir: cache root for statistics and context templates.
+        device: where to compute; must be the model's device (the default).
+
+    Returns:
+        An `Edit` (not applied), as MEMIT's, whose diagnostics add `nullspace`:
+        `{layer: {"threshold", "rank", "d_mlp", "prior_keys"}}`.
+
+    Raises:
+        ValueError: what `memit.compute` raises before anything runs; a `sequence` that is
+            not an `AlphaEditSequence`; a threshold that leaves a null space of rank 0.
+    """
+    requests, hp = start_compute(model, "alphaedit", requests, hparams, preset=alphaedit_hparams,
+                                 kind=AlphaEditHParams, stats=stats, device=device, cache_dir=cache_dir)
+    if sequence is None:
+        sequence = AlphaEditSequence()
+    elif not isinstance(sequence, AlphaEditSequence):
+        raise ValueError(f"sequence {sequence!r} must be an AlphaEditSequence (or None for a first batch)")
+    bh, now_hash = edit_hashes(model)
+    if stats is None:
+        stats = layer_stats(model, list(hp.layers), corpus=corpus, n_tokens=hp.mom2_n_tokens, cache_dir=cache_dir, model_hash=bh)
+    for layer in hp.layers:  # refuse a rank-0 null space before the (slow) optimisation
+        sequence.projector(layer, stats[layer], hp.nullspace_threshold)
+    templates = templates_for(model, hp.context_lengths, cache_dir=cache_dir, model_hash=bh)
+    zs, curves, raw_targets = compute_zs(model, requests, hp, templates)
+    info: dict[int, dict] = {}
+    deltas, layer_info = spread_updates(model, requests, zs, hp, stats, templates, raw_targets,
+                                        solve=alphaedit_solve(hp, stats, sequence, info))
+    before = probe(model, requests)  # a no-grad pass last (see memit.compute)
+    log.info("AlphaEdit null-space ranks %s", {l: i["rank"] for l, i in info.items()})
+    return Edit(
+        method="alphaedit", requests=requests, deltas=deltas, hparams=hp, model_name=model_name(model),
+        model_hash=now_hash,
+        diagnostics={"before": before, "nll_curves": curves, "layers": layer_info, "templates": templates,
+                     "nullspace": {str(l): i for l, i in info.items()}},
+    )
+
+
+def new_sequence() -> AlphaEditSequence:
+    """A fresh, empty `AlphaEditSequence` (what the sequential runner starts a run with)."""
+    return AlphaEditSequence()
+
+
+edit_many, edit = conveniences(compute, "alphaedit")
+
+__all__: Sequence[str] = ("AlphaEditHParams", "AlphaEditSequence", "alphaedit_hparams", "compute", "edit", "edit_many",
+                          "new_sequence", "null_space_projector")

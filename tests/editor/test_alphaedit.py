@@ -1,0 +1,150 @@
+"""AlphaEdit (Fang et al. 2025) on the tiny model and in closed form: the update lies in the
+null space of the preserved keys, later batches keep earlier batches' keys, the solve is the
+paper's Eq. 14, bad input is refused before anything runs, and a sequential run resumes."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from benchmarks.counterfact import evaluate_counterfact
+from benchmarks.data import load_counterfact
+from benchmarks.sequential import run_sequential
+from editor import METHODS, AlphaEditHParams, AlphaEditSequence, Edit, EditRequest, alphaedit
+from editor.alphaedit import alphaedit_solve, null_space_projector
+from editor.common import probe
+from editor.optimize import subject_keys
+from tests.conftest import FIXTURES
+from tracer import weights_hash
+from tracer.model import w_out
+
+from .test_edit import REQ, TEMPLATE
+
+HP = AlphaEditHParams(layers=(0, 1), v_lr=1.0, v_num_grad_steps=15, clamp_norm_factor=50.0, v_weight_decay=0.0,
+                      kl_factor=0.0, context_lengths=((4, 2),), nullspace_threshold=1e-2, alpha=1e-3)
+SECOND = [EditRequest(prompt=TEMPLATE, subject="Japan", target_new="Tokyo", target_true="Berlin"),
+          EditRequest(prompt="{} is located in the city of", subject="The Louvre", target_new="Rome", target_true="Paris")]
+
+
+def designed_stats(d: int, seed: int = 0):
+    """`C = Q diag(λ) Qᵀ` with half its eigenvalues 1e-3 (the null space at threshold 1e-2) and half 1."""
+    gen = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64))
+    lam = torch.cat([torch.full((d // 2,), 1e-3), torch.ones(d - d // 2)]).double()
+    return (Q * lam) @ Q.T, Q[:, d // 2 :]  # C, a basis of the preserved (large-eigenvalue) subspace
+
+
+def stats_for(model):
+    C, kept = designed_stats(model.cfg.d_mlp)
+    return {l: C.float() for l in HP.layers}, kept
+
+
+def test_projector_spans_the_small_eigenvalues_and_refuses_rank_zero():
+    C, kept = designed_stats(16)
+    P, rank = null_space_projector(C, 1e-2)
+    assert rank == 8 and torch.allclose(P @ P, P, atol=1e-10) and torch.allclose(P @ kept, torch.zeros_like(kept), atol=1e-10)
+    with pytest.raises(ValueError, match="rank 0"):
+        null_space_projector(C, 1e-4)
+
+
+def test_keys_in_the_preserved_subspace_map_as_before(tiny_model, tmp_path):
+    stats, kept = stats_for(tiny_model)
+    e = alphaedit.compute(tiny_model, [REQ] + SECOND, HP, stats=stats, cache_dir=tmp_path)
+    assert {int(l): i["rank"] for l, i in e.diagnostics["nullspace"].items()} == {0: 32, 1: 32}
+    for layer, d in e.deltas.items():
+        dw = d.matrix().double()  # [d_mlp, d_model]
+        assert dw.norm() > 1e-3
+        # a preserved key k = kept @ x: its output k ΔW_out is (numerically) zero
+        assert (kept.T @ dw).norm() < 1e-6 * dw.norm(), layer
+    before = e.diagnostics["before"]["new_first"]
+    with e.applied(tiny_model):
+        now = probe(tiny_model, [REQ] + SECOND)["new_first"]
+    assert (now > 1.5 * before).all(), (before, now)  # and the edits still take
+
+
+def test_solve_is_the_papers_equation_14():
+    gen = torch.Generator().manual_seed(1)
+    d_in, d_out, n, n_prior = 12, 5, 3, 4
+    C, _ = designed_stats(d_in, seed=2)
+    K = torch.randn(d_in, n, generator=gen, dtype=torch.float64)
+    R = torch.randn(d_out, n, generator=gen, dtype=torch.float64)  # the paper's [d_out, n]
+    Kp = torch.randn(d_in, n_prior, generator=gen, dtype=torch.float64)
+    seq = AlphaEditSequence()
+    seq.kkt[0] = Kp @ Kp.T
+    hp = replace(HP, layers=(0,), alpha=0.7)
+    A = alphaedit_solve(hp, {0: C}, seq, {})(0, K)  # ΔW_out = A Rᵀ
+    P, _ = null_space_projector(C, hp.nullspace_threshold)
+    paper = R @ K.T @ P @ torch.linalg.inv(Kp @ Kp.T @ P + K @ K.T @ P + 0.7 * torch.eye(d_in, dtype=torch.float64))
+    assert torch.allclose((A @ R.T).T, paper @ P, atol=1e-9)  # the update written is ΔP (paper, section 3)
+    assert torch.allclose((A @ R.T).T, paper, atol=1e-9)      # and ΔP = Δ: Δ already lies in range(P)
+
+
+def test_a_second_batch_keeps_the_first_batchs_keys(tiny_model, tmp_path):
+    stats, _ = stats_for(tiny_model)
+    seq = AlphaEditSequence()
+    first = alphaedit.compute(tiny_model, [REQ], HP, stats=stats, cache_dir=tmp_path, sequence=seq)
+    with first.applied(tiny_model):
+        seq.record(tiny_model, first)
+        assert seq.n_keys == 1 and set(seq.kkt) == {0, 1}
+        keys = {l: subject_keys(tiny_model, [REQ], first.diagnostics["templates"], l).mean(1).double() for l in HP.layers}
+        with_seq = alphaedit.compute(tiny_model, SECOND, HP, stats=stats, cache_dir=tmp_path, sequence=seq)
+        without = alphaedit.compute(tiny_model, SECOND, HP, stats=stats, cache_dir=tmp_path)
+    for l in HP.layers:  # how far the second batch moves the first batch's key's output
+        moved = float((keys[l] @ with_seq.deltas[l].matrix().double()).norm())
+        free = float((keys[l] @ without.deltas[l].matrix().double()).norm())
+        assert moved < 0.2 * free, (l, moved, free)
+
+
+def test_bad_input_is_refused_before_the_optimisation(tiny_model, tmp_path, monkeypatch):
+    stats, _ = stats_for(tiny_model)
+    monkeypatch.setattr(alphaedit, "compute_zs", lambda *a, **k: pytest.fail("optimised before refusing"))
+    before = weights_hash(tiny_model)
+    with pytest.raises(ValueError, match="contiguous"):
+        replace(HP, layers=(0, 2))
+    with pytest.raises(ValueError, match="hparams.layers"):
+        alphaedit.compute(tiny_model, [REQ], replace(HP, layers=(2, 3)), stats={2: stats[0], 3: stats[0]}, cache_dir=tmp_path)
+    with pytest.raises(ValueError, match="rank 0"):
+        alphaedit.compute(tiny_model, [REQ], replace(HP, nullspace_threshold=1e-5), stats=stats, cache_dir=tmp_path)
+    with pytest.raises(ValueError, match="nullspace_threshold"):
+        replace(HP, nullspace_threshold=0.0)
+    with pytest.raises(ValueError, match="AlphaEditSequence"):
+        alphaedit.compute(tiny_model, [REQ], HP, stats=stats, cache_dir=tmp_path, sequence={})
+    assert weights_hash(tiny_model) == before
+
+
+def test_saved_alphaedit_loads_with_its_hparams(tiny_model, tmp_path):
+    stats, _ = stats_for(tiny_model)
+    e = alphaedit.compute(tiny_model, [REQ], HP, stats=stats, cache_dir=tmp_path)
+    back = Edit.load(e.save(tmp_path / "a.safetensors"))
+    assert back.hparams == HP and back.method == "alphaedit"
+
+
+def test_sequential_alphaedit_resumes_with_the_same_sequence(tiny_model, tmp_path):
+    stats, _ = stats_for(tiny_model)
+    records = load_counterfact(FIXTURES / "counterfact_tiny.json")
+    common = dict(records=records, evaluate=lambda m, r: evaluate_counterfact(m, r, gen_tokens=0), batch=1, hparams=HP,
+                  edit_kwargs={"stats": stats, "cache_dir": tmp_path / "c"})
+    before = weights_hash(tiny_model)
+    full = run_sequential(model=tiny_model, method=METHODS["alphaedit"], out_dir=tmp_path / "full", **common)
+
+    class Dies:  # AlphaEdit that is killed at its third batch
+        def __init__(self):
+            self.n = 0
+
+        def __getattr__(self, name):
+            return getattr(METHODS["alphaedit"], name)
+
+        def compute(self, *a, **k):
+            self.n += 1
+            if self.n == 3:
+                raise RuntimeError("killed")
+            return METHODS["alphaedit"].compute(*a, **k)
+
+    with pytest.raises(RuntimeError, match="killed"):
+        run_sequential(model=tiny_model, method=Dies(), out_dir=tmp_path / "r", **common)
+    resumed = run_sequential(model=tiny_model, method=METHODS["alphaedit"], out_dir=tmp_path / "r", **common)
+    assert resumed["model_restored"] and weights_hash(tiny_model) == before
+    third = [Edit.load(tmp_path / d / "edits" / "batch_00002.safetensors") for d in ("full", "r")]
+    # the resumed run's third batch was solved against the replayed K_p K_pᵀ: the same deltas
+    assert all(torch.allclose(third[0].deltas[l].matrix(), third[1].deltas[l].matrix(), atol=1e-6) for l in HP.layers)
+    assert full["checkpoints"][-1]["metrics"] == pytest.approx(resumed["checkpoints"][-1]["metrics"])
