@@ -113,12 +113,15 @@ class TeacherForced:
     lengths: tuple[int, ...]
 
     def rows_tensor(self, device=None) -> Int[Tensor, " m"]:
+        """`rows` as a `[m]` long tensor on `device` (CPU when None)."""
         return torch.tensor(self.rows, dtype=torch.long, device=device)
 
     def cols_tensor(self, device=None) -> Int[Tensor, " m"]:
+        """`cols` as a `[m]` long tensor on `device` (CPU when None)."""
         return torch.tensor(self.cols, dtype=torch.long, device=device)
 
     def targets_tensor(self, device=None) -> Int[Tensor, " m"]:
+        """`targets` (token ids) as a `[m]` long tensor on `device` (CPU when None)."""
         return torch.tensor(self.targets, dtype=torch.long, device=device)
 
     def split(self, values: Sequence) -> list:

@@ -125,6 +125,16 @@ def set_prepend_bos(model, value: bool | None):
     TransformerLens's own `to_tokens` agrees: `False` for a tokenizer without a BOS token
     whatever `value` says, and the tokenizer's convention after `None`. Returns the model.
 
+    Args:
+        model: a TransformerLens model.
+        value: True / False to force BOS on or off, None for the tokenizer's convention.
+
+    Returns:
+        `model`, changed in place.
+
+    Raises:
+        ValueError: `value` is not True, False or None.
+
     Example:
         >>> set_prepend_bos(model, False)   # a chat model trained without BOS
     """
