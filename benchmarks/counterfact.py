@@ -188,6 +188,13 @@ class CounterFactEval:
 def summarize_counterfact(rows: Sequence[dict], *, rs_column: str = "RS") -> dict:
     """Aggregate per-record rows into the papers' columns (×100) with 95% CI half-widths.
 
+    The columns of ROME section 4 / Appendix (and MEMIT section 5): S, the harmonic mean of
+    ES, PS and NS; GE; RS; and the magnitudes EM, PM, NM.
+
+    Args:
+        rows: per-record rows from `evaluate_counterfact`; rows with an `"error"` are left out.
+        rs_column: the name RS is reported under (`Reference.column`).
+
     Returns:
         `{column: {"mean": float, "ci95": float, "n": int}}` for S, ES, PS, NS, GE, RS
         (named `rs_column`), EM, PM, NM; a column with no values is left out. S is the

@@ -182,6 +182,14 @@ def _str_list(raw: dict, key: str, where: str, *, allow_empty: bool = False) -> 
 def parse_counterfact_record(raw: Any, index: int = 0) -> CounterFactRecord:
     """Validate one raw CounterFact record and return a `CounterFactRecord`.
 
+    Args:
+        raw: one record as read from the JSON (a dict with `case_id`, `requested_rewrite`,
+            the prompt lists).
+        index: its position in the file, for messages.
+
+    Returns:
+        The validated `CounterFactRecord` (targets without leading space, prompts as tuples).
+
     Raises:
         ValueError: naming the record (case_id, or its index) and the missing or bad field
             (also a prompt without a `{}` placeholder).
@@ -224,6 +232,14 @@ def parse_counterfact_record(raw: Any, index: int = 0) -> CounterFactRecord:
 
 def parse_zsre_record(raw: Any, index: int = 0) -> ZsreRecord:
     """Validate one raw zsRE record (ROME/MEND format) and return a `ZsreRecord`.
+
+    Args:
+        raw: one record as read from the JSON (`subject`, `src`, `answers`, `rephrase`,
+            `loc`, `loc_ans`).
+        index: its position in the file; becomes `case_id`.
+
+    Returns:
+        The validated `ZsreRecord`.
 
     Raises:
         ValueError: naming the record index and the missing or bad field (also a subject

@@ -337,7 +337,19 @@ def optimize_with(model, requests: Sequence[EditRequest], hp, *, layer: int | Se
 
     `hp.v_num_grad_steps`, `v_lr`, `v_weight_decay`, `clamp_norm_factor`, `kl_factor`,
     `kl_prompts` and `early_stop_nll`, and `kl_position` / `early_stop_on` where `hp` has them
-    (ROME; else their defaults). Returns and raises what `optimize_values` does.
+    (ROME; else their defaults). The loss is ROME Eq. 4 / MEMIT Eq. 16.
+
+    Args:
+        model, requests, layer, templates, ref_norm: as in `optimize_values`.
+        hp: a `ROMEHParams` or `MEMITHParams`.
+
+    Returns:
+        `(δ, curve)` as `optimize_values`: `[n, d_model]` (or `[n, n_layers, d_model]`) and
+        each request's mean target NLL (nats) per step.
+
+    Raises:
+        ValueError: as `optimize_values` (a bad `kl_position` / `early_stop_on`, layers not
+            increasing, a subject or prompt `locate_subject` / `target_ids` refuse).
 
     Example:
         >>> delta, curve = optimize_with(model, requests, hp, layer=hp.layer, templates=templates, ref_norm=ref)

@@ -69,7 +69,7 @@ GROUP_LABELS = {
 
 
 def default_data_dir() -> Path:
-    """`$ROMELENS_DATA`, else `../shared/data` next to the repository root."""
+    """`$ROMELENS_DATA`, else `../shared/data` next to the repository root (which may not exist)."""
     if os.environ.get("ROMELENS_DATA"):
         return Path(os.environ["ROMELENS_DATA"])
     return Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -195,6 +195,12 @@ def group_effects(res: TraceResult) -> torch.Tensor:
     """`[len(GROUPS), n_layers]` mean indirect effect (probabilities) per token group of `res`.
 
     NaN for an empty or untraced group (ROME section 2, Figure 2's token groups).
+
+    Args:
+        res: one prompt's `TraceResult` (`scores [n_pos, n_layers]`, its subject span).
+
+    Returns:
+        `[len(GROUPS), n_layers]` float32: each group's mean of `scores - low` over its tokens.
     """
     ie = res.indirect_effect().float()
     idx = group_tokens(res.subject, ie.shape[0])
@@ -304,7 +310,13 @@ class DatasetTraceResult:
         return self.effects[kind]
 
     def summary(self) -> dict:
-        """JSON-able summary: counts, average total effect, and mean/CI tables per kind."""
+        """JSON-able summary: counts, average total effect, and mean/CI tables per kind.
+
+        Returns:
+            A dict with the counts and settings, `avg_high` / `avg_low` (mean clean and
+            corrupted target probabilities) and per kind `{"mean", "ci", "n"}` as nested
+            `[len(GROUPS)][n_layers]` lists in probability (None for NaN), when a fact was kept.
+        """
         out = {
             "model_name": self.model_name,
             "n_tried": self.n_tried,
@@ -407,8 +419,14 @@ class DatasetTraceResult:
         `tracer.result.save_figure`), so they open offline. With no fact kept only
         `summary.json` is written.
 
+        Args:
+            folder: where the files go (made if needed).
+
         Returns:
-            `folder`.
+            `folder`, as a `Path`.
+
+        Raises:
+            OSError: a file cannot be written (each is written atomically).
         """
         folder = Path(folder)
         atomic_write_text(folder / "summary.json", json.dumps(self.summary(), indent=1))
