@@ -37,7 +37,23 @@ def _summarizer(benchmark: str):
 
 
 def restrict_to_common(run_dirs: Sequence[str | os.PathLike], summaries: list[dict]) -> list[dict]:
-    """Summaries recomputed over the case_ids that every run finished without error."""
+    """Summaries recomputed over the case_ids that every run finished without error (a paired comparison).
+
+    Args:
+        run_dirs: the run folders, each holding `records.jsonl`.
+        summaries: their `summary.json` contents, in the same order (`load_summaries`).
+
+    Returns:
+        One summary per run with `columns` (means ×100 with 95% CIs, as the benchmark's
+        summarizer gives them) and `records_evaluated` recomputed over the common records.
+
+    Raises:
+        ValueError: the runs share no finished record, a summary names a benchmark other
+            than "counterfact" or "zsre", or a `records.jsonl` is corrupt (`read_rows`).
+
+    Example:
+        >>> restrict_to_common(["results/cf-none", "results/cf-rome"], load_summaries([...]))
+    """
     rows = [[r for r in read_rows(Path(d) / RECORDS) if "error" not in r] for d in run_dirs]
     common = set.intersection(*[{r["case_id"] for r in rs} for rs in rows])
     if not common:
@@ -73,6 +89,24 @@ def compare(
     With `common`, columns are recomputed over the records every run finished. The figure
     loads plotly.js offline from `plotly.min.js` beside `html` (written once per folder), or
     from the shared file `plotly_js` (by its relative path) when given.
+
+    Args:
+        run_dirs: finished run folders of one benchmark, each holding `summary.json`.
+        html: where to write a plotly bar chart of the columns (with 95% CIs); None: none.
+        common: recompute every run's columns over the records all runs finished.
+        plotly_js: a shared `plotly.min.js` the figure loads (written if missing).
+
+    Returns:
+        The markdown table: one row per run, the metric columns (×100) then perplexity
+        before/after, records, failures and records per minute.
+
+    Raises:
+        ValueError: `run_dirs` is empty, a run has no `summary.json`, the runs mix
+            benchmarks, `common` finds no shared record (`restrict_to_common`), or `html`
+            has an unsupported suffix (`tracer.result.save_figure`).
+
+    Example:
+        >>> print(compare(["results/cf-none", "results/cf-rome"], html="compare.html"))
     """
     if not run_dirs:
         raise ValueError("run_dirs is empty; expected at least one run directory")
@@ -89,6 +123,16 @@ def compare(
 
 
 def main(argv=None) -> None:
+    """Run `python -m benchmarks.compare`: print one markdown table across run folders (`compare`).
+
+    Args:
+        argv: the arguments (run folders, `--html`, `--common`, `--plotly-js`); None reads
+            `sys.argv`.
+
+    Raises:
+        SystemExit: bad arguments (argparse exits with status 2), e.g. no run folder.
+        ValueError: run folders `compare` refuses (no `summary.json`, mixed benchmarks, ...).
+    """
     parser = argparse.ArgumentParser(description="One table across benchmark runs")
     parser.add_argument("runs", nargs="+", help="run directories holding summary.json")
     parser.add_argument("--html", default=None, help="also write a plotly comparison figure here")

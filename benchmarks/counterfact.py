@@ -52,13 +52,21 @@ class Reference:
 
     @property
     def fallback(self) -> bool:
+        """Whether RS is computed against anything but ROME's snippets and `idf.npy`, so is
+        not comparable with the published RS."""
         return self.snippets is None or self.tfidf.label != "ROME idf.npy"
 
     @property
     def column(self) -> str:
+        """The summary column RS is reported under: `"RS"`, or `RS_FALLBACK` when `fallback`."""
         return RS_FALLBACK if self.fallback else "RS"
 
     def texts(self, record: CounterFactRecord) -> list[str]:
+        """The reference texts about `record.target_new` that RS compares generations with.
+
+        ROME's attribute snippets for `(relation_id, target_new_id)` (possibly none), or
+        without snippets each attribute prompt followed by `target_new`.
+        """
         if self.snippets is not None:
             return list(self.snippets.get(record.relation_id, {}).get(record.target_new_id, []))
         return [f"{p} {record.target_new}" for p in record.attribute_prompts]
@@ -83,8 +91,16 @@ def evaluate_counterfact(
             `CounterFactEval.prefetch`); prompts not in it are generated here.
 
     Returns:
-        A JSON-ready dict: es, em, ps, pm, ns, nm (fractions / probability differences),
-        ge (bits), rs (cosine), the per-prompt NLLs and the generated texts.
+        A JSON-ready dict: es, em, ps, pm, ns, nm (fractions / probability differences,
+        ROME section 4 / Appendix; MEMIT section 5), ge (bits), rs (cosine), the per-prompt
+        mean token NLLs (nats) and the generated texts.
+
+    Raises:
+        ValueError: a prompt or target the tokenizer refuses (`encode` / `target_ids`: empty,
+            longer than `n_ctx`), or `gen_tokens` < 0.
+
+    Example:
+        >>> evaluate_counterfact(model, load_counterfact(n=1)[0], gen_tokens=0)["es"]
     """
     groups = {
         "rewrite": [record.rewrite_prompt],
@@ -145,6 +161,18 @@ class CounterFactEval:
         self._texts: dict[str, str] = {}
 
     def prefetch(self, model, records: Sequence[CounterFactRecord]) -> None:
+        """Generate the records' generation prompts together, replacing the texts kept before.
+
+        Each distinct prompt gets `gen_tokens` greedy tokens, `gen_batch` prompts at a time;
+        with `gen_tokens <= 0` nothing is generated.
+
+        Args:
+            model: the model in the state the next evaluations will see.
+            records: the records about to be evaluated.
+
+        Raises:
+            ValueError: a generation prompt `encode` refuses (empty, longer than `n_ctx`).
+        """
         self._texts = {}
         if self.gen_tokens <= 0:
             return
@@ -159,6 +187,13 @@ class CounterFactEval:
 
 def summarize_counterfact(rows: Sequence[dict], *, rs_column: str = "RS") -> dict:
     """Aggregate per-record rows into the papers' columns (×100) with 95% CI half-widths.
+
+    The columns of ROME section 4 / Appendix (and MEMIT section 5): S, the harmonic mean of
+    ES, PS and NS; GE; RS; and the magnitudes EM, PM, NM.
+
+    Args:
+        rows: per-record rows from `evaluate_counterfact`; rows with an `"error"` are left out.
+        rs_column: the name RS is reported under (`Reference.column`).
 
     Returns:
         `{column: {"mean": float, "ci95": float, "n": int}}` for S, ES, PS, NS, GE, RS
@@ -184,7 +219,20 @@ def summarize_counterfact(rows: Sequence[dict], *, rs_column: str = "RS") -> dic
 
 
 def build_reference(args) -> Reference | None:
-    """RS reference from the CLI options: ROME's files when given, else the labelled fallback."""
+    """RS reference from the CLI options: ROME's files when given, else the labelled fallback.
+
+    Args:
+        args: parsed CLI options with `idf`, `tfidf_vocab`, `snippets` and `wikitext`.
+
+    Returns:
+        A `Reference`: TF-IDF from ROME's `idf.npy` + `tfidf_vocab.json`, or fitted on
+        WikiText-2 test paragraphs; ROME's attribute snippets when `--snippets` is given.
+
+    Raises:
+        ValueError: only one of `--idf` / `--tfidf-vocab`, files that do not match each other
+            (`Tfidf.from_files`), or attribute snippets with a missing field.
+        FileNotFoundError: no WikiText file (without `--idf`) or a missing file given.
+    """
     from benchmarks.data import load_text  # noqa: PLC0415
 
     if args.idf or args.tfidf_vocab:
@@ -198,7 +246,26 @@ def build_reference(args) -> Reference | None:
 
 
 def main(argv=None) -> dict:
-    """Entry point of `python -m benchmarks.counterfact`; returns the summary dict."""
+    """Run `python -m benchmarks.counterfact`: edit and score CounterFact records, resumably.
+
+    Loads the records and the model, edits with `--method` (one record at a time, or
+    `--batch` at once), scores each record (`evaluate_counterfact`; metrics of ROME section 4
+    / Appendix), appends one JSON line per record to `<out>/records.jsonl` (resumed on
+    rerun) and writes `summary.json` / `summary.md`, printing the table.
+
+    Args:
+        argv: the arguments; None reads `sys.argv`.
+
+    Returns:
+        The summary dict (columns ×100 with 95% CIs, perplexity, counts, run metadata).
+
+    Raises:
+        SystemExit: bad arguments (argparse exits with status 2), e.g. no `--out`.
+        ValueError: records, options or a model the benchmark refuses (a bad record,
+            `--n` < 1, an unknown `--method`, a bad `--hparam`, a corrupt `records.jsonl`,
+            only one of `--idf` / `--tfidf-vocab`, ...).
+        FileNotFoundError: no data file at `--data` (or in the shared data folder).
+    """
     from benchmarks import runner  # noqa: PLC0415
     from benchmarks.data import load_counterfact  # noqa: PLC0415
 

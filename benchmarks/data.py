@@ -43,7 +43,21 @@ def data_dir() -> Path:
 
 
 def default_path(name: str) -> Path:
-    """Path of a shared data file; raises FileNotFoundError with the places looked in."""
+    """Path of a shared data file in `data_dir()`.
+
+    Args:
+        name: the file name, e.g. `"counterfact_dev.json"`.
+
+    Returns:
+        `data_dir() / name`, which exists.
+
+    Raises:
+        FileNotFoundError: the file is not there; the message names the place looked in and
+            how to pass a path instead.
+
+    Example:
+        >>> default_path("counterfact_dev.json")
+    """
     path = data_dir() / name
     if not path.exists():
         raise FileNotFoundError(
@@ -125,6 +139,7 @@ class ZsreRecord:
 
     @property
     def rewrite_prompt(self) -> str:
+        """The question with the subject filled in (efficacy is scored on it)."""
         return self.prompt.replace("{}", self.subject, 1)
 
     def request(self):
@@ -167,8 +182,17 @@ def _str_list(raw: dict, key: str, where: str, *, allow_empty: bool = False) -> 
 def parse_counterfact_record(raw: Any, index: int = 0) -> CounterFactRecord:
     """Validate one raw CounterFact record and return a `CounterFactRecord`.
 
+    Args:
+        raw: one record as read from the JSON (a dict with `case_id`, `requested_rewrite`,
+            the prompt lists).
+        index: its position in the file, for messages.
+
+    Returns:
+        The validated `CounterFactRecord` (targets without leading space, prompts as tuples).
+
     Raises:
-        ValueError naming the record (case_id, or its index) and the missing or bad field.
+        ValueError: naming the record (case_id, or its index) and the missing or bad field
+            (also a prompt without a `{}` placeholder).
 
     Example:
         >>> parse_counterfact_record({"case_id": 7})
@@ -209,8 +233,17 @@ def parse_counterfact_record(raw: Any, index: int = 0) -> CounterFactRecord:
 def parse_zsre_record(raw: Any, index: int = 0) -> ZsreRecord:
     """Validate one raw zsRE record (ROME/MEND format) and return a `ZsreRecord`.
 
+    Args:
+        raw: one record as read from the JSON (`subject`, `src`, `answers`, `rephrase`,
+            `loc`, `loc_ans`).
+        index: its position in the file; becomes `case_id`.
+
+    Returns:
+        The validated `ZsreRecord`.
+
     Raises:
-        ValueError naming the record index and the missing or bad field.
+        ValueError: naming the record index and the missing or bad field (also a subject
+            not found in `src`, or a record `editor.EditRequest.from_zsre` refuses).
     """
     where = f"zsre record at index {index}"
     subject = _need(raw, "subject", where, str)
@@ -240,6 +273,11 @@ def parse_zsre_record(raw: Any, index: int = 0) -> ZsreRecord:
 
 
 def sha256_file(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's bytes, as 64 hex digits (read 1 MiB at a time).
+
+    Raises:
+        OSError: the file cannot be read (e.g. `FileNotFoundError`).
+    """
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -254,7 +292,8 @@ def check_counterfact_file(path: str | os.PathLike) -> bool:
     (subsets such as the dev file are not). Returns True when a check was done and passed.
 
     Raises:
-        ValueError when the file claims to be the full CounterFact and its hash differs.
+        ValueError: the file claims to be the full CounterFact and its hash differs.
+        OSError: the file cannot be read.
     """
     path = Path(path)
     size = path.stat().st_size
@@ -318,6 +357,14 @@ def load_counterfact(
     Returns:
         A list of `CounterFactRecord`, in file order.
 
+    Raises:
+        ValueError: `n` < 1 or `start` < 0; a file that is not a JSON list of records, a
+            record with a missing or bad field (`parse_counterfact_record`) or a repeated
+            `case_id`; a full `counterfact.json` whose SHA-256 differs from the published one
+            (`check_counterfact_file`); an `hf:` source that cannot be loaded.
+        FileNotFoundError: `source` does not exist, or with None, no `counterfact_dev.json`
+            in the shared data folder (`default_path`).
+
     Example:
         >>> load_counterfact("../shared/data/counterfact_dev.json", n=2)[1].case_id
         1
@@ -351,6 +398,12 @@ def load_zsre(source: str | os.PathLike | None = None, *, n: int | None = None, 
     Returns:
         A list of `ZsreRecord`; `case_id` is the record's index in the file.
 
+    Raises:
+        ValueError: `n` < 1 or `start` < 0, a file that is not a JSON list of records, or a
+            record with a missing or bad field (`parse_zsre_record`).
+        FileNotFoundError: `source` does not exist, or with None, no `zsre_dev.json` in the
+            shared data folder (`default_path`).
+
     Example:
         >>> load_zsre(n=1)[0].subject
         'Watts Humphrey'
@@ -364,10 +417,27 @@ def load_zsre(source: str | os.PathLike | None = None, *, n: int | None = None, 
 
 
 def load_text(path: str | os.PathLike | None = None) -> str:
-    """Text of the WikiText-2 raw test split (or any text file)."""
+    """Text of the WikiText-2 raw test split (or any text file), decoded as UTF-8.
+
+    Args:
+        path: a text file; None for `wikitext-2-raw-test.txt` in the shared data folder.
+
+    Returns:
+        The whole text.
+
+    Raises:
+        FileNotFoundError: with None, no WikiText file in the shared data folder
+            (`default_path`); otherwise `path` does not exist.
+    """
     path = Path(path) if path is not None else default_path(DEFAULT_WIKITEXT)
     return Path(path).read_text(encoding="utf-8")
 
 
 def records_by_id(records: Sequence[CounterFactRecord | ZsreRecord]) -> dict[int, Any]:
+    """`{case_id: record}`; for a repeated `case_id` the last record wins.
+
+    Example:
+        >>> records_by_id(load_counterfact(n=2))[1].case_id
+        1
+    """
     return {r.case_id: r for r in records}

@@ -33,6 +33,16 @@ def _load_once(model: str, cache: str) -> dict:
 
 
 def main() -> None:
+    """Run `python -m benchmarks.load_speed`: time a cold and a cached load, each in a fresh process.
+
+    Reads `sys.argv` (`--model`, `--cache`, `--skip-cold`) and prints wall-clock seconds and
+    peak resident memory (MiB) of each load.
+
+    Raises:
+        SystemExit: bad arguments (argparse exits with status 2).
+        subprocess.CalledProcessError: a load failed in its child process (its stderr is on
+            the exception).
+    """
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="gemma-3-270m")
     parser.add_argument("--cache", default=None, help="cache folder for the cached run (default: a fresh temp folder)")

@@ -38,7 +38,21 @@ import torch
 def success(nll_a: Sequence[float], nll_b: Sequence[float]) -> list[float]:
     """`[P(a) > P(b)]` per prompt, with `P = exp(-mean token NLL)`, i.e. `nll_a < nll_b`.
 
-    ES/PS use `a = target_new, b = target_true`; NS uses `a = target_true, b = target_new`.
+    ES/PS use `a = target_new, b = target_true`; NS uses `a = target_true, b = target_new`
+    (ROME section 4 / Appendix, CounterFact's efficacy, paraphrase and neighborhood scores).
+
+    Args:
+        nll_a, nll_b: `[n]` mean token NLLs in nats, one per prompt.
+
+    Returns:
+        `[n]` values, 1.0 where `a` is more probable, else 0.0.
+
+    Raises:
+        ValueError: `nll_a` and `nll_b` differ in length.
+
+    Example:
+        >>> success([0.5, 2.0], [1.0, 1.0])
+        [1.0, 0.0]
     """
     if len(nll_a) != len(nll_b):
         raise ValueError(f"nll_a and nll_b differ in length ({len(nll_a)} vs {len(nll_b)})")
@@ -46,20 +60,54 @@ def success(nll_a: Sequence[float], nll_b: Sequence[float]) -> list[float]:
 
 
 def magnitude(nll_a: Sequence[float], nll_b: Sequence[float]) -> list[float]:
-    """`P(a) - P(b)` per prompt, with `P = exp(-mean token NLL)` (EM, PM, NM)."""
+    """`P(a) - P(b)` per prompt, with `P = exp(-mean token NLL)` (EM, PM, NM).
+
+    The magnitudes of ROME section 4 / Appendix (CounterFact efficacy, paraphrase and
+    neighborhood magnitude).
+
+    Args:
+        nll_a, nll_b: `[n]` mean token NLLs in nats, one per prompt.
+
+    Returns:
+        `[n]` probability differences in [-1, 1].
+
+    Raises:
+        ValueError: `nll_a` and `nll_b` differ in length.
+    """
     if len(nll_a) != len(nll_b):
         raise ValueError(f"nll_a and nll_b differ in length ({len(nll_a)} vs {len(nll_b)})")
     return [math.exp(-a) - math.exp(-b) for a, b in zip(nll_a, nll_b)]
 
 
 def mean(values: Sequence[float]) -> float:
+    """The arithmetic mean of `values`, as a float.
+
+    Raises:
+        ValueError: `values` is empty.
+    """
     if len(values) == 0:
         raise ValueError("values is empty; expected at least one value")
     return float(sum(values) / len(values))
 
 
 def harmonic_mean(values: Sequence[float]) -> float:
-    """Harmonic mean; 0 when any value is 0 (as `scipy.stats.hmean` with zeros)."""
+    """Harmonic mean; 0 when any value is 0 (as `scipy.stats.hmean` with zeros).
+
+    The CounterFact score S is the harmonic mean of ES, PS and NS (ROME section 4 / Appendix).
+
+    Args:
+        values: non-negative numbers.
+
+    Returns:
+        `len(values) / sum(1 / v)`, in the units of `values`.
+
+    Raises:
+        ValueError: `values` is empty or holds a negative value.
+
+    Example:
+        >>> harmonic_mean([1.0, 0.5, 0.5])
+        0.6
+    """
     if len(values) == 0:
         raise ValueError("values is empty; expected at least one value")
     if any(v < 0 for v in values):
@@ -70,7 +118,22 @@ def harmonic_mean(values: Sequence[float]) -> float:
 
 
 def mean_ci(values: Sequence[float], scale: float = 1.0) -> tuple[float, float]:
-    """Mean and 95% confidence half-width (normal approximation, `1.96 * sd / sqrt(n)`), both × scale."""
+    """Mean and 95% confidence half-width (normal approximation, `1.96 * sd / sqrt(n)`), both × scale.
+
+    Args:
+        values: the per-record values.
+        scale: multiplies both (100.0 for the benchmarks' percentages).
+
+    Returns:
+        `(mean, half-width)`; the half-width is NaN for a single value (`sd` uses `n - 1`).
+
+    Raises:
+        ValueError: `values` is empty.
+
+    Example:
+        >>> mean_ci([0.0, 1.0], scale=100.0)[0]
+        50.0
+    """
     arr = np.asarray(values, dtype=float)
     if arr.size == 0:
         raise ValueError("values is empty; expected at least one value")
@@ -91,8 +154,23 @@ def word_tokenize(text: str) -> list[str]:
 def ngram_entropy(text: str, ns: Sequence[int] = (2, 3), weights: Sequence[float] = (2 / 3, 4 / 3)) -> float:
     """ROME's n-gram entropy of one text: mean over n of `weight_n * H(n-gram distribution)` in bits.
 
-    With the defaults this is `(2/3 * H2 + 4/3 * H3) / 2`. A text too short to have any
-    n-gram contributes 0 for that n.
+    With the defaults this is `(2/3 * H2 + 4/3 * H3) / 2`, the generation entropy GE of ROME
+    section 4 / Appendix (fluency). A text too short to have any n-gram contributes 0 for that n.
+
+    Args:
+        text: one generated text (split by `word_tokenize`).
+        ns: the n-gram orders.
+        weights: one weight per order.
+
+    Returns:
+        The entropy in bits (>= 0).
+
+    Raises:
+        ValueError: `ns` and `weights` differ in length.
+
+    Example:
+        >>> round(ngram_entropy("a b a b"), 4)
+        0.9728
     """
     if len(ns) != len(weights):
         raise ValueError(f"ns {tuple(ns)} and weights {tuple(weights)} differ in length")
@@ -115,6 +193,12 @@ _TFIDF_TOKEN = re.compile(r"(?u)\b\w\w+\b")  # sklearn's default token_pattern
 class Tfidf:
     """A TF-IDF vectorizer with sklearn `TfidfVectorizer` defaults (lowercase, 2+ char words, l2).
 
+    The reference score RS (consistency) of ROME section 4 / Appendix is the cosine of the
+    TF-IDF vectors of the generations and of reference texts about the new object.
+
+    Raises:
+        ValueError: from `fit` (no document) and `from_files` (files that do not match).
+
     Attributes:
         vocab: word -> column.
         idf: inverse document frequency per column.
@@ -132,7 +216,18 @@ class Tfidf:
 
     @classmethod
     def fit(cls, documents: Iterable[str], label: str = "fitted") -> "Tfidf":
-        """Smoothed idf `ln((1 + n) / (1 + df)) + 1`, as sklearn computes it."""
+        """Smoothed idf `ln((1 + n) / (1 + df)) + 1`, as sklearn computes it.
+
+        Args:
+            documents: the texts (`n` documents; `df` counts the documents holding a word).
+            label: where the statistics come from, reported next to RS.
+
+        Returns:
+            A `Tfidf` over every word of 2+ characters in `documents`.
+
+        Raises:
+            ValueError: `documents` is empty.
+        """
         df: Counter = Counter()
         n = 0
         for doc in documents:
@@ -146,7 +241,19 @@ class Tfidf:
 
     @classmethod
     def from_files(cls, idf_path: str | os.PathLike, vocab_path: str | os.PathLike) -> "Tfidf":
-        """ROME's `idf.npy` and `tfidf_vocab.json`."""
+        """ROME's `idf.npy` and `tfidf_vocab.json`, labelled `"ROME idf.npy"`.
+
+        Args:
+            idf_path: the `[n_words]` idf array (`.npy`).
+            vocab_path: the JSON `{word: column}`.
+
+        Returns:
+            A `Tfidf` with ROME's statistics (RS comparable with the published one).
+
+        Raises:
+            ValueError: the vocabulary and idf sizes do not match, or a column is out of range.
+            OSError: a file cannot be read.
+        """
         idf = np.load(idf_path)
         with open(vocab_path, encoding="utf-8") as f:
             vocab = json.load(f)
@@ -155,6 +262,7 @@ class Tfidf:
         return cls(vocab=vocab, idf=idf, label="ROME idf.npy")
 
     def vector(self, text: str) -> np.ndarray:
+        """The l2-normalised TF-IDF vector of `text`, `[n_words]` (all zeros with no known word)."""
         v = np.zeros(len(self.idf))
         for w in _TFIDF_TOKEN.findall(text.lower()):
             j = self.vocab.get(w)
@@ -170,7 +278,19 @@ class Tfidf:
 
 
 def load_attribute_snippets(path: str | os.PathLike) -> dict:
-    """ROME's `attribute_snippets.json` as `{relation_id: {target_id: [texts]}}`."""
+    """ROME's `attribute_snippets.json` as `{relation_id: {target_id: [texts]}}`.
+
+    Args:
+        path: the JSON file (a list of `{relation_id, target_id, samples: [{text}]}`).
+
+    Returns:
+        The snippet texts by relation and target id (RS references).
+
+    Raises:
+        ValueError: an entry without `relation_id`, `target_id` or `samples`, or a file
+            that is not JSON (`json.JSONDecodeError`).
+        OSError: the file cannot be read.
+    """
     with open(path, encoding="utf-8") as f:
         raw = json.load(f)
     out: dict = {}
@@ -197,7 +317,23 @@ def target_nll(model, prompts: Sequence[str], targets: Sequence[str], *, batch_s
     """Mean token NLL of each target after its prompt (teacher forced); `exp(-x)` is ROME's P.
 
     The same numbers as `tracer.target_probs(...).mean_nll` (tested), computed with
-    `tracer.batching`.
+    `tracer.batching`. CounterFact's ES/PS/NS compare these (ROME section 4 / Appendix).
+
+    Args:
+        model: a TransformerLens model with a tokenizer.
+        prompts: `[n]` filled prompts.
+        targets: `[n]` target texts, one per prompt.
+        batch_size: pairs per forward pass.
+
+    Returns:
+        `[n]` mean negative log-likelihoods per target token, in nats.
+
+    Raises:
+        ValueError: `prompts` and `targets` differ in length, or a pair `encode` /
+            `target_ids` refuse (empty, longer than `n_ctx`).
+
+    Example:
+        >>> target_nll(model, ["The Eiffel Tower is in"], ["Paris"])
     """
     from tracer.batching import log_probs, pick  # noqa: PLC0415
 
@@ -233,6 +369,18 @@ def greedy_generate(model, prompts: Sequence[str], max_new_tokens: int = 100) ->
     the model has a usable one) and only each row's last position is unembedded.
     Generation stops early only at the model's context length.
 
+    Args:
+        model: a TransformerLens model with a tokenizer.
+        prompts: the prompts (GE / RS generation prompts).
+        max_new_tokens: greedy tokens added to each prompt (fewer where `n_ctx` ends first).
+
+    Returns:
+        One decoded text per prompt (prompt + continuation, special tokens dropped).
+
+    Raises:
+        ValueError: `max_new_tokens` < 0, or a prompt `encode` refuses (empty, longer than
+            `n_ctx`).
+
     Example:
         >>> greedy_generate(model, ["The Eiffel Tower is in"], max_new_tokens=5)
     """
@@ -257,6 +405,19 @@ def teacher_forced_correct(model, prompts: Sequence[str], targets: Sequence[str]
 
     This is ROME's zsRE token accuracy (`eval_utils_zsre`), computed in one pass per
     pair instead of one prompt per prefix. Targets get a leading space as `tracer.target_ids` decides.
+
+    Args:
+        model: a TransformerLens model with a tokenizer.
+        prompts: `[n]` filled prompts.
+        targets: `[n]` target texts, one per prompt.
+        batch_size: pairs per forward pass.
+
+    Returns:
+        Per pair, one bool per target token.
+
+    Raises:
+        ValueError: `prompts` and `targets` differ in length, or a pair `encode` /
+            `target_ids` refuse (empty, longer than `n_ctx`).
 
     Example:
         >>> teacher_forced_correct(model, ["The Eiffel Tower is in the city of"], ["Paris"])

@@ -39,7 +39,13 @@ def perplexity(model, text: str, *, max_tokens: int = 4096, window: int = 256, b
         block: positions unembedded at once.
 
     Returns:
-        exp(mean next-token NLL) over the scored tokens.
+        `exp(mean next-token NLL)` over the scored tokens, NLL in nats (a perplexity >= 1).
+
+    Raises:
+        ValueError: `max_tokens` or `window` below 2, or `text` with fewer than 2 tokens.
+
+    Example:
+        >>> perplexity(model, "The Eiffel Tower is in Paris. " * 50, max_tokens=256)
     """
     from tracer.batching import log_probs, pick  # noqa: PLC0415
     from tracer.model import bos_ids, final_logits, final_resid, model_device  # noqa: PLC0415
@@ -72,13 +78,37 @@ def perplexity(model, text: str, *, max_tokens: int = 4096, window: int = 256, b
 
 
 def wikitext_perplexity(model, path: str | os.PathLike | None = None, *, max_tokens: int = 4096, window: int = 256) -> float:
-    """`perplexity` on WikiText-2 raw test text (`path`, or the shared data file)."""
+    """`perplexity` on WikiText-2 raw test text (`path`, or the shared data file).
+
+    Args:
+        model: a TransformerLens model with a tokenizer.
+        path: a text file; None for the shared `wikitext-2-raw-test.txt`.
+        max_tokens, window: as in `perplexity`.
+
+    Returns:
+        The perplexity, `exp(mean NLL in nats)`.
+
+    Raises:
+        ValueError: as in `perplexity`.
+        FileNotFoundError: no text file at `path` (or in the shared data folder).
+    """
     from benchmarks.data import load_text  # noqa: PLC0415
 
     return perplexity(model, load_text(path), max_tokens=max_tokens, window=window)
 
 
 def main(argv=None) -> None:
+    """Run `python -m benchmarks.perplexity`: print the WikiText-2 perplexity of `--model`.
+
+    Args:
+        argv: the arguments (`--model`, `--data`, `--tokens`, `--window`, `--device`); None
+            reads `sys.argv`.
+
+    Raises:
+        SystemExit: bad arguments (argparse exits with status 2), e.g. a non-integer `--tokens`.
+        ValueError: a model `load_model` refuses, or `--tokens` / `--window` below 2.
+        FileNotFoundError: no text file at `--data` (or in the shared data folder).
+    """
     parser = argparse.ArgumentParser(description="WikiText-2 perplexity of a model (bounded token count)")
     parser.add_argument("--model", default="gemma-3-270m")
     parser.add_argument("--data", default=None, help="text file (default: shared wikitext-2-raw-test.txt)")

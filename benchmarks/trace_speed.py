@@ -32,15 +32,32 @@ from tracer.trace import _chunks, _conditions, prepare_runs, restore_scores, win
 
 
 def peak_rss_mib() -> float:
+    """Peak resident memory of this process so far, in MiB (Linux reports `ru_maxrss` in KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 @torch.no_grad()
 def reference_trace(model, prompt, subject, *, kind, noise_std, samples, seed, window, target_id, cells=None):
-    """The paper's method: one forward pass with full logits per (token, layer).
+    """The paper's method: one forward pass with full logits per (token, layer) (ROME section 2.1).
 
-    `cells`: optional list of (token, layer) to compute (others stay NaN); every cell costs
-    the same single forward pass, so timing a subset extrapolates linearly.
+    Args:
+        model: a TransformerLens model with a tokenizer.
+        prompt, subject: the fact traced (`locate_subject`).
+        kind: "resid", "mlp" or "attn".
+        noise_std: standard deviation of the subject-embedding noise, in `hook_embed` units.
+        samples: corrupted copies of the prompt per pass.
+        seed: seed of the noise.
+        window: layers restored around each layer for "mlp" / "attn".
+        target_id: the token whose probability is averaged.
+        cells: optional list of (token, layer) to compute (others stay NaN); every cell costs
+            the same single forward pass, so timing a subset extrapolates linearly.
+
+    Returns:
+        `[n_pos, n_layers]` mean probability of `target_id` at the last position over the
+        corrupted rows with that cell restored (NaN for cells not computed).
+
+    Raises:
+        ValueError: a subject `locate_subject` cannot find, or an empty prompt.
     """
     pt = locate_subject(model, prompt, subject)
     a, b = pt.subject
@@ -73,7 +90,15 @@ def reference_trace(model, prompt, subject, *, kind, noise_std, samples, seed, w
 
 
 def layer_flops(cfg, n_tokens: int) -> float:
-    """Forward FLOPs of one block over `n_tokens` tokens (matmuls only, 2 per multiply-add)."""
+    """Forward FLOPs of one block over `n_tokens` tokens (matmuls only, 2 per multiply-add).
+
+    Args:
+        cfg: the model's TransformerLens config (`d_model`, `n_heads`, `d_head`, `d_mlp`, ...).
+        n_tokens: positions in the pass.
+
+    Returns:
+        FLOPs (a count, not a rate).
+    """
     d, h, dh = cfg.d_model, cfg.n_heads, cfg.d_head
     kv = getattr(cfg, "n_key_value_heads", None) or h
     attn = 2 * d * h * dh * 2 + 2 * d * kv * dh * 2 + 2 * 2 * n_tokens * h * dh
@@ -82,6 +107,12 @@ def layer_flops(cfg, n_tokens: int) -> float:
 
 
 def matmul_gflops(size: int = 1024, reps: int = 10) -> float:
+    """Measured float32 matmul throughput of this machine, in GFLOP/s.
+
+    Args:
+        size: side of the square matrices multiplied.
+        reps: timed multiplications (after one warm-up).
+    """
     x, y = torch.randn(size, size), torch.randn(size, size)
     x @ y
     t = time.perf_counter()
@@ -91,6 +122,23 @@ def matmul_gflops(size: int = 1024, reps: int = 10) -> float:
 
 
 def main(argv=None) -> int:
+    """Run `python -m benchmarks.trace_speed`: time the paper's tracing against `trace_prompt`.
+
+    Prints seconds per kind and method, the speedup, estimated FLOPs against measured matmul
+    throughput, peak memory and (with `--facts` or `--n-known`) a projected time in hours for
+    tracing the known facts; `--json` also writes the numbers.
+
+    Args:
+        argv: the arguments; None reads `sys.argv`.
+
+    Returns:
+        The exit status: 0 when both methods agree within 1e-4 on every compared cell, else 1.
+
+    Raises:
+        SystemExit: bad arguments (argparse exits with status 2), e.g. a non-integer `--samples`.
+        ValueError: arguments the tracing functions refuse (an unknown subject or kind, a bad
+            window, ...).
+    """
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="gemma-3-270m")
     p.add_argument("--prompt", default="The Eiffel Tower is located in the city of")

@@ -32,10 +32,23 @@ COLUMNS = ("Efficacy", "Paraphrase", "Specificity")
 
 
 def evaluate_zsre(model, record: ZsreRecord) -> dict:
-    """zsRE token accuracies of one record on the model as it is now.
+    """zsRE token accuracies of one record on the model as it is now (ROME section 4, zsRE; MEMIT section 5).
+
+    Args:
+        model: a TransformerLens model with a tokenizer (edited or not).
+        record: the zsRE record.
 
     Returns:
-        `{"efficacy", "paraphrase", "specificity"}` in [0, 1], plus the per-token hits.
+        `{"efficacy", "paraphrase", "specificity"}`, each the fraction of target tokens
+        predicted (argmax, teacher forced) in [0, 1], plus `"hits"`: the per-token booleans
+        of the three prompts.
+
+    Raises:
+        ValueError: a prompt or target `encode` / `target_ids` refuse (empty, longer than
+            `n_ctx`).
+
+    Example:
+        >>> evaluate_zsre(model, load_zsre(n=1)[0])["efficacy"]
     """
     hits = M.teacher_forced_correct(
         model,
@@ -53,6 +66,14 @@ def evaluate_zsre(model, record: ZsreRecord) -> dict:
 def summarize_zsre(rows: Sequence[dict]) -> dict:
     """Means over records ×100 with 95% CI half-widths.
 
+    Args:
+        rows: per-record rows from `evaluate_zsre`; rows with an `"error"` are left out.
+
+    Returns:
+        `{column: {"mean": float, "ci95": float, "n": int}}` for Efficacy, Paraphrase and
+        Specificity (percentages; `ci95` NaN with one record); a column with no values is
+        left out.
+
     Example:
         >>> summarize_zsre([{"efficacy": 1.0, "paraphrase": 0.5, "specificity": 0.0}])["Paraphrase"]["mean"]
         50.0
@@ -68,7 +89,25 @@ def summarize_zsre(rows: Sequence[dict]) -> dict:
 
 
 def main(argv=None) -> dict:
-    """Entry point of `python -m benchmarks.zsre`; returns the summary dict."""
+    """Run `python -m benchmarks.zsre`: edit and score zsRE records, resumably.
+
+    Loads the records and the model, edits with `--method` (one record at a time, or
+    `--batch` at once), scores each record (`evaluate_zsre`), appends one JSON line per
+    record to `<out>/records.jsonl` (resumed on rerun) and writes `summary.json` /
+    `summary.md`, printing the table.
+
+    Args:
+        argv: the arguments; None reads `sys.argv`.
+
+    Returns:
+        The summary dict (columns ×100 with 95% CIs, perplexity, counts, run metadata).
+
+    Raises:
+        SystemExit: bad arguments (argparse exits with status 2), e.g. no `--out`.
+        ValueError: records, options or a model the benchmark refuses (a bad record,
+            `--n` < 1, an unknown `--method`, a bad `--hparam`, a corrupt `records.jsonl`, ...).
+        FileNotFoundError: no data file at `--data` (or in the shared data folder).
+    """
     from benchmarks import runner  # noqa: PLC0415
     from benchmarks.data import load_zsre  # noqa: PLC0415
     from tracer import TL_API  # noqa: PLC0415

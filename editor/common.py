@@ -52,9 +52,21 @@ log = logging.getLogger(__name__)
 def probe(model, requests: Sequence[EditRequest]) -> dict[str, Tensor]:
     """Probabilities of the new and true targets on each bare edit prompt.
 
+    Args:
+        model: a TransformerLens model with a tokenizer, as it is now (edited or not).
+        requests: `[n]` edit requests; each is scored on `request.filled`.
+
     Returns:
-        `{"new_first", "new_seq"}` (first-token and whole-target probability, `[n]` each),
-        plus `{"true_first", "true_seq"}` when every request has a `target_true`.
+        `{"new_first", "new_seq"}` (first-token and whole-target probability, `[n]` CPU
+        tensors in [0, 1]), plus `{"true_first", "true_seq"}` when every request has a
+        `target_true`.
+
+    Raises:
+        ValueError: a prompt or target `tracer.target_probs` refuses (empty, longer than
+            `n_ctx`, out-of-vocabulary ids).
+
+    Example:
+        >>> probe(model, [req])["new_first"]      # tensor([p])
     """
     prompts = [r.filled for r in requests]
     new = target_probs(model, prompts, [r.target_new for r in requests])
@@ -67,7 +79,27 @@ def probe(model, requests: Sequence[EditRequest]) -> dict[str, Tensor]:
 
 
 def templates_for(model, lengths, *, cache_dir, model_hash) -> list[str]:
-    """`"{}"` plus the self-generated templates for each `(length, n)` pair (`editor.context`)."""
+    """`"{}"` plus the self-generated templates for each `(length, n)` pair (`editor.context`).
+
+    The context templates over which ROME averages `k*` and the value loss (ROME section
+    3.1) and MEMIT its keys and values; pair `i` is sampled with seed `i` and cached.
+
+    Args:
+        model: a TransformerLens model with a tokenizer.
+        lengths: `(length in tokens, number of templates)` pairs, e.g. `((5, 10), (10, 10))`.
+        cache_dir: cache root (`"none"` disables caching).
+        model_hash: weights hash keying the cache (the unedited model's, `base_hash`).
+
+    Returns:
+        `1 + sum(n)` templates, each with one `{}`; the bare `"{}"` first.
+
+    Raises:
+        ValueError: a length too long for the model's context `n_ctx`
+            (`editor.context.generate_templates`).
+
+    Example:
+        >>> templates_for(model, ((10, 4),), cache_dir=None, model_hash=base_hash(model))[:2]
+    """
     out = ["{}"]
     for i, (length, n) in enumerate(lengths):
         out += context_templates(model, n=n, length=length, seed=i, cache_dir=cache_dir, model_hash=model_hash)[1:]
@@ -98,7 +130,12 @@ def start_compute(
 
 
 def base_hash(model) -> str:
-    """Weights hash of the model before any romelens edit now applied (stats describe it)."""
+    """Weights hash of the model before any romelens edit now applied (stats describe it).
+
+    Returns:
+        The hex hash recorded by the first edit on the model's edit stack, or
+        `tracer.model.weights_hash(model)` when none is applied.
+    """
     stack = edit_stack(model)
     return stack[0].model_hash if stack else weights_hash(model)
 
@@ -148,6 +185,21 @@ def apply_and_probe(edit: "Edit", model) -> "AppliedEdit":
     For an `edit` just computed on `model` by `compute`: its recorded hash is the model's
     (`compute` hashed these weights and left them bit-identical), so it is not hashed again.
     If the probe fails, the edit is restored before the error propagates.
+
+    Args:
+        edit: the `Edit` just computed on `model`.
+        model: the model it was computed on, its weights unchanged since.
+
+    Returns:
+        The `AppliedEdit` (on the model's edit stack), its `diagnostics["after"]` from `probe`.
+
+    Raises:
+        ValueError: deltas `editor.result.apply_deltas` refuses (wrong shape, NaN / inf,
+            weights that overflow their dtype: nothing written), or a probe that fails
+            (`probe`; the edit is restored first).
+
+    Example:
+        >>> applied = apply_and_probe(rome.compute(model, req), model)
     """
     applied = edit._write(model, edit.model_hash)
     try:

@@ -41,6 +41,24 @@ def generate_templates(model, *, n: int = 10, length: int = 10, seed: int = 0, t
     Each prefix starts from an opener word, after BOS only where the model uses one
     (`tracer.model.bos_ids`); without BOS the opener's own tokens start the sequence, and
     the first sampled token is predicted from them.
+
+    Args:
+        model: a TransformerLens model with a tokenizer.
+        n: prefixes sampled (openers cycle through `OPENERS`).
+        length: tokens sampled after each opener.
+        seed: seed of the sampling generator (a CPU generator; the draws are made on the CPU).
+        top_k: each token is drawn from the `top_k` most probable, by their renormalised
+            probabilities.
+
+    Returns:
+        `["{}"]` plus `n` templates `"<prefix>. {}"` (braces removed from the prefix).
+
+    Raises:
+        ValueError: `n` < 1 (no sequence to pad), or an opener plus `length` tokens longer
+            than the model's context `n_ctx`.
+
+    Example:
+        >>> generate_templates(model, n=2, length=5)     # ['{}', '... . {}', '... . {}']
     """
     tok = model.tokenizer
     device = model_device(model)
@@ -88,6 +106,15 @@ def context_templates(
 
     Returns:
         A list of `n + 1` templates, each with one `{}`.
+
+    Raises:
+        ValueError: `n` < 0, or a `length` too long for the model's context `n_ctx`
+            (`generate_templates`). An unreadable or mismatched cache file is not an
+            error: it is regenerated with a warning.
+
+    Example:
+        >>> context_templates(model, n=4, length=10, cache_dir="none")[0]
+        '{}'
     """
     if n == 0:
         return ["{}"]

@@ -71,7 +71,27 @@ def _nll(model, batch, deltas: dict[int, Tensor]) -> Tensor:
 
 
 def layer_grad_norms(model, requests) -> list[float]:
-    """`‖∂ NLL / ∂ W_out[l]‖` for every layer `l`, on the edit loss of `requests`."""
+    """`‖∂ NLL / ∂ W_out[l]‖` for every layer `l`, on the edit loss of `requests`.
+
+    The loss is FT-L's: the mean NLL (nats per target token) of each request's `target_new`
+    after its bare prompt; the gradients are taken at zero deltas on the unedited model, in
+    one backward pass, to compare with where causal tracing locates the fact.
+
+    Args:
+        model: a TransformerLens model with a tokenizer.
+        requests: an `EditRequest` or several.
+
+    Returns:
+        `[n_layers]` Frobenius norms of the gradient w.r.t. each layer's `W_out`
+        (`[d_mlp, d_model]`), in nats per unit weight.
+
+    Raises:
+        ValueError: requests `as_requests` refuses, or a prompt or target `encode` /
+            `target_ids` refuse (empty, longer than `n_ctx`).
+
+    Example:
+        >>> int(torch.tensor(layer_grad_norms(model, req)).argmax())     # the steepest layer
+    """
     requests = as_requests(requests)
     dev = model_device(model)
     zeros = {
@@ -116,7 +136,9 @@ def compute(
         and `grad_norms` (the per-layer gradient norms of the unedited model).
 
     Raises:
-        ValueError: bad hparams, layer, device or conflicting requests (`editor.checks`).
+        ValueError: bad hparams, layer, device or conflicting requests (`editor.checks`), or
+            a prompt or target `encode` / `target_ids` refuse (empty, longer than `n_ctx`).
+        TypeError: a keyword other than those above.
 
     Example:
         >>> e = ft.compute(model, requests, FTHParams(layer=4)); e.deltas[4].dense.abs().max()

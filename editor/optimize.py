@@ -42,7 +42,30 @@ def _fill(template: str, prompt: str) -> str:
 def subject_keys(
     model, requests: Sequence[EditRequest], templates: Sequence[str], layer: int, *, batch_size: int = 64
 ) -> Tensor:
-    """Keys at the last subject token, `[n_requests, n_templates, d_mlp]`."""
+    """Keys at the last subject token, `[n_requests, n_templates, d_mlp]`.
+
+    The key `k` is `blocks.{layer}.mlp.hook_post` (what `W_out` reads) at the last subject
+    token of each request's prompt put into each context template; averaging over the
+    templates gives ROME's `k*` (ROME section 3.1, Step 1) and MEMIT's keys `k_i`.
+
+    Args:
+        model: a TransformerLens model with a tokenizer.
+        requests: the edit requests.
+        templates: context templates, each with one `{}` taking the request's prompt
+            (`"{}"` for the bare prompt).
+        layer: the edited block.
+        batch_size: (request, template) prompts per forward pass.
+
+    Returns:
+        `[n_requests, n_templates, d_mlp]` float32 keys on the model's device.
+
+    Raises:
+        ValueError: a subject not found in its filled prompt, or a prompt longer than
+            `n_ctx` (`locate_subject`).
+
+    Example:
+        >>> k_star = subject_keys(model, requests, templates, layer=4).mean(1)   # [n, d_mlp]
+    """
     device = model_device(model)
     items = []
     for r in requests:
@@ -62,7 +85,25 @@ def subject_keys(
 @torch.no_grad()
 def block_values(model, requests: Sequence[EditRequest], layer: int, kind: str, *, batch_size: int = 64) -> Tensor:
     """`[n, d_model]` at the last subject token of each bare prompt: the raw MLP output
-    (`kind="raw"`) or the residual after the block (`kind="resid"`)."""
+    (`kind="raw"`) or the residual after the block (`kind="resid"`).
+
+    The raw MLP output is ROME's current value `W_out k + b_out` at the subject; MEMIT
+    reads the residual (its `h^L`) to form its target values.
+
+    Args:
+        model: a TransformerLens model with a tokenizer.
+        requests: the edit requests.
+        layer: the block read.
+        kind: `"raw"`, or any other value for the residual after the block.
+        batch_size: prompts per forward pass.
+
+    Returns:
+        `[n_requests, d_model]` float32 on the model's device.
+
+    Raises:
+        ValueError: a subject not found in its prompt, or a prompt longer than `n_ctx`
+            (`locate_subject`).
+    """
     device = model_device(model)
     items = [locate_subject(model, r.prompt, r.subject) for r in requests]
     out = []
@@ -139,7 +180,19 @@ def _build(model, requests, templates, kl_prompts, device, kl_position: str = "l
 def shifted_mlp_outputs(model, layers: Sequence[int], idx: tuple[Tensor, Tensor], delta: Tensor) -> Iterator[None]:
     """Add `delta[:, j]` to block `layers[j]`'s raw MLP output at positions `idx = (rows, pos)`.
 
-    `delta`: `[len(rows), len(layers), d_model]`. Hooks are removed on exit.
+    Inside, forward passes see every block's output shifted as a weight edit that maps the
+    subject's key to `value + delta` would shift it (ROME's `v*`, MEMIT's `z`); hooks are
+    removed on exit.
+
+    Args:
+        model: a TransformerLens model.
+        layers: the blocks shifted.
+        idx: `(rows, pos)`, each `[m]` long, the batch positions shifted.
+        delta: `[m, len(layers), d_model]`, in residual-stream units; gradients flow to it.
+
+    Example:
+        >>> with shifted_mlp_outputs(model, [4], (rows, pos), delta[:, None]):
+        ...     lp = position_log_probs(model, tokens, tf.rows_tensor(), tf.cols_tensor())
     """
     def shift(j):
         return lambda out: out.index_put(idx, delta[:, j].to(out.dtype), accumulate=True)
@@ -193,11 +246,37 @@ def optimize_values(
     the layers and each layer's delta is clamped against its own reference norm.
 
     Args:
+        model: a TransformerLens model with a tokenizer.
+        requests: `[n]` edit requests (prompt, subject, `target_new`).
+        layer: the block (an int) or increasing blocks (a sequence) whose output is shifted.
+        templates: context templates with one `{}` for the request's prompt.
+        kl_prompts: prompts (with `{}` for the subject) whose next-token distribution the
+            KL term keeps; empty for none.
         ref_norm: `[n]` norm of the reference vector (the original value) per request;
             `[n, n_layers]` with a sequence of layers.
+        steps: the most Adam steps.
+        lr: Adam's learning rate.
+        weight_decay: factor of `‖δ‖ / ‖ref‖²` in the loss.
+        clamp_norm_factor: `‖δ‖` is kept at most this times `‖ref‖`.
+        kl_factor: factor of the KL term (0: none).
+        early_stop_nll: a request stops once its NLL (or loss) is below this, in nats.
+        kl_position: `"last"` or `"subject"`, where the KL prompts are read.
+        early_stop_on: `"nll"` or `"loss"`, what `early_stop_nll` is compared with.
 
     Returns:
-        `(δ, curve)` where `curve[s]` lists each request's NLL at step `s`.
+        `(δ, curve)`: `δ` is `[n, d_model]` (an int `layer`) or `[n, n_layers, d_model]`
+        float32, detached; `curve[s]` lists each request's mean target NLL (nats) at step `s`.
+
+    Raises:
+        ValueError: `kl_position` or `early_stop_on` not one of the allowed values, `layer`
+            an empty or non-increasing sequence, or a request whose subject is not found in
+            a filled prompt or whose prompt and target exceed `n_ctx` (`locate_subject`,
+            `target_ids`).
+
+    Example:
+        >>> delta, curve = optimize_values(model, requests, layer=4, templates=["{}"], kl_prompts=["{} is a"],
+        ...     ref_norm=ref, steps=20, lr=0.5, weight_decay=0.5, clamp_norm_factor=4.0, kl_factor=0.0625,
+        ...     early_stop_nll=0.05)
     """
     device = model_device(model)
     n = len(requests)
@@ -258,7 +337,19 @@ def optimize_with(model, requests: Sequence[EditRequest], hp, *, layer: int | Se
 
     `hp.v_num_grad_steps`, `v_lr`, `v_weight_decay`, `clamp_norm_factor`, `kl_factor`,
     `kl_prompts` and `early_stop_nll`, and `kl_position` / `early_stop_on` where `hp` has them
-    (ROME; else their defaults). Returns and raises what `optimize_values` does.
+    (ROME; else their defaults). The loss is ROME Eq. 4 / MEMIT Eq. 16.
+
+    Args:
+        model, requests, layer, templates, ref_norm: as in `optimize_values`.
+        hp: a `ROMEHParams` or `MEMITHParams`.
+
+    Returns:
+        `(δ, curve)` as `optimize_values`: `[n, d_model]` (or `[n, n_layers, d_model]`) and
+        each request's mean target NLL (nats) per step.
+
+    Raises:
+        ValueError: as `optimize_values` (a bad `kl_position` / `early_stop_on`, layers not
+            increasing, a subject or prompt `locate_subject` / `target_ids` refuse).
 
     Example:
         >>> delta, curve = optimize_with(model, requests, hp, layer=hp.layer, templates=templates, ref_norm=ref)

@@ -37,18 +37,15 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from editor.checks import check_layer, check_layers, check_positive_int, check_stats_tokens
+from tracer.batching import pad_tokens
 from tracer.files import atomic_path, safe_name
 from tracer.hooks import hook_name
-from tracer.model import bos_cache_tag, bos_ids, model_device, model_name, weights_hash
+from tracer.model import bos_cache_tag, bos_ids, model_device, model_name, recording, run_until, weights_hash
 from tracer.offline import cache_dir as default_cache_dir, cache_root
 
 log = logging.getLogger(__name__)
 
 STATS_VERSION = "1"
-
-
-class _StopForward(Exception):
-    """Raised in a hook once the deepest needed layer has run."""
 
 
 def _default_corpus() -> str:
@@ -130,8 +127,9 @@ def compute_stats(
         n_tokens: stop after this many (non-BOS) tokens; the whole corpus if smaller.
         seq_len: text tokens per row (capped at `n_ctx` minus the BOS).
         batch_size: rows per forward pass.
-        early_stop: end each forward pass after the deepest layer (False runs the full
-            model, kept for the speed benchmark).
+        early_stop: end each forward pass at the deepest layer's keys
+            (`tracer.model.run_until`), the shallower layers' keys recorded on the way
+            (`tracer.model.recording`); False runs the full model, kept for the speed benchmark.
         progress: show a tqdm bar.
         min_tokens: fewest tokens accepted, asked for and counted; default `d_mlp`, since
             `C` from fewer tokens is singular. 0 accepts any count (for inspection only).
@@ -154,19 +152,14 @@ def compute_stats(
     device = model_device(model)
     d = model.cfg.d_mlp
     sums = {l: torch.zeros(d, d, dtype=torch.float64, device=device) for l in layers}
-    pad = model.tokenizer.pad_token_id or 0
     count = 0
-    state: dict = {}
+    names = {l: hook_name("key", l) for l in layers}
 
-    def grab(act, hook):
-        layer = int(hook.name.split(".")[1])
+    def add(act: Tensor, mask: Tensor, layer: int) -> None:
         k = act[:, int(has_bos) :].float()  # drop BOS: [batch, pos, d_mlp]
-        k = k[state["mask"]]  # [tokens, d_mlp], padding removed
+        k = k[mask]  # [tokens, d_mlp], padding removed
         sums[layer].add_((k.T @ k).double())  # per-batch product in fp32, running sum in fp64
-        if early_stop and layer == layers[-1]:
-            raise _StopForward
 
-    hooks = [(hook_name("key", l), grab) for l in layers]
     ids = _tokenize(model, text, limit=n_tokens + seq_len)  # + one row: every row that is used is whole
     bar = tqdm(total=min(n_tokens, len(ids)), desc=f"key stats L{layers}", unit="tok", disable=not progress)
     rows = _rows(model, ids, seq_len)
@@ -189,18 +182,19 @@ def compute_stats(
             take = min(n, budget - used)
             keep.append(r[: take + int(has_bos)])
             used += take
-        width = max(len(r) for r in keep)
-        tokens = torch.full((len(keep), width), pad, dtype=torch.long, device=device)
-        mask = torch.zeros(len(keep), width - int(has_bos), dtype=torch.bool, device=device)
+        tokens = pad_tokens(model, keep, device)  # right-padded: causal, so the real keys are exact
+        mask = torch.zeros(len(keep), tokens.shape[1] - int(has_bos), dtype=torch.bool, device=device)
         for i, r in enumerate(keep):
-            tokens[i, : len(r)] = torch.tensor(r, device=device)
             mask[i, : len(r) - int(has_bos)] = True
-        state["mask"] = mask
-        try:
-            with model.hooks(fwd_hooks=hooks):
+        if early_stop:  # the pass ends at the deepest layer's keys; the others are recorded on the way
+            with recording(model, [names[l] for l in layers[:-1]]) as seen:
+                deepest = run_until(model, tokens, names[layers[-1]])
+            seen = {**seen, names[layers[-1]]: deepest}
+        else:  # the full model, unembedding included (for the speed benchmark)
+            with recording(model, [names[l] for l in layers]) as seen:
                 model(tokens)
-        except _StopForward:
-            pass
+        for l in layers:
+            add(seen[names[l]], mask, l)
         count += used
         bar.update(used)
         done = count >= n_tokens or len(batch) < batch_size

@@ -53,6 +53,14 @@ def pad_tokens(model, seqs: Sequence[Sequence[int]], device) -> Int[Tensor, "n w
     Padding uses `pad_id(model)` and sits after each sequence, so a causal model's
     activations at the real positions do not depend on the padding.
 
+    Args:
+        model: a TransformerLens model with a tokenizer (for the pad id).
+        seqs: token id sequences.
+        device: where the batch is made.
+
+    Returns:
+        `[n, max_len]` long tensor; row `i` holds `seqs[i]` then padding.
+
     Raises:
         ValueError: `seqs` is empty.
 
@@ -72,6 +80,15 @@ def pad_left(model, seqs: Sequence[Sequence[int]], device) -> tuple[Int[Tensor, 
     """Left-pad token id sequences into one batch, with its attention mask (1 on real tokens).
 
     For generation: every row's last real token sits at the last position.
+
+    Args:
+        model: a TransformerLens model with a tokenizer (for the pad id).
+        seqs: token id sequences.
+        device: where the batch is made.
+
+    Returns:
+        `(tokens, mask)`, each `[n, max_len]` long: padding then `seqs[i]`; the mask is 1 on
+        real tokens, 0 on padding.
 
     Raises:
         ValueError: `seqs` is empty.
@@ -113,16 +130,26 @@ class TeacherForced:
     lengths: tuple[int, ...]
 
     def rows_tensor(self, device=None) -> Int[Tensor, " m"]:
+        """`rows` as a `[m]` long tensor on `device` (CPU when None)."""
         return torch.tensor(self.rows, dtype=torch.long, device=device)
 
     def cols_tensor(self, device=None) -> Int[Tensor, " m"]:
+        """`cols` as a `[m]` long tensor on `device` (CPU when None)."""
         return torch.tensor(self.cols, dtype=torch.long, device=device)
 
     def targets_tensor(self, device=None) -> Int[Tensor, " m"]:
+        """`targets` (token ids) as a `[m]` long tensor on `device` (CPU when None)."""
         return torch.tensor(self.targets, dtype=torch.long, device=device)
 
     def split(self, values: Sequence) -> list:
-        """`values` (one per target token, `[m]`) cut into one piece per pair."""
+        """`values` (one per target token, `[m]`) cut into one piece per pair.
+
+        Args:
+            values: a `[m]` tensor or a sequence of length `m`, in target-token order.
+
+        Returns:
+            A list with one slice per pair, of `lengths[i]` values each.
+        """
         out, k = [], 0
         for n in self.lengths:
             out.append(values[k : k + n])
@@ -165,7 +192,11 @@ def teacher_forced(
 
 
 def log_probs(logits: Float[Tensor, "... d_vocab"]) -> Float[Tensor, "... d_vocab"]:
-    """Log-softmax over the vocabulary, in float32 whatever the model's dtype."""
+    """Log-softmax over the vocabulary, in float32 whatever the model's dtype.
+
+    Returns:
+        Log-probabilities in nats, the shape of `logits`.
+    """
     return logits.float().log_softmax(-1)
 
 
@@ -173,6 +204,16 @@ def pick(lp: Float[Tensor, "m d_vocab"], ids: Int[Tensor, " m"] | Sequence[int])
     """`lp[i, ids[i]]` for each `i < len(ids)`: the log-probability of each wanted token.
 
     `lp` may have more rows than `ids` (e.g. KL rows after the NLL rows); those are left out.
+
+    Args:
+        lp: `[m', d_vocab]` log-probabilities (`m' >= m`).
+        ids: `[m]` token ids.
+
+    Returns:
+        `[m]` log-probabilities (nats); gradients flow to `lp`.
+
+    Raises:
+        IndexError: `ids` longer than `lp` has rows, or an id outside `[0, d_vocab)`.
     """
     ids = torch.as_tensor(ids, dtype=torch.long, device=lp.device)
     return lp[torch.arange(len(ids), device=lp.device), ids]
@@ -187,6 +228,17 @@ def position_log_probs(
     `model.hooks(...)` or `mlp_output_delta` apply; `kwargs` go to the forward call (e.g.
     `start_at_layer`, with `tokens` the residual entering that block). Gradients flow when
     enabled.
+
+    Args:
+        model: a TransformerLens model.
+        tokens: `[batch, pos]` token ids (e.g. `pad_tokens(model, tf.seqs, device)`).
+        rows, cols: `[m]` batch rows and positions to score (`tf.rows_tensor()`, ...).
+
+    Returns:
+        `[m, d_vocab]` float32 log-probabilities (nats) of the next token at each position.
+
+    Raises:
+        ValueError: `tokens` has more positions than `n_ctx` (`tracer.model.run_until`).
 
     Example:
         >>> lp = position_log_probs(model, tokens, tf.rows_tensor(), tf.cols_tensor())

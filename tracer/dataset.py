@@ -20,6 +20,9 @@ facts.
 
 One JSON line per fact is appended to `<out>/traces.jsonl` as soon as it finishes (facts the
 model gets wrong are recorded too, as dropped), so a rerun with the same settings resumes.
+The file is read back under `tracer.resume`'s rule: a torn last line (a killed write) is
+cut and its fact redone, while an unreadable line with facts after it means a corrupt file
+and raises `ValueError` (nothing is skipped silently).
 
 Example:
     >>> from tracer import load_model
@@ -42,12 +45,14 @@ from typing import Iterable, Mapping, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from tracer.batching import pad_tokens
 from tracer.hooks import KINDS
 from tracer.model import final_logits, final_resid, model_device, model_name
 from tracer.noise import NoiseCache, NoiseScale, resolve_noise
 from tracer.prompts import encode, target_ids
 from tracer.files import atomic_write_text
 from tracer.result import TraceResult, save_figure
+from tracer.resume import append_jsonl, read_jsonl
 from tracer.trace import prepare_runs, restore_scores
 
 log = logging.getLogger(__name__)
@@ -64,7 +69,7 @@ GROUP_LABELS = {
 
 
 def default_data_dir() -> Path:
-    """`$ROMELENS_DATA`, else `../shared/data` next to the repository root."""
+    """`$ROMELENS_DATA`, else `../shared/data` next to the repository root (which may not exist)."""
     if os.environ.get("ROMELENS_DATA"):
         return Path(os.environ["ROMELENS_DATA"])
     return Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -148,14 +153,11 @@ def known_mask(model, facts: Sequence[Fact], *, batch_size: int = 32) -> list[bo
         >>> sum(known_mask(model, load_facts("known_1000.json")))
     """
     device = model_device(model)
-    pad = getattr(model.tokenizer, "pad_token_id", None) or 0
     out = []
     for b in range(0, len(facts), batch_size):
         chunk = facts[b : b + batch_size]
         seqs = [encode(model, f.prompt.replace("{}", f.subject)) for f in chunk]
-        tokens = torch.full((len(seqs), max(map(len, seqs))), pad, dtype=torch.long, device=device)
-        for i, s in enumerate(seqs):
-            tokens[i, : len(s)] = torch.tensor(s, device=device)  # right-padded: causal, so exact
+        tokens = pad_tokens(model, seqs, device)  # right-padded: causal, so exact
         last = torch.tensor([len(s) - 1 for s in seqs], device=device)
         resid = final_resid(model, tokens)[torch.arange(len(seqs), device=device), last]
         top = final_logits(model, resid).argmax(-1).tolist()
@@ -193,6 +195,12 @@ def group_effects(res: TraceResult) -> torch.Tensor:
     """`[len(GROUPS), n_layers]` mean indirect effect (probabilities) per token group of `res`.
 
     NaN for an empty or untraced group (ROME section 2, Figure 2's token groups).
+
+    Args:
+        res: one prompt's `TraceResult` (`scores [n_pos, n_layers]`, its subject span).
+
+    Returns:
+        `[len(GROUPS), n_layers]` float32: each group's mean of `scores - low` over its tokens.
     """
     ie = res.indirect_effect().float()
     idx = group_tokens(res.subject, ie.shape[0])
@@ -302,7 +310,13 @@ class DatasetTraceResult:
         return self.effects[kind]
 
     def summary(self) -> dict:
-        """JSON-able summary: counts, average total effect, and mean/CI tables per kind."""
+        """JSON-able summary: counts, average total effect, and mean/CI tables per kind.
+
+        Returns:
+            A dict with the counts and settings, `avg_high` / `avg_low` (mean clean and
+            corrupted target probabilities) and per kind `{"mean", "ci", "n"}` as nested
+            `[len(GROUPS)][n_layers]` lists in probability (None for NaN), when a fact was kept.
+        """
         out = {
             "model_name": self.model_name,
             "n_tried": self.n_tried,
@@ -405,8 +419,14 @@ class DatasetTraceResult:
         `tracer.result.save_figure`), so they open offline. With no fact kept only
         `summary.json` is written.
 
+        Args:
+            folder: where the files go (made if needed).
+
         Returns:
-            `folder`.
+            `folder`, as a `Path`.
+
+        Raises:
+            OSError: a file cannot be written (each is written atomically).
         """
         folder = Path(folder)
         atomic_write_text(folder / "summary.json", json.dumps(self.summary(), indent=1))
@@ -431,18 +451,12 @@ def _tensor(rows) -> torch.Tensor:
 
 
 def _read_records(path: Path) -> dict:
-    records = {}
-    if not path.exists():
-        return records
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f):
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                log.warning("skipping unreadable line %d of %s (interrupted write?)", i + 1, path)
-                continue
-            records[str(rec["known_id"])] = rec
-    return records
+    """The facts already in `traces.jsonl`, keyed by `str(known_id)`, under `tracer.resume`'s rule.
+
+    A torn last line (a killed write) is dropped and cut from the file, so its fact is redone;
+    a corrupt line with rows after it raises `ValueError`.
+    """
+    return read_jsonl(path, key=lambda r: str(r["known_id"]), repair=True)
 
 
 def trace_dataset(
@@ -485,8 +499,10 @@ def trace_dataset(
     Raises:
         ValueError: `kinds` or `groups` empty or unknown, `n` not None or an integer >= 1,
             bad `noise`, `window`, `samples` or `batch_size` (`resolve_noise`,
-            `prepare_runs`, `restore_scores`), facts `load_facts` refuses, or an `out` folder
-            holding a run with other settings.
+            `prepare_runs`, `restore_scores`), facts `load_facts` refuses, an `out` folder
+            holding a run with other settings, or an `out/traces.jsonl` with an unreadable
+            line before its last one, or a line without `known_id` (`tracer.resume.read_jsonl`;
+            a torn last line is not an error: it is cut and that fact traced again).
 
     Example:
         >>> ds = trace_dataset(model, "known_1000.json", kinds=("mlp",), n=20)
@@ -557,10 +573,7 @@ def trace_dataset(
             bar.update(1 if (correct or n is None) else 0)
             results[str(fact.known_id)] = rec
             if jsonl is not None:
-                with open(jsonl, "a", encoding="utf-8") as f:
-                    f.write(json.dumps(rec) + "\n")
-                    f.flush()
-                    os.fsync(f.fileno())
+                append_jsonl(jsonl, rec)
     bar.close()
     order = {str(f.known_id): i for i, f in enumerate(facts)}
     recs = sorted((r for r in results.values() if str(r["known_id"]) in order), key=lambda r: order[str(r["known_id"])])

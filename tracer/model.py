@@ -125,6 +125,16 @@ def set_prepend_bos(model, value: bool | None):
     TransformerLens's own `to_tokens` agrees: `False` for a tokenizer without a BOS token
     whatever `value` says, and the tokenizer's convention after `None`. Returns the model.
 
+    Args:
+        model: a TransformerLens model.
+        value: True / False to force BOS on or off, None for the tokenizer's convention.
+
+    Returns:
+        `model`, changed in place.
+
+    Raises:
+        ValueError: `value` is not True, False or None.
+
     Example:
         >>> set_prepend_bos(model, False)   # a chat model trained without BOS
     """
@@ -314,6 +324,13 @@ def _load_error(name: str, err: Exception, hf_model) -> Exception:
 def load_hf_folder(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32):
     """A local Hugging Face model folder as `(hf_model, tokenizer)`, via `AutoModelForCausalLM`/`AutoTokenizer`.
 
+    Args:
+        path: a folder written by `save_pretrained` (with `config.json`); `~` is expanded.
+        dtype: the dtype the weights are loaded in.
+
+    Returns:
+        `(hf_model, tokenizer)`, the model in eval mode.
+
     Raises:
         ModelLoadError: the folder is missing or `transformers` cannot read it.
     """
@@ -489,6 +506,16 @@ def prepare_model(model):
     mixture-of-experts model, since ROME and MEMIT edit that matrix. On a 3.x
     `HookedTransformer` the block weights are also re-laid out in memory (`_store_as_used`):
     same shapes and values, faster forward passes.
+
+    Args:
+        model: a `HookedTransformer` (3.x) or `TransformerBridge` (4.x).
+
+    Returns:
+        `model`, in eval mode with `requires_grad` off on every parameter.
+
+    Raises:
+        ModelLoadError: (a `ValueError`) `model` lacks `.cfg`, `.blocks` or `.hooks`, or a
+            block has no 2-d MLP `W_out` of shape `[d_mlp, d_model]`.
     """
     if not hasattr(model, "cfg") or not hasattr(model, "blocks") or not hasattr(model, "hooks"):
         raise ModelLoadError(
@@ -559,7 +586,11 @@ def model_name(model) -> str:
 
 
 def w_out(model, layer: int) -> Float[Tensor, "d_mlp d_model"]:
-    """`W_out` of block `layer`, `[d_mlp, d_model]`; in-place writes change the model."""
+    """`W_out` of block `layer`, `[d_mlp, d_model]`; in-place writes change the model.
+
+    Raises:
+        IndexError: `layer` is not a block index (callers check it first, `editor.checks.check_layer`).
+    """
     return model.blocks[layer].mlp.W_out
 
 
@@ -635,6 +666,14 @@ def recording(model, names: Sequence[str]) -> Iterator[dict[str, Tensor]]:
     by `hook.name`. Each activation is a detached copy taken when its hook runs. A name that
     runs twice keeps its last activation. Hooks are removed on exit.
 
+    Args:
+        model: a TransformerLens model.
+        names: hook point names (repeats are recorded once).
+
+    Yields:
+        `{name: activation}`, filled as the passes inside run (a name that did not run is
+        absent); each activation has the hook's shape, e.g. `[batch, pos, d_model]`.
+
     Example:
         >>> with recording(model, [EMBED]) as seen:
         ...     first = run_until(model, tokens, hook_name("resid_pre", 0))
@@ -664,6 +703,16 @@ def run_until(model, tokens: Tensor, name: str, **kwargs) -> Tensor:
     go to the forward call (e.g. `start_at_layer`). Every romelens forward pass goes
     through here, so this is where a batch longer than the context is refused
     (`check_context`) rather than failing inside TransformerLens.
+
+    Args:
+        model: a TransformerLens model.
+        tokens: `[batch, pos]` token ids (or, with `start_at_layer`, the residual entering
+            that block, `[batch, pos, d_model]`).
+        name: the hook point the pass ends at.
+
+    Returns:
+        The activation at `name`, e.g. `[batch, pos, d_model]` for a residual hook or
+        `[batch, pos, d_mlp]` for `mlp.hook_post` (not copied: the tensor the hook saw).
 
     Raises:
         ValueError: `tokens` has more positions than `n_ctx`, or `name` did not run.
@@ -697,6 +746,12 @@ def final_resid(model, tokens: Int[Tensor, "batch pos"], **kwargs) -> Float[Tens
     `stop_at_layer=n_layers` does not stop a 4.x bridge before the unembedding, so this
     records `blocks.{n-1}.hook_resid_post` and ends the pass there on both APIs.
     `kwargs` go to the forward call (e.g. `start_at_layer`).
+
+    Returns:
+        `[batch, pos, d_model]`, before `ln_final` (turn it into logits with `final_logits`).
+
+    Raises:
+        ValueError: `tokens` has more positions than `n_ctx` (`run_until`).
     """
     from tracer.hooks import hook_name  # noqa: PLC0415  (tracer.hooks imports get_act_name from here)
 
@@ -715,6 +770,17 @@ def unembed_positions(
     Skips the full `[batch, pos, d_vocab]` unembedding, the dominant cost for
     large vocabularies. Hooks active in `model.hooks(...)` apply as usual; `kwargs` go to
     the forward call (e.g. `start_at_layer`, with `tokens` the residual entering that block).
+
+    Args:
+        model: a TransformerLens model.
+        tokens: `[batch, pos]` token ids (or a residual, with `start_at_layer`).
+        rows, cols: `[m]` batch rows and positions to unembed.
+
+    Returns:
+        `[m, d_vocab]` logits (the model's dtype), row `i` at `(rows[i], cols[i])`.
+
+    Raises:
+        ValueError: `tokens` has more positions than `n_ctx` (`run_until`).
     """
     resid = final_resid(model, tokens, **kwargs)  # [batch, pos, d_model], before ln_final
     dev = resid.device
@@ -789,6 +855,9 @@ def resume_with_prefix(
     rows `rows` and first `prefix` positions are used, frozen. This is exact when the
     earlier positions' states equal those of the run that filled the cache.
     Hooks see only the suffix positions (position 0 is token `prefix`).
+
+    Returns:
+        `[batch, suffix, d_model]`, the last block's output before `ln_final`.
     """
     from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache  # noqa: PLC0415
     from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry  # noqa: PLC0415
@@ -811,6 +880,14 @@ def greedy_tokens(model, seqs: list[list[int]], n_new: int) -> list[list[int]]:
     with an attention mask, run once, then extended one token per step on top of the cache.
     Elsewhere (a 4.x bridge) they share one right-padded batch (a causal model's positions
     before the pad are unaffected by it) and every step reruns the prefix.
+
+    Args:
+        model: a TransformerLens model with a tokenizer.
+        seqs: token id sequences (BOS included where the model uses one).
+        n_new: tokens to generate per sequence (0 or less: none).
+
+    Returns:
+        One list of `n_new` new token ids per sequence (the prompts not included).
 
     Raises:
         ValueError: the longest prompt plus `n_new - 1` tokens does not fit `n_ctx`.

@@ -65,9 +65,19 @@ BUILTIN_SUBJECTS: tuple[str, ...] = (
 class NoiseScale:
     """An explicit noise standard deviation, in `hook_embed` units.
 
+    The `ν` of the corrupted run (ROME section 2.1: `ε ~ N(0; ν)` added to the subject's
+    token embeddings), given directly instead of as a multiple of the measured std.
+
     Attributes:
         value: standard deviation of the Gaussian noise added to each subject-token
             embedding at `hook_embed`; must be >= 0.
+
+    Raises:
+        ValueError: `value` is negative or NaN.
+        TypeError: `value` cannot be compared with 0 (e.g. None or a string).
+
+    Example:
+        >>> NoiseScale(value=0.1)
     """
 
     value: float
@@ -105,7 +115,16 @@ def reference_subjects(path: str | os.PathLike | None = None) -> tuple[list[str]
         path: a JSON list of objects with a "subject" field, or None for `BUILTIN_SUBJECTS`.
 
     Returns:
-        `(subjects, reference_id)`.
+        `(subjects, reference_id)`: `reference_id` is `"builtin"`, or `"file:"` and the first
+        16 hex digits of the file's sha256.
+
+    Raises:
+        ValueError: `path` is not a file, not a JSON list of objects with `"subject"`, or
+            holds no subject.
+
+    Example:
+        >>> reference_subjects()[1]
+        'builtin'
     """
     if path is None:
         return list(BUILTIN_SUBJECTS), "builtin"
@@ -133,7 +152,13 @@ def embedding_stats(model, subjects: Sequence[str], *, reference: str = "custom"
         batch_size: subjects per forward pass (each pass stops after the embedding).
 
     Returns:
-        An `EmbeddingStats`.
+        An `EmbeddingStats`: the std of `blocks.0.hook_resid_pre` over the subject tokens
+        (the `σ` whose multiple ROME section 2.1 uses as noise), in residual-stream units,
+        and the `hook_embed` to `resid_pre` slope.
+
+    Raises:
+        ValueError: `batch_size` < 1, a subject `locate_subject` refuses (empty, longer than
+            `n_ctx`), or subjects that give no token at all.
 
     Example:
         >>> embedding_stats(model, ["Eiffel Tower", "Barack Obama"]).std
@@ -217,10 +242,19 @@ class NoiseCache:
     _memory: dict = field(default_factory=dict, repr=False, compare=False)
 
     def folder(self) -> Path:
+        """The folder of the JSON files: `root`, or `tracer.offline.cache_dir() / "noise"`."""
         return Path(self.root) if self.root is not None else cache_dir() / "noise"
 
     def get(self, model, reference: str | os.PathLike | None = None) -> EmbeddingStats:
-        """Statistics for `model` over the reference subjects (`known_1000.json` path or None)."""
+        """Statistics for `model` over the reference subjects (`known_1000.json` path or None).
+
+        Read from memory, else from the JSON file (an unreadable one is remeasured with a
+        warning), else measured (`embedding_stats`) and written.
+
+        Raises:
+            ValueError: a `reference` that `reference_subjects` refuses, or from
+                `embedding_stats`.
+        """
         subjects, ref_id = reference_subjects(reference)
         # keyed on the weights, not id(model): a freed model's id can be reused by another
         mem_key = (model_name(model), embedding_fingerprint(model), ref_id)
@@ -260,7 +294,15 @@ def resolve_noise(
         cache: a `NoiseCache`; None makes a fresh one (disk cache still applies).
 
     Returns:
-        The std to pass to the Gaussian noise at `hook_embed`.
+        The std to pass to the Gaussian noise at `hook_embed`, in `hook_embed` units:
+        `noise * σ / slope` (ROME section 2.1 uses `3σ`), or `noise.value` for a `NoiseScale`.
+
+    Raises:
+        ValueError: `noise` a bool, not a number or below 0 (or NaN), or a `reference`
+            `reference_subjects` refuses.
+
+    Example:
+        >>> resolve_noise(model, 3.0, cache=NoiseCache(use_disk=False))
     """
     if isinstance(noise, NoiseScale):
         return float(noise.value)

@@ -39,7 +39,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from tracer.model import bos_ids, check_context, model_device, unembed_positions
+from tracer.batching import pad_tokens, pick, position_log_probs, teacher_forced
+from tracer.model import bos_ids, check_context, model_device
 
 
 @dataclass(frozen=True)
@@ -346,29 +347,16 @@ def target_probs(
         raise ValueError(f"batch_size {batch_size} must be >= 1")
     device = model_device(model)
     pairs = [(encode(model, p), target_ids(model, p, t)) for p, t in zip(prompts, targets)]
-    pad = _tokenizer(model).pad_token_id or 0
     nll_sum, first_lp, counts = [], [], []
     for b in range(0, len(pairs), batch_size):
-        chunk = pairs[b : b + batch_size]
-        seqs = [p + t for p, t in chunk]
-        width = max(len(s) for s in seqs)
-        tokens = torch.full((len(seqs), width), pad, dtype=torch.long, device=device)
-        rows, cols, want = [], [], []
-        for i, ((p, t), s) in enumerate(zip(chunk, seqs)):
-            tokens[i, : len(s)] = torch.tensor(s, device=device)
-            for j, tid in enumerate(t):
-                rows.append(i)
-                cols.append(len(p) - 1 + j)  # position predicting target token j
-                want.append(tid)
-        logits = unembed_positions(model, tokens, torch.tensor(rows), torch.tensor(cols))  # [m, vocab]
-        lp = logits.float().log_softmax(-1)[torch.arange(len(want)), torch.tensor(want, device=device)]
-        k = 0
-        for _, t in chunk:
-            seg = lp[k : k + len(t)]
+        tf = teacher_forced(pairs[b : b + batch_size])  # row i: prompt + target, right-padded
+        tokens = pad_tokens(model, tf.seqs, device)
+        lp = position_log_probs(model, tokens, tf.rows_tensor(device), tf.cols_tensor(device))  # [m, d_vocab]
+        lp = pick(lp, tf.targets_tensor(device))  # [m], nats
+        for seg in tf.split(lp):  # one pair's target tokens
             nll_sum.append(-seg.sum())
             first_lp.append(seg[0])
-            counts.append(len(t))
-            k += len(t)
+            counts.append(len(seg))
     nll = torch.stack(nll_sum).cpu()
     n = torch.tensor(counts)
     return TargetProbs(

@@ -36,6 +36,14 @@ log = logging.getLogger(__name__)
 def append_jsonl(path: str | os.PathLike, row: dict) -> None:
     """Append `row` as one JSON line to `path` (its folder made if needed), flushed and fsynced.
 
+    Args:
+        path: the `.jsonl` file; created if missing.
+        row: a JSON-serialisable dict (one finished item).
+
+    Raises:
+        TypeError: `row` holds a value `json.dumps` cannot serialise (nothing is written).
+        OSError: the file cannot be written.
+
     Example:
         >>> append_jsonl("run/records.jsonl", {"case_id": 7, "es": 1.0})
     """

@@ -46,6 +46,16 @@ def test_several_layers_one_pass_and_early_stop_equal(tiny_model, corpus):
     assert not torch.allclose(a[0], a[2])
 
 
+def test_early_stop_runs_nothing_after_the_deepest_layer(tiny_model, corpus):
+    """With early_stop the pass ends at the deepest requested layer's keys; without, the model runs to the end."""
+    calls = []
+    with tiny_model.hooks(fwd_hooks=[(hook_name("key", 2), lambda act, hook: calls.append(1))]):
+        compute_stats(tiny_model, [1, 0], corpus=corpus, n_tokens=100, seq_len=20, batch_size=2, progress=False, min_tokens=0)
+        assert calls == []
+        compute_stats(tiny_model, [1, 0], corpus=corpus, n_tokens=100, seq_len=20, batch_size=2, early_stop=False, progress=False, min_tokens=0)
+        assert len(calls) == 3  # 100 tokens in rows of 20, two rows a pass
+
+
 def test_cache_round_trip_and_corruption(tiny_model, corpus, tmp_path, caplog):
     cache = tmp_path / "cache"
     C1 = layer_stats(tiny_model, 1, corpus=corpus, n_tokens=150, cache_dir=cache, progress=False)

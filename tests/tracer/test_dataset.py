@@ -101,6 +101,22 @@ def test_trace_dataset_resumes_after_interruption(tiny_model, tmp_path):
     full = trace_dataset(tiny_model, FACTS, kinds=("mlp",), out=out, samples=1, noise=NOISE, window=2, progress=False)
     assert full.n_facts == 3
     assert torch.allclose(full.effects["mlp"][:2], first.effects["mlp"], atol=0, rtol=0, equal_nan=True)
+    # the torn line was cut before the append: every line parses, fact 2 is written once
+    rows = [json.loads(line) for line in (out / "traces.jsonl").read_text().splitlines()]
+    assert [r["known_id"] for r in rows] == [0, 1, 2]
+
+
+def test_trace_dataset_refuses_a_corrupt_middle_line(tiny_model, tmp_path):
+    """An unreadable line with facts after it is corruption, not a torn write: raise, never skip it."""
+    out = tmp_path / "run"
+    trace_dataset(tiny_model, FACTS, kinds=("mlp",), n=2, out=out, samples=1, noise=NOISE, window=2, progress=False)
+    path = out / "traces.jsonl"
+    lines = path.read_text().splitlines()
+    path.write_text(lines[0] + "\n" + '{"known_id": 1, "bro\n' + lines[1] + "\n")
+    before = path.read_bytes()
+    with pytest.raises(ValueError, match="line 2 is not valid JSON"):
+        trace_dataset(tiny_model, FACTS, kinds=("mlp",), out=out, samples=1, noise=NOISE, window=2, progress=False)
+    assert path.read_bytes() == before  # nothing cut or appended
 
 
 def test_known_mask_matches_clean_top1(tiny_model):
