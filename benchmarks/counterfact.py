@@ -92,7 +92,7 @@ def evaluate_counterfact(
 
     Returns:
         A JSON-ready dict: es, em, ps, pm, ns, nm (fractions / probability differences,
-        ROME section 4 / Appendix; MEMIT section 5), ge (bits), rs (cosine), the per-prompt
+        ROME section 3.3 and Appendix; MEMIT section 5), ge (bits), rs (cosine), the per-prompt
         mean token NLLs (nats) and the generated texts.
 
     Raises:
@@ -188,7 +188,7 @@ class CounterFactEval:
 def summarize_counterfact(rows: Sequence[dict], *, rs_column: str = "RS") -> dict:
     """Aggregate per-record rows into the papers' columns (×100) with 95% CI half-widths.
 
-    The columns of ROME section 4 / Appendix (and MEMIT section 5): S, the harmonic mean of
+    The columns of ROME section 3.3 and Appendix (and MEMIT section 5): S, the harmonic mean of
     ES, PS and NS; GE; RS; and the magnitudes EM, PM, NM.
 
     Args:
@@ -249,7 +249,7 @@ def main(argv=None) -> dict:
     """Run `python -m benchmarks.counterfact`: edit and score CounterFact records, resumably.
 
     Loads the records and the model, edits with `--method` (one record at a time, or
-    `--batch` at once), scores each record (`evaluate_counterfact`; metrics of ROME section 4
+    `--batch` at once), scores each record (`evaluate_counterfact`; metrics of ROME section 3.3
     / Appendix), appends one JSON line per record to `<out>/records.jsonl` (resumed on
     rerun) and writes `summary.json` / `summary.md`, printing the table.
 

@@ -39,7 +39,7 @@ def success(nll_a: Sequence[float], nll_b: Sequence[float]) -> list[float]:
     """`[P(a) > P(b)]` per prompt, with `P = exp(-mean token NLL)`, i.e. `nll_a < nll_b`.
 
     ES/PS use `a = target_new, b = target_true`; NS uses `a = target_true, b = target_new`
-    (ROME section 4 / Appendix, CounterFact's efficacy, paraphrase and neighborhood scores).
+    (ROME section 3.3 and Appendix, CounterFact's efficacy, paraphrase and neighborhood scores).
 
     Args:
         nll_a, nll_b: `[n]` mean token NLLs in nats, one per prompt.
@@ -62,7 +62,7 @@ def success(nll_a: Sequence[float], nll_b: Sequence[float]) -> list[float]:
 def magnitude(nll_a: Sequence[float], nll_b: Sequence[float]) -> list[float]:
     """`P(a) - P(b)` per prompt, with `P = exp(-mean token NLL)` (EM, PM, NM).
 
-    The magnitudes of ROME section 4 / Appendix (CounterFact efficacy, paraphrase and
+    The magnitudes of ROME section 3.3 and Appendix (CounterFact efficacy, paraphrase and
     neighborhood magnitude).
 
     Args:
@@ -93,7 +93,7 @@ def mean(values: Sequence[float]) -> float:
 def harmonic_mean(values: Sequence[float]) -> float:
     """Harmonic mean; 0 when any value is 0 (as `scipy.stats.hmean` with zeros).
 
-    The CounterFact score S is the harmonic mean of ES, PS and NS (ROME section 4 / Appendix).
+    The CounterFact score S is the harmonic mean of ES, PS and NS (ROME section 3.3 and Appendix).
 
     Args:
         values: non-negative numbers.
@@ -193,7 +193,7 @@ _TFIDF_TOKEN = re.compile(r"(?u)\b\w\w+\b")  # sklearn's default token_pattern
 class Tfidf:
     """A TF-IDF vectorizer with sklearn `TfidfVectorizer` defaults (lowercase, 2+ char words, l2).
 
-    The reference score RS (consistency) of ROME section 4 / Appendix is the cosine of the
+    The reference score RS (consistency) of ROME section 3.3 and Appendix is the cosine of the
     TF-IDF vectors of the generations and of reference texts about the new object.
 
     Raises:
@@ -317,7 +317,7 @@ def target_nll(model, prompts: Sequence[str], targets: Sequence[str], *, batch_s
     """Mean token NLL of each target after its prompt (teacher forced); `exp(-x)` is ROME's P.
 
     The same numbers as `tracer.target_probs(...).mean_nll` (tested), computed with
-    `tracer.batching`. CounterFact's ES/PS/NS compare these (ROME section 4 / Appendix).
+    `tracer.batching`. CounterFact's ES/PS/NS compare these (ROME section 3.3 and Appendix).
 
     Args:
         model: a TransformerLens model with a tokenizer.

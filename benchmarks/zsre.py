@@ -32,7 +32,7 @@ COLUMNS = ("Efficacy", "Paraphrase", "Specificity")
 
 
 def evaluate_zsre(model, record: ZsreRecord) -> dict:
-    """zsRE token accuracies of one record on the model as it is now (ROME section 4, zsRE; MEMIT section 5).
+    """zsRE token accuracies of one record on the model as it is now (ROME section 3.2, zsRE; MEMIT section 5).
 
     Args:
         model: a TransformerLens model with a tokenizer (edited or not).
