@@ -155,7 +155,7 @@ def ngram_entropy(text: str, ns: Sequence[int] = (2, 3), weights: Sequence[float
     """ROME's n-gram entropy of one text: mean over n of `weight_n * H(n-gram distribution)` in bits.
 
     With the defaults this is `(2/3 * H2 + 4/3 * H3) / 2`, the generation entropy GE of ROME
-    section 4 / Appendix (fluency). A text too short to have any n-gram contributes 0 for that n.
+    section 3.3 and Appendix (fluency). A text too short to have any n-gram contributes 0 for that n.
 
     Args:
         text: one generated text (split by `word_tokenize`).
