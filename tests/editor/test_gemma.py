@@ -79,3 +79,35 @@ def test_memit_joint_spread_edits_a_batch_and_every_layer_helps(gemma, shared_da
         dist = [i["resid_norm"] for i in e.diagnostics["layers"]] + [e.diagnostics["layers"][-1]["resid_norm_after"]]
         assert dist[-2] < 0.7 * dist[0] and dist[-1] < 0.25 * dist[0], dist
     assert all(torch.equal(w_out(gemma, l), w0[l]) for l in range(gemma.cfg.n_layers))
+
+
+def test_alphaedit_two_sequential_batches_all_win_and_restore_exactly(gemma, shared_data, tmp_path):
+    from editor import alphaedit
+
+    hp = alphaedit.alphaedit_hparams(gemma)
+    stats = layer_stats(gemma, list(hp.layers), corpus=str(shared_data / "wikitext-2-raw-test.txt"),
+                        n_tokens=STATS_TOKENS, cache_dir=tmp_path, progress=False)
+    batches = [
+        [EditRequest(prompt="{} is located in the city of", subject="The Eiffel Tower", target_new="Rome", target_true="Paris"),
+         EditRequest(prompt="The mother tongue of {} is", subject="Danielle Darrieux", target_new="English", target_true="French"),
+         EditRequest(prompt="{} is a professional", subject="Michael Jordan", target_new="soccer", target_true="basketball")],
+        [EditRequest(prompt="{} is located in the country of", subject="The Colosseum", target_new="Japan", target_true="Italy"),
+         EditRequest(prompt="{} was founded by", subject="Apple", target_new="Bill Gates", target_true="Steve Jobs"),
+         EditRequest(prompt="The capital of {} is", subject="Germany", target_new="Vienna", target_true="Berlin")],
+    ]
+    w0 = [w_out(gemma, l).detach().clone() for l in range(gemma.cfg.n_layers)]
+    seq, applied = alphaedit.AlphaEditSequence(), []
+    try:
+        for batch in batches:
+            e = alphaedit.compute(gemma, batch, hp, stats=stats, cache_dir=tmp_path, sequence=seq)
+            assert all(i["rank"] > 0 for i in e.diagnostics["nullspace"].values())
+            applied.append(e.apply(gemma))
+            seq.record(gemma, e)
+        from editor.common import probe
+
+        p = probe(gemma, batches[0] + batches[1])
+        assert (p["new_seq"] > p["true_seq"]).all(), p  # every edit of both batches wins after the second batch
+    finally:
+        for a in reversed(applied):
+            a.restore()
+    assert all(torch.equal(w_out(gemma, l), w0[l]) for l in range(gemma.cfg.n_layers))
