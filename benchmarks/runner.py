@@ -318,6 +318,10 @@ def execute(
 
     method = get_method(args.method)
     sequential = getattr(args, "sequential", False)
+    given = [f for f, v in (("--checkpoint-every", getattr(args, "checkpoint_every", None)),
+                            ("--checkpoint-sample", getattr(args, "checkpoint_sample", 200))) if v not in (None, 200)]
+    if given and not sequential:
+        raise ValueError(f"{given} only apply with --sequential")
     if sequential:
         check_sequential_args(method, records, 1 if args.batch is None else args.batch, args.checkpoint_every,
                               args.checkpoint_sample)
@@ -328,10 +332,11 @@ def execute(
     model = load_any(args.model, loader=loader, device=args.device) if loader else load_model(args.model, device=args.device)
     ppl = (lambda m: wikitext_perplexity(m, args.wikitext, max_tokens=args.ppl_tokens)) if args.ppl_tokens > 0 else None
     ppl_before = perplexity_before(args.out, model, ppl) if ppl else None
-    hparams = method_hparams(method, model, args.hparam)
+    cache = edit_kwargs(args).get("cache_dir")
+    hparams = method_hparams(method, model, args.hparam, cache_dir=cache)
     overridden = hparams is not None
     if hparams is None and hasattr(method, "hparams_for"):  # the preset, resolved once; every edit gets it
-        hparams = method.hparams_for(model)
+        hparams = method.hparams_for(model, cache_dir=cache)
     mlp_layers = range(model.cfg.n_layers)  # every edit method changes W_out only
     before = weights_hash(model, layers=mlp_layers)
     extra = {}
@@ -343,7 +348,10 @@ def execute(
             desc=desc,
         )
         rows = seq["records"]
-        save_figure(collapse_figure([args.out]), Path(args.out) / "collapse.html")
+        if seq["checkpoints"]:
+            save_figure(collapse_figure([args.out]), Path(args.out) / "collapse.html")
+        else:
+            log.info("no checkpoint yet (stopped early): no collapse.html; rerun to resume")
         extra = {"checkpoints": seq["checkpoints"], "complete": seq["complete"], "meta": {
             "sequential": {"batch": 1 if args.batch is None else args.batch, "checkpoint_every": args.checkpoint_every,
                            "checkpoint_sample": args.checkpoint_sample, "checkpoints": len(seq["checkpoints"]),
@@ -568,11 +576,12 @@ def parse_overrides(items: Sequence[str], *, what: str = "--hparam") -> dict[str
     return fields
 
 
-def method_hparams(method, model, overrides: Sequence[str]):
+def method_hparams(method, model, overrides: Sequence[str], *, cache_dir=None):
     """The method's preset for `model` with `KEY=VALUE` overrides (values parsed as JSON), or None.
 
     A `layer` (or MEMIT `layers`) override is passed to `hparams_for`, so a model without a
-    preset gets its hparams at that layer without choosing one by causal tracing.
+    preset gets its hparams at that layer without choosing one by causal tracing; otherwise
+    such a model's layer choice is kept under `cache_dir` (`editor.hparams.default_layer`).
 
     Example:
         >>> method_hparams(editor.METHODS["rome"], model, ["layer=5", "mom2_n_tokens=20000"])
@@ -588,7 +597,7 @@ def method_hparams(method, model, overrides: Sequence[str]):
     if layer is None and isinstance(fields.get("layers"), tuple) and fields["layers"]:
         layer = max(fields["layers"])
     explicit = isinstance(layer, int) and not isinstance(layer, bool)
-    base = method.hparams_for(model, layer=layer) if explicit else method.hparams_for(model)
+    base = method.hparams_for(model, layer=layer) if explicit else method.hparams_for(model, cache_dir=cache_dir)
     names = {f.name for f in dataclasses.fields(base)}
     unknown = sorted(set(fields) - names)
     if unknown:

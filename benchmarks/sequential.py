@@ -10,28 +10,34 @@ still a language model (perplexity), so at checkpoints the run records:
   so far, or over a fixed seeded sample of at most `sample` of them;
 - perplexity on a fixed text budget (when a `perplexity` function is given);
 - `‖ΔW_out‖_F` accumulated per edited layer, and `‖W_out‖_F` of that layer;
-- seconds of editing so far.
+- wall seconds of this run's batches and checkpoints so far (after a resume, the replay is
+  counted and the stretch between the last checkpoint and the kill is not).
 
-A run folder holds `edits/batch_NNNNN.safetensors` (+ `.json`; each batch's `editor.Edit`,
-computed on the model that held every earlier batch, rank-one factors kept factored),
-`checkpoints.jsonl` (one line per checkpoint, keyed by `n_edits`) and `records.jsonl` (the
-final evaluation of every edited record, keyed by `case_id`). Rerun with the same folder,
-a killed run re-applies the saved batches in order (each `Edit` checks that it lands on the
-weights it was computed for), skips finished checkpoints and records, and goes on: nothing
-computed is computed again, and the weights are bit-identical to an uninterrupted run's.
+A run folder holds `sequential.json` (the run's method, hparams, batch size, checkpoint
+settings and record ids; a rerun with any of them different is refused, so results of
+another run are never mixed in), `edits/batch_NNNNN.safetensors` (each batch's
+`editor.Edit`, computed on the model that held every earlier batch, rank-one factors kept
+factored), `checkpoints.jsonl` (one line per checkpoint, keyed by `n_edits`) and
+`records.jsonl` (the final evaluation of every edited record, keyed by `case_id`). Rerun with
+the same folder, a killed run re-applies the saved batches in order (each `Edit` checks that
+it lands on the weights it was computed for), skips finished checkpoints and records, and
+goes on: nothing computed is computed again, and the deltas are bit-identical to an
+uninterrupted run's.
 At the end, or on any error, every batch is restored last-in first-out and
 `model_restored` says whether the weights are bit-identical to the start.
 
 Example:
     >>> from benchmarks.sequential import run_sequential
     >>> from editor import METHODS
+    >>> from benchmarks.counterfact import CounterFactEval
     >>> out = run_sequential(model=model, method=METHODS["rome"], records=records[:50], batch=1,
-    ...                      out_dir="results/seq-rome", evaluate=evaluate_no_generation)
+    ...                      out_dir="results/seq-rome", evaluate=CounterFactEval(gen_tokens=0))
     >>> out["checkpoints"][-1]["es"], out["model_restored"]
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -44,11 +50,13 @@ import torch
 from tqdm.auto import tqdm
 
 from editor.edit import Edit
+from tracer.files import atomic_write_text
 from tracer.model import w_out, weights_hash
 from tracer.resume import append_jsonl, read_jsonl
 
 log = logging.getLogger(__name__)
 
+MANIFEST = "sequential.json"
 CHECKPOINTS = "checkpoints.jsonl"
 RECORDS = "records.jsonl"
 EDITS = "edits"
@@ -67,6 +75,8 @@ def mean_metrics(rows: Sequence[dict]) -> dict[str, float]:
         vals = [r[k] for r in rows if isinstance(r.get(k), (int, float)) and math.isfinite(r[k])]
         if len(vals) == len(rows):
             out[k] = sum(vals) / len(vals)
+        else:
+            log.warning("checkpoint metric %r left out: %d of %d rows lack a finite value", k, len(rows) - len(vals), len(rows))
     return out
 
 
@@ -105,7 +115,7 @@ def run_sequential(
         out_dir: the run folder (see the module docstring); resumed when it exists.
         evaluate: `evaluate(model, record) -> dict` used at checkpoints (teacher-forced metrics,
             no generation: it runs on up to `sample` records per checkpoint).
-        batch: edits per batch, K (1: one at a time, ROME's only mode).
+        batch: edits per batch, K (1: one edit at a time).
         checkpoint_every: edits between checkpoints, rounded up to whole batches (None: every
             batch). The last batch always ends with a checkpoint.
         hparams: the method's hyperparameters (None: its preset for the model).
@@ -116,7 +126,8 @@ def run_sequential(
             `random.Random(seed + n_edits)`, so a resumed run scores the same sample.
         seed: see `sample`.
         edit_kwargs: extra keyword arguments for `method.compute` (e.g. `cache_dir`, `stats`).
-        max_minutes: stop starting new batches after this many minutes (a later run resumes).
+        max_minutes: stop starting new batches, or final evaluations, after this many minutes
+            (a later run resumes).
         desc: the progress bar's label.
 
     Returns:
@@ -124,12 +135,18 @@ def run_sequential(
         "batches": int}`; `records` is empty until every batch is done.
 
     Raises:
-        ValueError: see `check_sequential_args`; a saved batch that does not fit the records
-            (another run's folder) or the weights it lands on (`Edit.apply`).
+        ValueError: see `check_sequential_args`; a folder whose `sequential.json` names another
+            method, hparams, batch size, checkpoint setting or records, or that holds another
+            kind of run; a saved batch of another method or other requests, or that does not
+            land on the weights it was computed for (`Edit.apply`).
     """
     check_sequential_args(method, records, batch, checkpoint_every, sample)
     out_dir = Path(out_dir)
-    (out_dir / EDITS).mkdir(parents=True, exist_ok=True)
+    name = getattr(method, "name", type(method).__name__)
+    _check_manifest(out_dir, {"method": name, "hparams": None if hparams is None else repr(hparams), "batch": batch,
+                              "checkpoint_every": checkpoint_every, "sample": sample, "seed": seed,
+                              "case_ids": [r.case_id for r in records]})
+    deadline = None if max_minutes is None else time.monotonic() + 60 * max_minutes
     every = max(1, math.ceil((checkpoint_every or batch) / batch))  # in batches
     chunks = [list(records[i : i + batch]) for i in range(0, len(records), batch)]
     start_hash = weights_hash(model)
@@ -147,11 +164,12 @@ def run_sequential(
             path = batch_path(out_dir, i)
             if path.exists():
                 edit = Edit.load(path)
-                want = [r.request().subject for r in chunk]
-                if [q.subject for q in edit.requests] != want:
-                    raise ValueError(f"{path} edits {[q.subject for q in edit.requests]}, not records {want}: another run's folder?")
+                want = tuple(r.request() for r in chunk)
+                if edit.method != name or tuple(edit.requests) != want:
+                    raise ValueError(f"{path} is a {edit.method} edit of {[q.subject for q in edit.requests]}, not {name} "
+                                     f"of records {[q.subject for q in want]}: another run's folder?")
             else:
-                if max_minutes is not None and (time.monotonic() - started) / 60 > max_minutes:
+                if deadline is not None and time.monotonic() > deadline:
                     log.info("max_minutes %s reached after %d of %d batches; rerun to resume", max_minutes, i, len(chunks))
                     break
                 edit = method.compute(model, [r.request() for r in chunk], hparams, **(edit_kwargs or {}), **extra)
@@ -173,7 +191,8 @@ def run_sequential(
             complete = True
         bar.close()
         last_ppl = done_ckpt[len(records)].get("perplexity") if complete else None  # the last batch's checkpoint
-        rows = _final_rows(model, records, out_dir, final_evaluate or evaluate, last_ppl) if complete else []
+        rows = _final_rows(model, records, out_dir, final_evaluate or evaluate, last_ppl, deadline) if complete else []
+        complete = complete and len(rows) == len(records)
     finally:
         for a in reversed(applied):
             a.restore()
@@ -187,6 +206,27 @@ def run_sequential(
         "complete": complete,
         "batches": len(chunks),
     }
+
+
+def _check_manifest(out_dir: Path, manifest: dict) -> None:
+    """Write the run's `sequential.json`, or refuse a folder made by a different run.
+
+    Raises:
+        ValueError: the folder's manifest differs, or it holds files of another kind of run.
+    """
+    path = out_dir / MANIFEST
+    if path.exists():
+        saved = json.loads(path.read_text())
+        diff = sorted(k for k in manifest if saved.get(k) != manifest[k])
+        if diff:
+            raise ValueError(f"{out_dir} holds a sequential run with other {diff} (e.g. {diff[0]}: {saved.get(diff[0])!r} "
+                             f"there, {manifest[diff[0]]!r} now); use another --out folder")
+        return
+    if any((out_dir / f).exists() for f in (RECORDS, CHECKPOINTS, EDITS)):
+        raise ValueError(f"{out_dir} holds another run's files but no {MANIFEST}; use another --out folder")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(manifest, indent=1) + "\n")
+    (out_dir / EDITS).mkdir(exist_ok=True)
 
 
 @torch.no_grad()
@@ -205,12 +245,16 @@ def _checkpoint(model, edited: Sequence[Any], evaluate, perplexity, originals: d
     return row
 
 
-def _final_rows(model, records: Sequence[Any], out_dir: Path, evaluate, ppl_after: float | None) -> list[dict]:
+def _final_rows(model, records: Sequence[Any], out_dir: Path, evaluate, ppl_after: float | None, deadline) -> list[dict]:
     """Every edited record evaluated on the final model, resumed by `case_id`; `ppl_after` is
-    that model's perplexity (from the last checkpoint), kept on each row for the summary."""
+    that model's perplexity (from the last checkpoint), kept on each row for the summary.
+    Past `deadline` (`time.monotonic()`), the rows so far (a later run finishes them)."""
     done = read_jsonl(out_dir / RECORDS, key="case_id", repair=True)
     for r in tqdm(records, desc="final evaluation", unit="rec"):
         if r.case_id not in done:
+            if deadline is not None and time.monotonic() > deadline:
+                log.info("max_minutes reached during the final evaluation; rerun to resume")
+                return [done[q.case_id] for q in records if q.case_id in done]
             row = {"case_id": r.case_id, **evaluate(model, r)} | ({} if ppl_after is None else {"ppl_after": ppl_after})
             append_jsonl(out_dir / RECORDS, row)
             done[r.case_id] = row
@@ -229,7 +273,7 @@ def read_checkpoints(run_dir: str | os.PathLike) -> list[dict]:
 def collapse_figure(run_dirs: Sequence[str | os.PathLike]):
     """One panel per checkpoint measure against the number of edits, one line per run.
 
-    The panels are the evaluation's metrics (×100 for the CounterFact and zsRE fractions),
+    The panels are the evaluation's metrics (×100, as the summaries print them),
     perplexity, and `‖ΔW_out‖_F / ‖W_out‖_F` of each edited layer (the accumulated change
     relative to the unedited weights): where edits pile up, a method that collapses shows it
     as a fall of the metrics with a rise of perplexity and of the relative change.
@@ -244,7 +288,8 @@ def collapse_figure(run_dirs: Sequence[str | os.PathLike]):
         ckpts = read_checkpoints(d)
         if not ckpts:
             raise ValueError(f"{d} has no {CHECKPOINTS}: not a sequential run folder (or not started)")
-        runs[Path(d).name] = ckpts
+        label = Path(d).name if Path(d).name not in runs else str(d)  # two folders of one name stay apart
+        runs[label] = ckpts
     panels: dict[str, dict[str, tuple[list, list]]] = {}
     for name, ckpts in runs.items():
         for c in ckpts:

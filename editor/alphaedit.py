@@ -23,8 +23,8 @@ residuals `R: [d_out, n]`):
 In our `[d_mlp, d_model]` orientation (`W_out` is the transpose), with `P` symmetric, the
 written update is `ΔW_out = (P (K_p K_pᵀ + K Kᵀ) + α I)⁻¹ P K Rᵀ`, kept factored as
 `LayerDelta(u=A, v=Rᵀ)` with `A = (P (K_p K_pᵀ + K Kᵀ) + α I)⁻¹ P K` (`[d_mlp, n]`). This is
-the same solve as the authors' code. Its columns lie in the range of `P` (up to the
-`α`-regularised inverse), so keys with `kᵀP = 0` map as before.
+the same solve as the authors' code. Its columns lie in the range of `P` exactly
+(`α A = P (K − (K_p K_pᵀ + K Kᵀ) A)`), so keys with `kᵀP = 0` map as before.
 
 Everything else is MEMIT's (`editor.memit`): the target residuals `z`, the layer spread
 (including our joint spread for post-norm models) and the keys averaged over context
@@ -55,6 +55,7 @@ from editor.edit import Edit
 from editor.hparams import MEMITHParams, memit_hparams
 from editor.memit import compute_zs, spread_updates
 from editor.optimize import subject_keys
+from editor.result import edit_stack
 from editor.stats import layer_stats
 from tracer.model import model_name
 
@@ -139,28 +140,48 @@ class AlphaEditSequence:
     def __init__(self) -> None:
         self.kkt: dict[int, Tensor] = {}
         self.n_keys = 0
-        self._projectors: dict[tuple[int, float], tuple[Tensor, int]] = {}
+        self._recorded: set[str] = set()  # the model hashes the recorded edits were computed on
+        self._projectors: dict[tuple, tuple[Tensor, int]] = {}
 
     def projector(self, layer: int, C: Tensor, threshold: float) -> tuple[Tensor, int]:
-        """`null_space_projector(C, threshold)` for `layer`, computed once per sequence."""
-        if (layer, threshold) not in self._projectors:
-            self._projectors[(layer, threshold)] = null_space_projector(C, threshold)
-        return self._projectors[(layer, threshold)]
+        """`null_space_projector(C, threshold)` for `layer`, computed once per statistics and threshold."""
+        key = (layer, threshold, tuple(C.shape), float(C.double().sum()), float(C.double().diagonal().sum()))
+        if key not in self._projectors:
+            self._projectors[key] = null_space_projector(C, threshold)
+        return self._projectors[key]
+
+    def check_fits(self, model, layers) -> None:
+        """Refuse a sequence of keys of another width than `model`'s `d_mlp`.
+
+        Raises:
+            ValueError: a recorded `K_p K_pᵀ` that is not `[d_mlp, d_mlp]`.
+        """
+        d = int(model.cfg.d_mlp)
+        bad = {l: tuple(k.shape) for l, k in self.kkt.items() if tuple(k.shape) != (d, d)}
+        if bad:
+            raise ValueError(f"sequence holds K_p K_pᵀ of shapes {bad}; this model's keys are [{d}, {d}]: another model's sequence?")
 
     @torch.no_grad()
     def record(self, model, edit: Edit) -> None:
         """Add the keys of `edit`'s requests at each of its layers (call after applying it).
 
         Raises:
-            ValueError: `edit` is not an AlphaEdit edit.
+            ValueError: `edit` is not an AlphaEdit edit, is not applied to `model`, or was
+                recorded already.
         """
         if edit.method != "alphaedit":
             raise ValueError(f"edit of method {edit.method!r} is not an AlphaEdit edit; AlphaEditSequence records only those")
+        if edit.model_hash in self._recorded:
+            raise ValueError("this edit (computed on the same weights as one recorded before) is already in the sequence")
+        if not any(a.method == "alphaedit" and a.model_hash == edit.model_hash for a in edit_stack(model)):
+            raise ValueError("edit is not applied to this model: apply it first (edit.apply(model)), then record it, "
+                             "so that its keys are read on the edited model")
         templates = edit.diagnostics["templates"]
         for layer in edit.layers:
             K = subject_keys(model, edit.requests, templates, layer).mean(1).double().T  # [d_mlp, n]
             self.kkt[layer] = self.kkt.get(layer, 0) + K @ K.T
         self.n_keys += len(edit.requests)
+        self._recorded.add(edit.model_hash)
 
 
 def alphaedit_solve(hp: AlphaEditHParams, stats: dict[int, Tensor], sequence: AlphaEditSequence, info: dict):
@@ -217,6 +238,13 @@ def compute(
         sequence = AlphaEditSequence()
     elif not isinstance(sequence, AlphaEditSequence):
         raise ValueError(f"sequence {sequence!r} must be an AlphaEditSequence (or None for a first batch)")
+    sequence.check_fits(model, hp.layers)
+    unrecorded = [a for a in edit_stack(model) if a.method == "alphaedit" and a.model_hash not in sequence._recorded]
+    if unrecorded:
+        log.warning("%d AlphaEdit edit(s) applied to the model are not in this sequence: their keys are not protected. "
+                    "Pass the sequence they were recorded in (seq.record(model, edit) after each apply)", len(unrecorded))
+    if isinstance(stats, Tensor) and len(hp.layers) == 1:  # one layer: its C alone, as ROME takes it
+        stats = {hp.layers[0]: stats}
     bh, now_hash = edit_hashes(model)
     if stats is None:
         stats = layer_stats(model, list(hp.layers), corpus=corpus, n_tokens=hp.mom2_n_tokens, cache_dir=cache_dir, model_hash=bh)

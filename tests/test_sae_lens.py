@@ -186,3 +186,4 @@ def test_compute_warns_about_error_term_saes_after_the_edit_layer(tokenizer, tmp
         with caplog.at_level("WARNING", logger="editor.checks"):
             rome.compute(model, [REQ], hp, stats=torch.eye(model.cfg.d_mlp), cache_dir=tmp_path)
         assert ("use_error_term=True are attached at ['blocks.2.hook_resid_post']" in caplog.text) == warned, (hook, error_term)
+

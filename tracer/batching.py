@@ -212,8 +212,11 @@ def pick(lp: Float[Tensor, "m d_vocab"], ids: Int[Tensor, " m"] | Sequence[int])
     Returns:
         `[m]` log-probabilities (nats); gradients flow to `lp`.
 
+    `ids` are not range-checked here (a negative id counts from the end of the vocabulary):
+    the public entries check target ids first (`tracer.prompts.token_ids`).
+
     Raises:
-        IndexError: `ids` longer than `lp` has rows, or an id outside `[0, d_vocab)`.
+        IndexError: `ids` longer than `lp` has rows, or an id `>= d_vocab`.
     """
     ids = torch.as_tensor(ids, dtype=torch.long, device=lp.device)
     return lp[torch.arange(len(ids), device=lp.device), ids]

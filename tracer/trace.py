@@ -169,6 +169,11 @@ def check_metric_at(model, metric_at: str, metric: Metric | None) -> int:
     if not isinstance(metric_at, str) or resolve_hook(model, metric_at) not in points:
         near = [k for k in points if isinstance(metric_at, str) and k.startswith(metric_at.rsplit(".", 1)[0])][:5]
         raise ValueError(f"metric_at {metric_at!r} is not a hook point of this model; e.g. {near or list(points)[:5]}")
+    if metric_at.endswith(("hook_pattern", "hook_attn_scores")):
+        raise ValueError(
+            f"metric_at {metric_at!r} is an attention pattern, [batch, head, query, key]: the metric gets axis 1 as "
+            "positions; trace a hook whose activation is [batch, pos, ...] (e.g. blocks.l.attn.hook_z)"
+        )
     return hook_layer(metric_at, model.cfg.n_layers)
 
 
@@ -459,6 +464,11 @@ def restore_scores(
                 flush()
     if pending:
         flush()
+    if metric_at is not None and kind == "resid" and at_layer < n and resolve_hook(model, metric_at) == resolve_hook(model, hook_name("resid", at_layer)):
+        # the metric reads the very state `resid` restores at its layer: at the last token that is the clean value
+        last = n_pos - 1
+        if tokens is None or last in tokens:
+            sums.view(n_pos, n)[last, at_layer] = metric_bounds(model, runs, metric, metric_at)[0] * samples
     return (sums / samples).float().view(n_pos, n)
 
 
@@ -655,7 +665,9 @@ def trace_prompt(
             position, `[batch, 1, ...]` float32, and each restored run ends there. A state
             restored in a block after the hook's block cannot reach it, so its score is
             `low` without a run (exact); likewise a residual state restored at the hook's own
-            block (`resid` at layer `l` enters block `l + 1`).
+            block (`resid` at layer `l` enters block `l + 1`), except where the hook is that very
+            state (`blocks.l.hook_resid_post`, or an SAE's output there), whose cell at the last
+            token is then `high`. Attention patterns (`[batch, head, query, key]`) are refused.
 
     Returns:
         A `TraceResult` with `scores[pos, layer]`, `low`, `high` and metadata (with a

@@ -265,7 +265,7 @@ def test_execute_resolves_the_hparams_once_and_every_edit_gets_them(tiny_model, 
             super().__init__()
             self.resolved, self.given = 0, []
 
-        def hparams_for(self, model, layer=None):
+        def hparams_for(self, model, layer=None, cache_dir=None):
             self.resolved += 1
             return hp
 

@@ -1,6 +1,7 @@
 """Sequential (lifelong) editing on the tiny model: edits accumulate, checkpoints, exact resume, exact restore."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -97,8 +98,26 @@ def test_checkpoint_every_and_a_seeded_sample(tiny_model, records, tmp_path):
 def test_a_folder_of_other_records_is_refused(tiny_model, records, tmp_path):
     common = dict(evaluate=evaluate, batch=1, hparams=ROME_HP, edit_kwargs=kw(tiny_model, tmp_path), out_dir=tmp_path / "r")
     run_sequential(model=tiny_model, method=METHODS["rome"], records=records[:1], **common)
-    with pytest.raises(ValueError, match="another run's folder"):
+    with pytest.raises(ValueError, match=r"other \['case_ids'\]"):
         run_sequential(model=tiny_model, method=METHODS["rome"], records=records[1:], **common)
+    with pytest.raises(ValueError, match=r"other \['method'\]"):  # a ROME folder resumed as MEMIT
+        run_sequential(model=tiny_model, method=METHODS["memit"], records=records[:1], **common)
+    with pytest.raises(ValueError, match=r"other \['hparams'\]"):
+        run_sequential(model=tiny_model, method=METHODS["rome"], records=records[:1],
+                       **{**common, "hparams": replace(ROME_HP, v_lr=0.5)})
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "records.jsonl").write_text('{"case_id": 1, "es": 1.0}\n')  # a per-record run's folder
+    with pytest.raises(ValueError, match="another run's files"):
+        run_sequential(model=tiny_model, method=METHODS["rome"], records=records[:1], **{**common, "out_dir": tmp_path / "plain"})
+
+
+def test_max_minutes_stops_and_a_rerun_finishes(tiny_model, records, tmp_path):
+    common = dict(records=records, evaluate=evaluate, batch=1, hparams=ROME_HP, edit_kwargs=kw(tiny_model, tmp_path),
+                  out_dir=tmp_path / "r")
+    first = run_sequential(model=tiny_model, method=METHODS["rome"], max_minutes=0, **common)
+    assert not first["complete"] and first["checkpoints"] == [] and first["records"] == [] and first["model_restored"]
+    done = run_sequential(model=tiny_model, method=METHODS["rome"], **common)
+    assert done["complete"] and len(done["records"]) == 3
 
 
 def test_bad_arguments_change_nothing(tiny_model, records, tmp_path):
@@ -156,4 +175,14 @@ def test_cli_sequential_refuses_the_none_method_before_loading(tmp_path, monkeyp
                           "--data", str(FIXTURES / "counterfact_tiny.json")])
     with pytest.raises(ValueError, match="batch 0"):
         counterfact.main(["--method", "rome", "--sequential", "--batch", "0", "--n", "2", "--out", str(tmp_path / "y"),
+                          "--data", str(FIXTURES / "counterfact_tiny.json")])
+
+
+def test_cli_checkpoint_flags_need_sequential(tmp_path, monkeypatch):
+    import tracer
+    from benchmarks import counterfact
+
+    monkeypatch.setattr(tracer, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
+    with pytest.raises(ValueError, match="only apply with --sequential"):
+        counterfact.main(["--method", "rome", "--checkpoint-every", "5", "--n", "2", "--out", str(tmp_path / "x"),
                           "--data", str(FIXTURES / "counterfact_tiny.json")])

@@ -250,3 +250,24 @@ def test_metric_must_return_one_number_per_row(tiny_model, runs):
         trace_prompt(tiny_model, PROMPT, SUBJECT, runs=runs, metric=lambda logits: logits[:, -1, 0].mean())
     with pytest.raises(ValueError, match="one number per batch row"):
         trace_prompt(tiny_model, PROMPT, SUBJECT, runs=runs, metric=lambda logits: logits[:, -1, :2])
+
+
+@pytest.mark.parametrize("hook", ["blocks.1.hook_resid_post", "blocks.2.hook_resid_post", "blocks.1.hook_mlp_out"])
+def test_metric_at_a_plain_state_matches_the_hooks_in_every_cell(tiny_model, hook):
+    model = tiny_model
+    pt = locate_subject(model, PROMPT, SUBJECT)
+    tokens = pt.tensor()
+    _, clean = model.run_with_cache(tokens)
+    fn = lambda acts: acts[:, -1, :4].sum(-1)  # noqa: E731
+    corrupt = corruption_hooks(model, tokens, pt.subject, noise=NOISE, samples=S, seed=1)
+    n = model.cfg.n_layers
+    for kind in ("resid", "mlp"):
+        res = trace_prompt(model, PROMPT, SUBJECT, kind=kind, window=1, samples=S, noise=NOISE, seed=1, metric=fn,
+                           metric_at=hook)
+        for t in range(len(pt.ids)):
+            for layer in range(n):
+                with torch.no_grad(), model.hooks(fwd_hooks=corrupt + restoration_hooks(clean, kind=kind, positions=t, layers=layer)):
+                    want = float(fn(run_until(model, tokens.expand(S, -1), hook)).mean())
+                assert float(res.scores[t, layer]) == pytest.approx(want, abs=1e-5), (kind, t, layer)
+    with pytest.raises(ValueError, match="attention pattern"):
+        trace_prompt(model, PROMPT, SUBJECT, samples=S, metric=fn, metric_at="blocks.1.attn.hook_pattern")
