@@ -51,3 +51,20 @@ def test_zsre_cli(tiny_model, tmp_path, monkeypatch):
                    str(FIXTURES / "zsre_tiny.json"), "--ppl-tokens", "0"])
     assert set(s["columns"]) == {"Efficacy", "Paraphrase", "Specificity"}
     assert s["records_evaluated"] == 3 and s["perplexity"]["before"] is None
+
+
+def test_zsre_cli_sequential(tiny_model, tmp_path, monkeypatch):
+    from benchmarks import runner
+    from tracer import weights_hash
+
+    monkeypatch.setattr(tracer, "load_model", lambda *a, **k: tiny_model)
+    monkeypatch.setattr(runner, "edit_kwargs", lambda args: {"stats": torch.eye(tiny_model.cfg.d_mlp),
+                                                            "cache_dir": tmp_path / "cache"})
+    before = weights_hash(tiny_model)
+    out = tmp_path / "zs"
+    s = zsre.main(["--method", "rome", "--sequential", "--batch", "2", "--n", "3", "--out", str(out), "--data",
+                   str(FIXTURES / "zsre_tiny.json"), "--ppl-tokens", "0", "--hparam", "layer=1",
+                   "--hparam", "v_num_grad_steps=3"])
+    assert s["sequential"]["batch"] == 2 and s["sequential"]["checkpoints"] == 2 and s["records_evaluated"] == 3
+    assert s["model_restored"] and weights_hash(tiny_model) == before
+    assert (out / "collapse.html").exists() and (out / "edits" / "batch_00001.safetensors").exists()
