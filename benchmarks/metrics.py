@@ -405,12 +405,7 @@ def teacher_forced_correct(model, prompts: Sequence[str], targets: Sequence[str]
 
     This is ROME's zsRE token accuracy (`eval_utils_zsre`), computed in one pass per
     pair instead of one prompt per prefix. Targets get a leading space as `tracer.target_ids` decides.
-
-    Args:
-        model: a TransformerLens model with a tokenizer.
-        prompts: `[n]` filled prompts.
-        targets: `[n]` target texts, one per prompt.
-        batch_size: pairs per forward pass.
+    The arguments are `target_nll`'s (`[n]` filled prompts, `[n]` target texts, pairs per pass).
 
     Returns:
         Per pair, one bool per target token.

@@ -96,16 +96,9 @@ def main(argv=None) -> dict:
     record to `<out>/records.jsonl` (resumed on rerun) and writes `summary.json` /
     `summary.md`, printing the table.
 
-    Args:
-        argv: the arguments; None reads `sys.argv`.
-
-    Returns:
-        The summary dict (columns ×100 with 95% CIs, perplexity, counts, run metadata).
-
-    Raises:
-        SystemExit: bad arguments (argparse exits with status 2), e.g. no `--out`.
-        ValueError: records, options or a model the benchmark refuses (a bad record,
-            `--n` < 1, an unknown `--method`, a bad `--hparam`, a corrupt `records.jsonl`, ...).
+    Takes `argv` (None reads `sys.argv`), returns the summary dict and raises as
+    `benchmarks.counterfact.main` does (SystemExit for bad arguments, ValueError for records,
+    options or a model the benchmark refuses).
         FileNotFoundError: no data file at `--data` (or in the shared data folder).
     """
     from benchmarks import runner  # noqa: PLC0415

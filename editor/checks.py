@@ -218,12 +218,8 @@ def check_stats(model, stats: Tensor | Mapping[int, Tensor], layers: Sequence[in
             raise ValueError(f"stats shape {shape} at layer {l} is not [d_mlp, d_mlp] = [{d}, {d}]")
         if not C.is_floating_point():
             raise ValueError(f"stats for layer {l} has dtype {C.dtype}; expected a floating-point [d_mlp, d_mlp] matrix")
-        bad = int((~torch.isfinite(C)).sum())
-        if bad:
-            raise ValueError(
-                f"stats for layer {l} has {bad} non-finite entries (NaN or inf); key statistics must be finite. "
-                "Recompute them (e.g. editor.layer_stats on a float32 model)"
-            )
+        check_finite(C, f"stats for layer {l}",
+                     "key statistics must be finite. Recompute them (e.g. editor.layer_stats on a float32 model)")
         if int(torch.linalg.cholesky_ex(C.detach().double())[1]):
             dead = int((C.diagonal() <= 0).sum())
             why = f"; {dead} of its {d} diagonal entries are <= 0 (neurons never active)" if dead else ""
@@ -335,6 +331,17 @@ def warn_detached_saes(model, first_layer: int) -> list[str]:
             "again and apply it.", bad, first_layer,
         )
     return bad
+
+
+def check_finite(x: Tensor, what: str, advice: str) -> None:
+    """Refuse a tensor with NaN or inf entries.
+
+    Raises:
+        ValueError: "`what` has N non-finite entries (NaN or inf); `advice`".
+    """
+    bad = int((~torch.isfinite(x)).sum())
+    if bad:
+        raise ValueError(f"{what} has {bad} non-finite entries (NaN or inf); {advice}")
 
 
 def check_edit(model, method: str, requests: Sequence, hp, *, stats=None, device=None) -> None:

@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 import torch
 from torch import Tensor
 
-from editor.checks import check_layer
+from editor.checks import check_finite, check_layer
 from editor.requests import EditRequest
 from tracer.files import atomic_path
 from tracer.model import model_name, w_out, weights_hash
@@ -344,12 +344,7 @@ def apply_deltas(
             delta = _delta_on(deltas[layer], w)
             if tuple(delta.shape) != tuple(w.shape):
                 raise ValueError(f"{what}: delta shape {tuple(delta.shape)} at layer {layer} is not W_out's {tuple(w.shape)}")
-            bad = int((~torch.isfinite(delta)).sum())
-            if bad:
-                raise ValueError(
-                    f"{what}: the delta at layer {layer} has {bad} non-finite entries (NaN or inf); "
-                    "no weight was changed. Check the key statistics and hparams"
-                )
+            check_finite(delta, f"{what}: the delta at layer {layer}", "no weight was changed. Check the key statistics and hparams")
             bad = int((~torch.isfinite((w.float() + delta).to(w.dtype))).sum())  # what would be written
             if bad:
                 raise ValueError(
