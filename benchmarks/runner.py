@@ -54,6 +54,7 @@ class _NoEditResult(contextlib.AbstractContextManager):
     """The result of the `none` method: nothing to restore."""
 
     def restore(self) -> None:
+        """Nothing to undo."""
         return None
 
     def __exit__(self, *exc) -> None:
@@ -71,6 +72,7 @@ class NoEdit:
     name = "none"
 
     def edit_many(self, model, requests, hparams=None, **kw) -> _NoEditResult:
+        """Change nothing; the result restores nothing."""
         return _NoEditResult()
 
 
@@ -214,6 +216,9 @@ def run_records(
 
     Returns:
         The rows for `records` in record order (resumed and new).
+
+    Raises:
+        ValueError: `batch` or `ppl_every` below 1, or a corrupt `records.jsonl` (`tracer.resume`).
     """
     if batch is not None and batch < 1:
         raise ValueError(f"batch {batch} must be >= 1 (or None for one edit at a time)")
@@ -434,6 +439,11 @@ def markdown_table(summaries: Sequence[dict], columns: Sequence[str]) -> str:
 
 
 def load_summaries(run_dirs: Sequence[str | os.PathLike]) -> list[dict]:
+    """The `summary.json` of each run folder, in order.
+
+    Raises:
+        ValueError: a folder without `summary.json`.
+    """
     out = []
     for d in run_dirs:
         p = Path(d) / "summary.json"
@@ -582,6 +592,10 @@ def method_hparams(method, model, overrides: Sequence[str], *, cache_dir=None):
     A `layer` (or MEMIT `layers`) override is passed to `hparams_for`, so a model without a
     preset gets its hparams at that layer without choosing one by causal tracing; otherwise
     such a model's layer choice is kept under `cache_dir` (`editor.hparams.default_layer`).
+
+    Raises:
+        ValueError: overrides for a method without presets, a malformed `KEY=VALUE`, or a key
+            that is not a field of the method's hparams (and what the hparams' checks raise).
 
     Example:
         >>> method_hparams(editor.METHODS["rome"], model, ["layer=5", "mom2_n_tokens=20000"])

@@ -89,6 +89,10 @@ def run_sweep(
         keys: key choices scored for every configuration.
         base: the `ROMEHParams` overridden (default: the model's preset).
         cache_dir, corpus: for key statistics and context templates.
+
+    Raises:
+        ValueError: `keys` not a non-empty subset of `ROME_KEYS`, or a corrupt run file.
+        TypeError: an override that is not a `ROMEHParams` field (before any work).
     """
     from benchmarks.counterfact import evaluate_counterfact  # noqa: PLC0415
     from benchmarks.runner import RECORDS, read_rows  # noqa: PLC0415
@@ -167,7 +171,13 @@ def summarize(out: str | Path, runs: dict[str, tuple], *, configs: dict, base, c
 
 
 def main(argv=None) -> str:
-    """Entry point of `python -m benchmarks.sweep`; prints and returns the table."""
+    """Entry point of `python -m benchmarks.sweep`; prints and returns the table.
+
+    Raises:
+        SystemExit: bad arguments (argparse exits with status 2).
+        ValueError: a malformed or repeated `--config`, bad `--keys`, or overrides the
+            hparams refuse; all checked before the model loads.
+    """
     from benchmarks import runner  # noqa: PLC0415
     from benchmarks.data import load_counterfact  # noqa: PLC0415
     from editor import rome_hparams  # noqa: PLC0415

@@ -135,6 +135,10 @@ class AlphaEditSequence:
     Attributes:
         kkt: `{layer: K_p K_pᵀ}`.
         n_keys: keys recorded (one per request).
+
+    Raises:
+        ValueError: from `record` (an edit that is not AlphaEdit's, not applied, or recorded
+            twice) and `check_fits` (keys of another width).
     """
 
     def __init__(self) -> None:
