@@ -62,7 +62,7 @@ from tracer.model import model_name
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, repr=False)
 class AlphaEditHParams(MEMITHParams):
     """AlphaEdit: MEMIT's fields (see `MEMITHParams`; `mom2_update_weight` is unused, as the
     null-space projection replaces MEMIT's preservation term), plus:

@@ -22,7 +22,7 @@ Example:
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Literal
 
@@ -54,8 +54,31 @@ def one_of(field: str, value, allowed: tuple[str, ...]) -> None:
         raise ValueError(f"{field} {value!r} must be one of {allowed}")
 
 
-@dataclass(frozen=True, kw_only=True)
-class ROMEHParams:
+#: the order hparams print in: the edited layer(s) first, then as the papers list them
+_REPR_ORDER = ("layer", "layers", "v_num_grad_steps", "v_lr", "v_weight_decay", "clamp_norm_factor", "kl_factor",
+               "kl_prompts", "early_stop_nll", "context_lengths")
+
+
+@dataclass(frozen=True, kw_only=True, repr=False)
+class _ValueOptimisation:
+    """The value-optimisation fields ROME and MEMIT share, with the same defaults (ROME Eq. 4;
+    documented in `ROMEHParams`), and the repr every hparams class prints."""
+
+    v_num_grad_steps: int = 20
+    v_lr: float = 0.5
+    v_weight_decay: float = 0.5
+    kl_factor: float = 0.0625
+    kl_prompts: tuple[str, ...] = ("{} is a",)
+    early_stop_nll: float = 0.05
+
+    def __repr__(self) -> str:
+        names = [f.name for f in fields(self)]
+        order = [n for n in _REPR_ORDER if n in names] + [n for n in names if n not in _REPR_ORDER]
+        return f"{type(self).__name__}({', '.join(f'{n}={getattr(self, n)!r}' for n in order)})"
+
+
+@dataclass(frozen=True, kw_only=True, repr=False)
+class ROMEHParams(_ValueOptimisation):
     """ROME (Meng et al. 2022, Sec. 3 and App. E).
 
     Attributes:
@@ -111,13 +134,7 @@ class ROMEHParams:
     """
 
     layer: int
-    v_num_grad_steps: int = 20
-    v_lr: float = 0.5
-    v_weight_decay: float = 0.5
     clamp_norm_factor: float = 4.0
-    kl_factor: float = 0.0625
-    kl_prompts: tuple[str, ...] = ("{} is a",)
-    early_stop_nll: float = 0.05
     context_lengths: tuple[tuple[int, int], ...] = ((5, 10), (10, 10))
     mom2_n_tokens: int = 100_000
     mom2_adjustment: bool = True
@@ -133,8 +150,8 @@ class ROMEHParams:
         _check_optimisation(self)
 
 
-@dataclass(frozen=True, kw_only=True)
-class MEMITHParams:
+@dataclass(frozen=True, kw_only=True, repr=False)
+class MEMITHParams(_ValueOptimisation):
     """MEMIT (Meng et al. 2022b).
 
     Attributes:
@@ -169,13 +186,7 @@ class MEMITHParams:
     """
 
     layers: tuple[int, ...]
-    v_num_grad_steps: int = 20
-    v_lr: float = 0.5
-    v_weight_decay: float = 0.5
     clamp_norm_factor: float = 0.75
-    kl_factor: float = 0.0625
-    kl_prompts: tuple[str, ...] = ("{} is a",)
-    early_stop_nll: float = 0.05
     context_lengths: tuple[tuple[int, int], ...] = ((10, 5),)
     mom2_update_weight: float = 15000.0
     mom2_n_tokens: int = 100_000
