@@ -25,7 +25,7 @@ from tracer.result import save_figure
 
 
 def _summarizer(benchmark: str):
-    if benchmark == "counterfact":
+    if benchmark in ("counterfact", "counterfact-sweep"):  # a sweep's folders hold CounterFact rows
         from benchmarks.counterfact import summarize_counterfact  # noqa: PLC0415
 
         return summarize_counterfact
@@ -33,7 +33,7 @@ def _summarizer(benchmark: str):
         from benchmarks.zsre import summarize_zsre  # noqa: PLC0415
 
         return summarize_zsre
-    raise ValueError(f"benchmark {benchmark!r} has no summarizer; expected 'counterfact' or 'zsre'")
+    raise ValueError(f"benchmark {benchmark!r} has no summarizer; expected 'counterfact', 'counterfact-sweep' or 'zsre'")
 
 
 def restrict_to_common(run_dirs: Sequence[str | os.PathLike], summaries: list[dict]) -> list[dict]:

@@ -7,9 +7,9 @@ import pytest
 from benchmarks import compare
 
 
-def _summary(path, method, es):
+def _summary(path, method, es, benchmark="counterfact"):
     path.mkdir()
-    s = {"benchmark": "counterfact", "model": "tiny", "method": method, "run": path.name,
+    s = {"benchmark": benchmark, "model": "tiny", "method": method, "run": path.name,
          "columns": {"ES": {"mean": es, "ci95": 1.0, "n": 2}}, "records_evaluated": 2, "records_failed": 0,
          "records_per_min": 3.0, "perplexity": {"before": 10.0, "after": 11.0}}
     (path / "summary.json").write_text(json.dumps(s))
@@ -30,9 +30,10 @@ def test_compare_missing_summary(tmp_path):
         compare.compare([tmp_path])
 
 
-def test_compare_common_records(tmp_path, capsys):
-    _summary(tmp_path / "a", "none", 20.0)
-    _summary(tmp_path / "b", "rome", 99.0)
+@pytest.mark.parametrize("benchmark", ["counterfact", "counterfact-sweep"])  # a sweep's folders hold CounterFact rows
+def test_compare_common_records(tmp_path, capsys, benchmark):
+    _summary(tmp_path / "a", "none", 20.0, benchmark)
+    _summary(tmp_path / "b", "rome", 99.0, benchmark)
     rows_a = [{"case_id": i, "es": 0.0, "ps": 0.0, "ns": 1.0, "em": 0, "pm": 0, "nm": 0} for i in range(4)]
     rows_b = [{"case_id": i, "es": 1.0, "ps": 1.0, "ns": 0.5, "em": 0, "pm": 0, "nm": 0} for i in range(2)]
     (tmp_path / "a" / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows_a))
