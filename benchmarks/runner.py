@@ -317,19 +317,20 @@ def execute(
     import torch  # noqa: PLC0415
 
     from benchmarks.perplexity import wikitext_perplexity  # noqa: PLC0415
-    from benchmarks.sequential import check_sequential_args, collapse_figure, run_sequential  # noqa: PLC0415
+    from benchmarks.sequential import CHECKPOINT_SAMPLE, check_sequential_args, collapse_figure, run_sequential  # noqa: PLC0415
     from tracer import load_model, weights_hash  # noqa: PLC0415
     from tracer.model import load_any  # noqa: PLC0415
 
     method = get_method(args.method)
     sequential = getattr(args, "sequential", False)
-    given = [f for f, v in (("--checkpoint-every", getattr(args, "checkpoint_every", None)),
-                            ("--checkpoint-sample", getattr(args, "checkpoint_sample", 200))) if v not in (None, 200)]
+    given = [f for f, v, default in (("--checkpoint-every", getattr(args, "checkpoint_every", None), None),
+                                     ("--checkpoint-sample", getattr(args, "checkpoint_sample", CHECKPOINT_SAMPLE),
+                                      CHECKPOINT_SAMPLE)) if v != default]
     if given and not sequential:
         raise ValueError(f"{given} only apply with --sequential")
+    seq_batch = 1 if args.batch is None else args.batch  # a sequential run edits one record at a time by default
     if sequential:
-        check_sequential_args(method, records, 1 if args.batch is None else args.batch, args.checkpoint_every,
-                              args.checkpoint_sample)
+        check_sequential_args(method, records, seq_batch, args.checkpoint_every, args.checkpoint_sample)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     loader = getattr(args, "model_loader", None)
@@ -337,7 +338,8 @@ def execute(
     model = load_any(args.model, loader=loader, device=args.device) if loader else load_model(args.model, device=args.device)
     ppl = (lambda m: wikitext_perplexity(m, args.wikitext, max_tokens=args.ppl_tokens)) if args.ppl_tokens > 0 else None
     ppl_before = perplexity_before(args.out, model, ppl) if ppl else None
-    cache = edit_kwargs(args).get("cache_dir")
+    kwargs = edit_kwargs(args)
+    cache = kwargs.get("cache_dir")
     hparams = method_hparams(method, model, args.hparam, cache_dir=cache)
     overridden = hparams is not None
     if hparams is None and hasattr(method, "hparams_for"):  # the preset, resolved once; every edit gets it
@@ -348,8 +350,8 @@ def execute(
     if sequential:
         seq = run_sequential(
             model=model, method=method, records=records, out_dir=args.out, evaluate=checkpoint_evaluate or evaluate,
-            final_evaluate=evaluate, batch=1 if args.batch is None else args.batch, checkpoint_every=args.checkpoint_every, hparams=hparams,
-            perplexity=ppl, sample=args.checkpoint_sample, edit_kwargs=edit_kwargs(args), max_minutes=args.max_minutes,
+            final_evaluate=evaluate, batch=seq_batch, checkpoint_every=args.checkpoint_every, hparams=hparams,
+            perplexity=ppl, sample=args.checkpoint_sample, edit_kwargs=kwargs, max_minutes=args.max_minutes,
             desc=desc,
         )
         rows = seq["records"]
@@ -358,7 +360,7 @@ def execute(
         else:
             log.info("no checkpoint yet (stopped early): no collapse.html; rerun to resume")
         extra = {"checkpoints": seq["checkpoints"], "complete": seq["complete"], "meta": {
-            "sequential": {"batch": 1 if args.batch is None else args.batch, "checkpoint_every": args.checkpoint_every,
+            "sequential": {"batch": seq_batch, "checkpoint_every": args.checkpoint_every,
                            "checkpoint_sample": args.checkpoint_sample, "checkpoints": len(seq["checkpoints"]),
                            "complete": seq["complete"], "final_evaluation": "every edited record, after the last batch"}}}
     else:
@@ -373,7 +375,7 @@ def execute(
             perplexity=ppl,
             ppl_every=args.ppl_every,
             max_minutes=args.max_minutes,
-            edit_kwargs=edit_kwargs(args),
+            edit_kwargs=kwargs,
             desc=desc,
         )
     restored = weights_hash(model, layers=mlp_layers) == before
@@ -529,6 +531,7 @@ def write_summary(
 
 def add_common_args(parser) -> None:
     """The options `benchmarks.counterfact` and `benchmarks.zsre` share."""
+    from benchmarks.sequential import CHECKPOINT_SAMPLE  # noqa: PLC0415
     from tracer.model import add_model_args  # noqa: PLC0415
 
     add_model_args(parser)  # --model NAME or local folder, --model-loader MODULE:FUNCTION
@@ -555,7 +558,7 @@ def add_common_args(parser) -> None:
                         "between; checkpoints in checkpoints.jsonl, collapse.html (benchmarks.sequential)")
     parser.add_argument("--checkpoint-every", type=int, default=None, metavar="M",
                         help="with --sequential: a checkpoint every M edits (default: every batch)")
-    parser.add_argument("--checkpoint-sample", type=int, default=200, metavar="S",
+    parser.add_argument("--checkpoint-sample", type=int, default=CHECKPOINT_SAMPLE, metavar="S",
                         help="with --sequential: most edited records scored per checkpoint (a seeded sample)")
 
 

@@ -57,6 +57,7 @@ from tracer.resume import append_jsonl, read_jsonl
 log = logging.getLogger(__name__)
 
 MANIFEST = "sequential.json"
+CHECKPOINT_SAMPLE = 200  # most edited records scored per checkpoint, by default
 CHECKPOINTS = "checkpoints.jsonl"
 RECORDS = "records.jsonl"
 EDITS = "edits"
@@ -103,7 +104,7 @@ def check_sequential_args(method, records: Sequence[Any], batch: int, checkpoint
 def run_sequential(
     *, model, method, records: Sequence[Any], out_dir: str | os.PathLike, evaluate: Callable[[Any, Any], dict],
     batch: int = 1, checkpoint_every: int | None = None, hparams=None, perplexity: Callable[[Any], float] | None = None,
-    final_evaluate: Callable[[Any, Any], dict] | None = None, sample: int = 200, seed: int = 0,
+    final_evaluate: Callable[[Any, Any], dict] | None = None, sample: int = CHECKPOINT_SAMPLE, seed: int = 0,
     edit_kwargs: dict | None = None, max_minutes: float | None = None, desc: str = "batches",
 ) -> dict:
     """Edit `records` batch after batch without restoring, with checkpoints; resumable.

@@ -149,12 +149,13 @@ class AlphaEditSequence:
 
     def projector(self, layer: int, C: Tensor, threshold: float) -> tuple[Tensor, int]:
         """`null_space_projector(C, threshold)` for `layer`, computed once per statistics and threshold."""
-        key = (layer, threshold, tuple(C.shape), float(C.double().sum()), float(C.double().diagonal().sum()))
+        Cd = C.double()
+        key = (layer, threshold, tuple(C.shape), float(Cd.sum()), float(Cd.diagonal().sum()))
         if key not in self._projectors:
             self._projectors[key] = null_space_projector(C, threshold)
         return self._projectors[key]
 
-    def check_fits(self, model, layers) -> None:
+    def check_fits(self, model) -> None:
         """Refuse a sequence of keys of another width than `model`'s `d_mlp`.
 
         Raises:
@@ -242,7 +243,7 @@ def compute(
         sequence = AlphaEditSequence()
     elif not isinstance(sequence, AlphaEditSequence):
         raise ValueError(f"sequence {sequence!r} must be an AlphaEditSequence (or None for a first batch)")
-    sequence.check_fits(model, hp.layers)
+    sequence.check_fits(model)
     unrecorded = [a for a in edit_stack(model) if a.method == "alphaedit" and a.model_hash not in sequence._recorded]
     if unrecorded:
         log.warning("%d AlphaEdit edit(s) applied to the model are not in this sequence: their keys are not protected. "

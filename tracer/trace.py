@@ -394,7 +394,7 @@ def restore_scores(
             raise ValueError(f"tokens {bad} are outside the prompt's 0..{n_pos - 1}")
         skip = torch.ones(n_pos, dtype=torch.bool)
         skip[tokens] = False
-    low = runs.low if metric is None else metric_bounds(model, runs, metric, metric_at)[1]
+    high, low = metric_bounds(model, runs, metric, metric_at)  # with metric_at: two forward passes, once
     # with metric_at, each run ends at that hook; restorations in later blocks cannot reach it
     at_layer = n if metric_at is None else check_metric_at(model, metric_at, metric)
     stop_name = hook_name("resid", n - 1) if metric_at is None else resolve_hook(model, metric_at)
@@ -468,7 +468,7 @@ def restore_scores(
         # the metric reads the very state `resid` restores at its layer: at the last token that is the clean value
         last = n_pos - 1
         if tokens is None or last in tokens:
-            sums.view(n_pos, n)[last, at_layer] = metric_bounds(model, runs, metric, metric_at)[0] * samples
+            sums.view(n_pos, n)[last, at_layer] = high * samples
     return (sums / samples).float().view(n_pos, n)
 
 
