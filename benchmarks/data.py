@@ -441,3 +441,223 @@ def records_by_id(records: Sequence[CounterFactRecord | ZsreRecord]) -> dict[int
         1
     """
     return {r.case_id: r for r in records}
+
+
+# --------------------------------------------------------------------------- MQuAKE
+
+DEFAULT_MQUAKE = "mquake_dev.json"
+
+
+@dataclass(frozen=True, kw_only=True)
+class MquakeRewrite:
+    """One requested rewrite of an MQuAKE case (CounterFact style).
+
+    Attributes:
+        prompt: template with exactly one `{}` for the subject, e.g. `"{} is a citizen of"`.
+        subject: the subject string.
+        target_new: the new object (no leading space).
+        target_true: the object before editing (no leading space).
+        relation_id: Wikidata relation, e.g. "P27".
+    """
+
+    prompt: str
+    subject: str
+    target_new: str
+    target_true: str
+    relation_id: str = ""
+
+    @property
+    def cloze(self) -> str:
+        """The prompt with the subject filled in (edit-wise success is scored on it)."""
+        return self.prompt.replace("{}", self.subject, 1)
+
+    def request(self):
+        """This rewrite as an `editor.EditRequest` (imported lazily)."""
+        from editor.requests import EditRequest  # noqa: PLC0415
+
+        return EditRequest(prompt=self.prompt, subject=self.subject, target_new=self.target_new,
+                           target_true=self.target_true)
+
+
+@dataclass(frozen=True, kw_only=True)
+class MquakeHop:
+    """One hop of an MQuAKE chain.
+
+    Attributes:
+        question: the hop as a question.
+        cloze: the hop as a cloze prompt, e.g. `"Ellie Kemper is a citizen of"`.
+        answer: the hop's answer.
+        aliases: other accepted answers (possibly none).
+    """
+
+    question: str
+    cloze: str
+    answer: str
+    aliases: tuple[str, ...] = ()
+
+    @property
+    def answers(self) -> tuple[str, ...]:
+        """`answer` then the aliases."""
+        return (self.answer, *self.aliases)
+
+
+@dataclass(frozen=True, kw_only=True)
+class MquakeRecord:
+    """One MQuAKE case (Zhong et al. 2023): edits, multi-hop questions and the chains.
+
+    Attributes:
+        case_id: the case's id in MQuAKE.
+        rewrites: the requested rewrites (1-4), applied together for this case.
+        questions: the paraphrased multi-hop questions (3 in MQuAKE).
+        answer: the multi-hop answer before editing.
+        answer_alias: its aliases.
+        new_answer: the multi-hop answer after editing.
+        new_answer_alias: its aliases.
+        single_hops: the chain before editing.
+        new_single_hops: the chain after editing (2-4 hops).
+    """
+
+    case_id: int
+    rewrites: tuple[MquakeRewrite, ...]
+    questions: tuple[str, ...]
+    answer: str
+    answer_alias: tuple[str, ...]
+    new_answer: str
+    new_answer_alias: tuple[str, ...]
+    single_hops: tuple[MquakeHop, ...]
+    new_single_hops: tuple[MquakeHop, ...]
+
+    @property
+    def n_hops(self) -> int:
+        """The number of hops of the edited chain (2, 3 or 4 in MQuAKE)."""
+        return len(self.new_single_hops)
+
+    @property
+    def answers(self) -> tuple[str, ...]:
+        """`answer` then its aliases (accepted before editing)."""
+        return (self.answer, *self.answer_alias)
+
+    @property
+    def new_answers(self) -> tuple[str, ...]:
+        """`new_answer` then its aliases (accepted after editing)."""
+        return (self.new_answer, *self.new_answer_alias)
+
+    def requests(self) -> tuple:
+        """The case's `editor.EditRequest`s, one per requested rewrite, in order."""
+        return tuple(rw.request() for rw in self.rewrites)
+
+    def request(self) -> tuple:
+        """What the shared runner asks each record for: here all of `requests()`.
+
+        `benchmarks.mquake.CaseEdits` flattens these tuples before they reach the editor,
+        so one case's rewrites are edited together (and K cases' with `--batch K`).
+        """
+        return self.requests()
+
+
+def _hops(raw: dict, key: str, where: str) -> tuple[MquakeHop, ...]:
+    items = _need(raw, key, where, list)
+    if not items:
+        raise ValueError(f"{where}: field {key!r} is an empty list; expected at least one hop")
+    out = []
+    for i, h in enumerate(items):
+        hw = f"{where}.{key}[{i}]"
+        out.append(MquakeHop(question=_need(h, "question", hw, str), cloze=_need(h, "cloze", hw, str),
+                             answer=_need(h, "answer", hw, str),
+                             aliases=_str_list(h, "answer_alias", hw, allow_empty=True)))
+    return tuple(out)
+
+
+def parse_mquake_record(raw: Any, index: int = 0) -> MquakeRecord:
+    """Validate one raw MQuAKE case and return an `MquakeRecord`.
+
+    Args:
+        raw: one case as read from the JSON (`case_id`, `requested_rewrite`, `questions`,
+            `answer`, `answer_alias`, `new_answer`, `new_answer_alias`, `single_hops`,
+            `new_single_hops`).
+        index: its position in the file, for messages.
+
+    Returns:
+        The validated `MquakeRecord`.
+
+    Raises:
+        ValueError: naming the case (case_id, or its index) and the bad field: a rewrite
+            prompt without exactly one `{}`, an empty `requested_rewrite`, `questions`,
+            `single_hops` or `new_single_hops`, an alias list that is not a list of
+            non-empty strings, chains of different lengths, or a missing field.
+
+    Example:
+        >>> parse_mquake_record({"case_id": 7})
+        Traceback (most recent call last):
+        ValueError: mquake case case_id=7 (index 0): missing field 'requested_rewrite'
+    """
+    case_id = raw.get("case_id") if isinstance(raw, dict) else None
+    where = f"mquake case case_id={case_id} (index {index})" if case_id is not None else f"mquake case at index {index}"
+    case_id = _need(raw, "case_id", where, int)
+    rws = _need(raw, "requested_rewrite", where, list)
+    if not rws:
+        raise ValueError(f"{where}: field 'requested_rewrite' is an empty list; expected at least one rewrite")
+    rewrites = []
+    for i, rw in enumerate(rws):
+        rwhere = f"{where}.requested_rewrite[{i}]"
+        prompt = _need(rw, "prompt", rwhere, str)
+        if prompt.count("{}") != 1:
+            raise ValueError(f"{rwhere}: prompt {prompt!r} has {prompt.count('{}')} '{{}}' placeholders, expected exactly one")
+        targets = [_need(_need(rw, key, rwhere, dict), "str", f"{rwhere}.{key}", str) for key in ("target_new", "target_true")]
+        if targets[0].strip() == targets[1].strip():
+            raise ValueError(f"{rwhere}: target_new {targets[0]!r} equals target_true; nothing to edit")
+        rewrites.append(MquakeRewrite(prompt=prompt, subject=_need(rw, "subject", rwhere, str), target_new=targets[0],
+                                      target_true=targets[1], relation_id=str(rw.get("relation_id", ""))))
+    single, new = _hops(raw, "single_hops", where), _hops(raw, "new_single_hops", where)
+    if len(single) != len(new):
+        raise ValueError(f"{where}: single_hops has {len(single)} hops but new_single_hops has {len(new)}")
+    return MquakeRecord(
+        case_id=case_id,
+        rewrites=tuple(rewrites),
+        questions=_str_list(raw, "questions", where),
+        answer=_need(raw, "answer", where, str),
+        answer_alias=_str_list(raw, "answer_alias", where, allow_empty=True),
+        new_answer=_need(raw, "new_answer", where, str),
+        new_answer_alias=_str_list(raw, "new_answer_alias", where, allow_empty=True),
+        single_hops=single,
+        new_single_hops=new,
+    )
+
+
+def load_mquake(path: str | os.PathLike | None = None, *, n: int | None = None, start: int = 0) -> list[MquakeRecord]:
+    """Load and validate MQuAKE cases (the MQuAKE-CF-3k / MQuAKE-2002 JSON format).
+
+    Every case of the slice is validated before any is returned, so a bad case stops a
+    benchmark before anything is run or written.
+
+    Args:
+        path: a JSON file, or None for `mquake_dev.json` in the shared data folder.
+        n: keep only this many cases (after `start`); None keeps all.
+        start: index of the first case kept.
+
+    Returns:
+        A list of `MquakeRecord`, in file order.
+
+    Raises:
+        ValueError: `n` < 1 or `start` < 0, a file that is not a JSON list, a case with a
+            missing or bad field (`parse_mquake_record`, naming the case_id) or a repeated
+            `case_id`.
+        FileNotFoundError: `path` does not exist, or with None, no `mquake_dev.json` in the
+            shared data folder (`default_path`).
+
+    Example:
+        >>> load_mquake(n=1)[0].new_answer
+        'Kolinda Grabar-Kitarović'
+    """
+    lo, hi = _slice(n, start)
+    path = Path(path) if path is not None else default_path(DEFAULT_MQUAKE)
+    if not path.exists():
+        raise FileNotFoundError(f"data {str(path)!r} does not exist")
+    raw = _read_json_list(path)
+    records = [parse_mquake_record(r, i) for i, r in enumerate(raw[lo:hi], start=lo)]
+    seen: set[int] = set()
+    for i, r in enumerate(records, start=lo):
+        if r.case_id in seen:
+            raise ValueError(f"mquake case case_id={r.case_id} (index {i}): duplicate case_id")
+        seen.add(r.case_id)
+    return records
