@@ -10,8 +10,8 @@ Per case, on the same cases before and after editing (every number ×100 in the 
 - **Instance-wise hop accuracy (Hop)**: every hop cloze is answered with its answer or an
   alias (`new_single_hops` after editing, `single_hops` before). A cloze is answered when
   the normalised greedy continuation of up to `gen_tokens` tokens starts with a normalised
-  answer (`normalize_answer`: NFKC, lowercase, punctuation and the articles a/an/the dropped,
-  whitespace collapsed; `matches`).
+  answer at a word boundary (`normalize_answer`: NFKC, lowercase, punctuation and symbols
+  deleted, the articles a/an/the dropped, whitespace collapsed; `matches`).
 - **Multi-hop accuracy, generation (MH)**: at least one of the case's questions is answered
   with `new_answer` or an alias (before editing: `answer`). Each question follows a few-shot
   prompt of hand-written multi-hop demonstrations (`DEMOS`, none of them an MQuAKE case; the
@@ -84,17 +84,17 @@ _ARTICLES = re.compile(r"\b(?:a|an|the)\b")
 
 
 def normalize_answer(text: str) -> str:
-    """Normalise an answer for matching: NFKC, lowercase, punctuation to spaces, articles
-    (a, an, the) dropped, whitespace collapsed.
+    """Normalise an answer for matching (as SQuAD's exact match): NFKC, lowercase,
+    punctuation and symbols deleted, the articles a/an/the dropped, whitespace collapsed.
 
     Example:
         >>> normalize_answer("  The U.S.A.! ")
-        'u s a'
+        'usa'
         >>> normalize_answer("Ｃroatia")  # a full-width letter (NFKC)
         'croatia'
     """
     text = unicodedata.normalize("NFKC", text).lower()
-    text = "".join(" " if unicodedata.category(c).startswith(("P", "S")) else c for c in text)
+    text = "".join(c for c in text if not unicodedata.category(c).startswith(("P", "S")))
     text = _ARTICLES.sub(" ", text)
     return " ".join(text.split())
 
