@@ -45,7 +45,7 @@ Example:
     >>> ev = MquakeEval(stages=("before", "after"))
     >>> row = ev(model, load_mquake(n=1)[0])
     >>> sorted(row["after"])[:3]
-    ['es', 'hop', 'hop_text']
+    ['answer_text', 'es', 'hop']
 """
 
 from __future__ import annotations

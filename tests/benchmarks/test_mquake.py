@@ -135,7 +135,7 @@ def test_stage_arithmetic(monkeypatch, records):
     q = [question_prompt(x, 0) for x in rec.questions]
     texts = {
         "Michael Jordan plays the sport of": " basketball and",          # before hop 1 right, after wrong
-        "Toko Yasuda plays the": " Japan's",                            # before hop 2 right ("japans"? no: see below)
+        "Toko Yasuda plays the": " Japan's",                            # before hop 2: "japans", wrong
         "The capital of Japan is": " Tokyo",
         "The mother tongue of Toko Yasuda is": " French.",
         "The capital of France is": " the Paris",
