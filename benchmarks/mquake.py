@@ -28,14 +28,15 @@ Per case, on the same cases before and after editing (every number ×100 in the 
 Before and after. The shared runner (`runner.run_records`) evaluates each record after its
 edit is applied, and its `prefetch` hook also sees the edited model, so the unedited pass
 is a run of its own: `--method none` through the same runner, written under
-`<out>/before/records.jsonl` (resumable like any run) before the edit run starts. The edit
+`<out>/before/records.jsonl` (resumable like any run; `runner.execute(unedited=...)`) before
+the edit run starts. The edit
 run's evaluation then puts both on one line: `{"before": ..., "after": ..., "known_chain",
 "n_hops"}`. The `none` method needs no second pass: both stages are scored on the unedited
 model in one run (its "after" says how often the unedited model already gives the new
-answers). The runner asks each record for `.request()`; an MQuAKE case has 1-4 rewrites, so
-`CaseEdits` wraps the method and flattens the cases' request tuples: without `--batch` one
-case's rewrites are edited together, with `--batch K` the K cases' rewrites are (MEMIT or
-AlphaEdit in one solve; ROME sums the requests' independent rank-one updates).
+answers). An MQuAKE case's `.request()` is the tuple of its 1-4 rewrites, which the runner
+flattens (`runner.requests_of`): without `--batch` one case's rewrites are edited together,
+with `--batch K` the K cases' rewrites are (MEMIT or AlphaEdit in one solve; ROME sums the
+requests' independent rank-one updates).
 
 CLI:
     python -m benchmarks.mquake --model gemma-3-270m --method rome --n 300 --out results/mquake-rome
@@ -350,34 +351,6 @@ def breakdown_table(breakdown: dict) -> str:
 # --------------------------------------------------------------------------- running
 
 
-class CaseEdits:
-    """A method for the runner whose requests are MQuAKE cases' request tuples.
-
-    `compute` and `edit_many` flatten `[case.request(), ...]` (each a tuple of
-    `EditRequest`s) into one list before calling the wrapped method, so each case's rewrites
-    (and a batch's cases') are edited together; anything else is the wrapped method's.
-
-    Example:
-        >>> CaseEdits(editor.METHODS["memit"]).edit_many(model, [rec.request() for rec in records])
-    """
-
-    def __init__(self, method):
-        self.method = method
-
-    @staticmethod
-    def _flat(requests) -> list:
-        out = []
-        for r in requests:
-            out.extend(r if isinstance(r, (tuple, list)) else [r])
-        return out
-
-    def __getattr__(self, name):
-        attr = getattr(self.method, name)  # AttributeError when the method has none (e.g. compute)
-        if name in ("compute", "edit_many"):
-            return lambda model, requests, *a, **kw: attr(model, self._flat(requests), *a, **kw)
-        return attr
-
-
 def check_args(args, n_records: int) -> None:
     """Refuse options the MQuAKE run cannot honour, before the model is loaded.
 
@@ -392,58 +365,25 @@ def check_args(args, n_records: int) -> None:
 
 
 def execute(args, records: Sequence[MquakeRecord]) -> dict:
-    """Load the model, run the unedited pass (edit methods) and the edit run, check restoration.
-
-    `runner.execute`'s steps (threads, model, perplexity before, hparams resolved once,
-    `W_out` hash before and after), with the method wrapped in `CaseEdits` and, for an edit
-    method, the unedited pass under `<out>/before/` first.
+    """`runner.execute` with MQuAKE's evaluators: for an edit method, the unedited pass
+    (stage "before", under `<out>/before/`) runs first and the edit run scores stage
+    "after" beside it; the `none` method scores both stages in one run.
 
     Returns:
-        `{"rows", "hparams_record", "restored", "ppl_before"}`.
+        `runner.execute`'s dict (`rows`, `restored`, `ppl_before`, `hparams_record`, ...).
 
     Raises:
         ValueError: an unknown method or bad `--hparam` (`runner`), a corrupt records file.
     """
-    import torch  # noqa: PLC0415
-
     from benchmarks import runner  # noqa: PLC0415
-    from benchmarks.perplexity import wikitext_perplexity  # noqa: PLC0415
-    from tracer import load_model, weights_hash  # noqa: PLC0415
-    from tracer.model import load_any  # noqa: PLC0415
 
-    method = runner.get_method(args.method)
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    loader = getattr(args, "model_loader", None)
-    model = load_any(args.model, loader=loader, device=args.device) if loader else load_model(args.model, device=args.device)
-    ppl = (lambda m: wikitext_perplexity(m, args.wikitext, max_tokens=args.ppl_tokens)) if args.ppl_tokens > 0 else None
-    ppl_before = runner.perplexity_before(args.out, model, ppl) if ppl else None
-    kwargs = runner.edit_kwargs(args)
-    hparams = runner.method_hparams(method, model, args.hparam, cache_dir=kwargs.get("cache_dir"))
-    overridden = hparams is not None
-    if hparams is None and hasattr(method, "hparams_for"):
-        hparams = method.hparams_for(model, cache_dir=kwargs.get("cache_dir"))
-    layers = range(model.cfg.n_layers)
-    before_hash = weights_hash(model, layers=layers)
     common = {"gen_tokens": args.gen_tokens, "shots": args.shots}
-    if isinstance(method, runner.NoEdit):
-        evaluate, edit_method = MquakeEval(stages=STAGES, **common), method
-    else:
-        base = runner.run_records(model=model, method=runner.NoEdit(), records=records,
-                                  out_dir=Path(args.out) / BEFORE_DIR, evaluate=MquakeEval(stages=("before",), **common),
-                                  desc="mquake unedited")
-        evaluate = MquakeEval(stages=("after",), before_rows={r["case_id"]: r for r in base}, **common)
-        edit_method = CaseEdits(method)
-    rows = runner.run_records(
-        model=model, method=edit_method, records=records, out_dir=args.out, evaluate=evaluate, batch=args.batch,
-        hparams=hparams, perplexity=ppl, ppl_every=args.ppl_every, max_minutes=args.max_minutes,
-        edit_kwargs=kwargs, desc=f"mquake {args.method}",
+    unedited = (
+        MquakeEval(stages=("before",), **common),
+        lambda before: MquakeEval(stages=("after",), before_rows={r["case_id"]: r for r in before}, **common),
     )
-    restored = weights_hash(model, layers=layers) == before_hash
-    if not restored:
-        log.error("the model's weights differ from before the run: an edit was not restored")
-    return {"rows": rows, "restored": restored, "ppl_before": ppl_before,
-            "hparams_record": runner.hparams_record(method, model, hparams, overridden=overridden)}
+    return runner.execute(args, records=records, evaluate=MquakeEval(stages=STAGES, **common),
+                          desc=f"mquake {args.method}", unedited=unedited)
 
 
 def main(argv=None) -> dict:

@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 RECORDS = "records.jsonl"
 PREFETCH_RECORDS = 10  # records whose shared work (`evaluate.prefetch`) is done together
 PPL_BEFORE = "perplexity_before.json"
+UNEDITED_DIR = "before"  # `execute(unedited=...)`: the records scored on the unedited model
 
 
 # --------------------------------------------------------------------------- methods
@@ -115,6 +116,19 @@ def read_rows(path: str | os.PathLike, *, repair: bool = False) -> list[dict]:
 
 
 # --------------------------------------------------------------------------- running
+
+
+def requests_of(records: Sequence[Any]) -> list:
+    """The edit requests of `records`, in order, as one flat list.
+
+    A record's `.request()` is one `EditRequest` (CounterFact, zsRE) or a tuple of them (an
+    MQuAKE case's 1-4 rewrites, which are edited together).
+    """
+    out: list = []
+    for r in records:
+        req = r.request()
+        out.extend(req if isinstance(req, (tuple, list)) else [req])
+    return out
 
 
 def _chunks(items: Sequence[Any], size: int) -> list[list[Any]]:
@@ -198,7 +212,7 @@ def run_records(
             edit result that `.restore()`s and is a context manager. With `batch`, a method
             that also has `compute` (an `editor.METHODS` entry) has its `Edit` saved under
             `edits/` before it is applied, and a resumed batch applies the saved `Edit`.
-        records: records with `.case_id` and `.request()`.
+        records: records with `.case_id` and `.request()` (one request or a tuple, `requests_of`).
         out_dir: run directory; `records.jsonl` there is resumed.
         evaluate: `evaluate(model, record) -> dict` of metrics on the (edited) model. If it
             has a `prefetch(model, records)` method, that is called before each run of up
@@ -262,7 +276,7 @@ def run_records(
             if batch and saved.exists():  # resuming a batch: reuse its saved edit
                 edit = _reapply(model, saved)
             else:
-                edit = _apply(method, model, [r.request() for r in group], hparams, edit_kwargs,
+                edit = _apply(method, model, requests_of(group), hparams, edit_kwargs,
                               save_to=saved if batch else None)
             edit_seconds = time.perf_counter() - t0
         except Exception as err:  # a failed edit is recorded, not fatal
@@ -295,6 +309,7 @@ def run_records(
 def execute(
     args, *, records: Sequence[Any], evaluate: Callable[[Any, Any], dict], desc: str,
     checkpoint_evaluate: Callable[[Any, Any], dict] | None = None,
+    unedited: tuple[Callable[[Any, Any], dict], Callable[[list[dict]], Callable[[Any, Any], dict]]] | None = None,
 ) -> dict:
     """The shared body of `python -m benchmarks.counterfact` and `benchmarks.zsre`.
 
@@ -309,6 +324,12 @@ def execute(
         `{"rows", "hparams", "restored", "ppl_before", "hparams_record"}`, plus
         `"checkpoints"`, `"complete"` and `"meta"` (for the summary) for a sequential run,
         which also writes `collapse.html` (`benchmarks.sequential.collapse_figure`).
+
+    `unedited=(evaluate_before, make_evaluate)` is for a benchmark that scores each record
+    before and after editing (MQuAKE): with an edit method, the records are first scored on
+    the unedited model by `evaluate_before`, in a resumable run of their own under
+    `<out>/before/`, and the edit run is evaluated by `make_evaluate(rows_before)` instead of
+    `evaluate`. With the `none` method there is no second pass (`evaluate` scores both).
 
     Raises:
         ValueError: `--sequential` with the `none` method or a bad `--batch`,
@@ -347,6 +368,11 @@ def execute(
     mlp_layers = range(model.cfg.n_layers)  # every edit method changes W_out only
     before = weights_hash(model, layers=mlp_layers)
     extra = {}
+    if unedited is not None and not isinstance(method, NoEdit):
+        evaluate_before, make_evaluate = unedited
+        rows_before = run_records(model=model, method=NoEdit(), records=records, out_dir=Path(args.out) / UNEDITED_DIR,
+                                  evaluate=evaluate_before, desc=f"{desc} (unedited)")
+        evaluate = make_evaluate(rows_before)
     if sequential:
         seq = run_sequential(
             model=model, method=method, records=records, out_dir=args.out, evaluate=checkpoint_evaluate or evaluate,

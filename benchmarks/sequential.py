@@ -49,6 +49,7 @@ from typing import Any, Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from benchmarks.runner import requests_of
 from editor.edit import Edit
 from tracer.files import atomic_write_text
 from tracer.model import w_out, weights_hash
@@ -165,7 +166,7 @@ def run_sequential(
             path = batch_path(out_dir, i)
             if path.exists():
                 edit = Edit.load(path)
-                want = tuple(r.request() for r in chunk)
+                want = tuple(requests_of(chunk))
                 if edit.method != name or tuple(edit.requests) != want:
                     raise ValueError(f"{path} is a {edit.method} edit of {[q.subject for q in edit.requests]}, not {name} "
                                      f"of records {[q.subject for q in want]}: another run's folder?")
@@ -173,7 +174,7 @@ def run_sequential(
                 if deadline is not None and time.monotonic() > deadline:
                     log.info("max_minutes %s reached after %d of %d batches; rerun to resume", max_minutes, i, len(chunks))
                     break
-                edit = method.compute(model, [r.request() for r in chunk], hparams, **(edit_kwargs or {}), **extra)
+                edit = method.compute(model, requests_of(chunk), hparams, **(edit_kwargs or {}), **extra)
                 edit.save(path)
             for layer in edit.layers:  # the unedited W_out, for the accumulated change
                 originals.setdefault(layer, w_out(model, layer).detach().clone())

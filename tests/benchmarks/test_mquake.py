@@ -233,13 +233,13 @@ def test_cli_none_and_resume(tiny_model, tmp_path, monkeypatch):
     assert s["records_evaluated"] == 4 and len((out / "records.jsonl").read_text().splitlines()) == 4
 
 
-def test_case_edits_flatten_requests(tiny_model, tmp_path, records):
+def test_runner_flattens_case_requests(tiny_model, tmp_path, records):
     fake = RankOneMethod()
-    rows = runner.run_records(model=tiny_model, method=mquake.CaseEdits(fake), records=records, out_dir=tmp_path,
+    rows = runner.run_records(model=tiny_model, method=fake, records=records, out_dir=tmp_path,
                               evaluate=lambda m, r: {"ok": 1}, batch=2)
     assert fake.calls == [["The Louvre", "Michael Jordan", "Toko Yasuda"], ["Apple", "Berlin"]]
     assert len(rows) == 4
-    assert not hasattr(mquake.CaseEdits(fake), "compute")  # the runner's getattr(method, "compute", None) stays None
+    assert [q.subject for q in runner.requests_of(records[1:2])] == ["Michael Jordan", "Toko Yasuda"]  # a 2-rewrite case
 
 
 def test_cli_rome_batch(tiny_model, tmp_path, monkeypatch):
