@@ -6,8 +6,8 @@
   hparams): for each request, the delta `δ` added to the raw MLP output of a
   block (`W_out @ k + b_out`, via `tracer.mlp_output_delta`) at the last subject token that
   makes the model say `target_new` (ROME's `v*`, MEMIT's `z`). Requests in one batch are
-  independent (per-request losses are summed and Adam is per-element; a request that has
-  converged has its gradient masked).
+  independent (per-request losses are summed and Adam is per-element); a request that has
+  converged is frozen and its rows leave the batch, so later steps cost only the others.
 
 Example:
     >>> keys = subject_keys(model, requests, ["{}"], layer=4)   # [n, templates, d_mlp]
@@ -134,6 +134,34 @@ class _Batch:
     n_nll_rows: int  # rewrite rows come first
     kl_rows: Tensor  # [n_kl_rows] row indices of KL rows
     kl_req: Tensor  # [n_kl_rows]
+
+    def select(self, active: Tensor) -> tuple["_Batch", Tensor, Tensor]:
+        """The rows of the requests in `active` (`[n]` bool), request indices unchanged.
+
+        Returns `(batch, rows, kl_keep)`: the smaller batch, the kept rows `[rows']` (to
+        select the cached residual) and the kept KL rows `[n_kl_rows]` bool (for the
+        unedited KL log-probs). Rows never interact in a forward pass, so a request's
+        scores are the same in either batch.
+        """
+        keep = active[self.row_req]  # [rows]
+        new_index = torch.cumsum(keep, 0) - 1  # old row -> new row
+        lg_keep = keep[self.lg_rows]  # [m]
+        nll_keep = lg_keep[: len(self.tgt)]
+        kl_keep = keep[self.kl_rows]
+        rows = keep.nonzero().squeeze(1)
+        sub = _Batch(
+            tokens=self.tokens[rows],
+            row_req=self.row_req[rows],
+            row_pos=self.row_pos[rows],
+            lg_rows=new_index[self.lg_rows[lg_keep]],
+            lg_cols=self.lg_cols[lg_keep],
+            tgt=self.tgt[nll_keep],
+            nll_row=new_index[self.nll_row[nll_keep]],
+            n_nll_rows=int(keep[: self.n_nll_rows].sum()),
+            kl_rows=new_index[self.kl_rows[kl_keep]],
+            kl_req=self.kl_req[kl_keep],
+        )
+        return sub, rows, kl_keep
 
 
 def _build(model, requests, templates, kl_prompts, device, kl_position: str = "last") -> _Batch:
@@ -282,11 +310,9 @@ def optimize_values(
     n = len(requests)
     one_of("kl_position", kl_position, KL_POSITIONS)
     one_of("early_stop_on", early_stop_on, EARLY_STOP_ON)
-    batch = _build(model, requests, templates, kl_prompts, device, kl_position)
+    full = _build(model, requests, templates, kl_prompts, device, kl_position)
     n_t = len(templates)
     n_kl = len(kl_prompts)
-    m_nll = len(batch.tgt)
-    tok_per_row = torch.bincount(batch.nll_row, minlength=batch.n_nll_rows).float()  # [rows]
     single = isinstance(layer, int)
     layers = (layer,) if single else tuple(layer)
     if list(layers) != sorted(set(layers)) or not layers:
@@ -295,17 +321,27 @@ def optimize_values(
     delta = torch.zeros(n, len(layers), model.cfg.d_model, device=device, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=lr)
     with torch.no_grad():
-        x0 = run_until(model, batch.tokens, hook_name("resid_pre", layers[0]))  # every step starts here: the deltas change nothing upstream
-        lp0 = _logits(model, batch, layers, torch.zeros_like(delta), x0)
-        kl_init = lp0[m_nll:] if n_kl else None  # [n_kl_rows, vocab]
+        x0_full = run_until(model, full.tokens, hook_name("resid_pre", layers[0]))  # every step starts here: the deltas change nothing upstream
+        lp0 = _logits(model, full, layers, torch.zeros_like(delta), x0_full)
+        kl_init_full = lp0[len(full.tgt):] if n_kl else None  # [n_kl_rows, vocab]
     curve: list[list[float]] = []
     done = torch.zeros(n, dtype=torch.bool, device=device)
+    req_nll_last = torch.zeros(n, device=device)  # a converged request's NLL, repeated in the curve
+    batch, x0, kl_init = full, x0_full, kl_init_full
     for step in range(steps):
         opt.zero_grad()
+        if bool(done.any()) and len(batch.row_req) > int((~done)[full.row_req].sum()):
+            # converged requests are frozen: drop their rows, so each step costs only the rest
+            batch, rows, kl_keep = full.select(~done)
+            x0 = x0_full[rows]
+            kl_init = kl_init_full[kl_keep] if n_kl else None
         lp = _logits(model, batch, layers, delta, x0)
+        m_nll = len(batch.tgt)
         tok_nll = -pick(lp, batch.tgt)  # [m_nll]: the NLL rows come first
+        tok_per_row = torch.bincount(batch.nll_row, minlength=batch.n_nll_rows).float()  # [rows]
         row_nll = torch.zeros(batch.n_nll_rows, device=device).index_add(0, batch.nll_row, tok_nll) / tok_per_row
-        req_nll = row_nll.reshape(n, n_t).mean(1)  # [n]
+        req_nll = torch.zeros(n, device=device).index_add(0, batch.row_req[: batch.n_nll_rows], row_nll) / n_t
+        req_nll = torch.where(done, req_nll_last, req_nll)  # [n]
         loss = req_nll
         if n_kl and kl_factor:
             new = lp[m_nll:]
@@ -314,6 +350,7 @@ def optimize_values(
             loss = loss + kl_factor * req_kl
         loss = loss + weight_decay * (delta.norm(dim=-1) / ref_norm**2).sum(-1)
         curve.append([round(float(x), 5) for x in req_nll.detach().cpu()])
+        req_nll_last = req_nll.detach()
         done = done | ((req_nll if early_stop_on == "nll" else loss).detach() < early_stop_nll)
         log.debug("step %d nll %s", step, curve[-1])
         if bool(done.all()) or step == steps - 1:

@@ -144,6 +144,34 @@ def test_joint_value_optimisation_matches_single_layer_and_clamps_per_layer(tiny
         MEMITHParams(layers=(0,), spread="sideways")
 
 
+def test_converged_requests_leave_the_batch_and_keep_their_own_optimisation(tiny_model, monkeypatch):
+    """Requests in one value optimisation are independent: a request that reaches the
+    early-stop threshold is frozen and its rows are no longer run, and each request ends
+    with the delta and curve it gets when optimised alone."""
+    import editor.optimize as opt
+
+    reqs = [EditRequest(prompt=TEMPLATE, subject=s, target_new=t) for s, t in zip(SUBJECTS[:3], TARGETS[:3])]
+    kw = dict(layer=1, templates=["{}", "A. {}"], kl_prompts=("{} is a",), steps=30, lr=0.5, weight_decay=0.1,
+              kl_factor=0.1, clamp_norm_factor=10.0)
+    alone = [opt.optimize_values(tiny_model, [r], ref_norm=torch.ones(1), early_stop_nll=1e9, **kw)[1][0][0]
+             for r in reqs]  # each request's starting NLL
+    threshold = sorted(alone)[1] * 0.7  # between the requests: they stop at different steps
+    rows_seen = []
+    logits = opt._logits
+    monkeypatch.setattr(opt, "_logits", lambda m, b, *a: rows_seen.append(len(b.row_req)) or logits(m, b, *a))
+    delta, curve = opt.optimize_values(tiny_model, reqs, ref_norm=torch.ones(3), early_stop_nll=threshold, **kw)
+    monkeypatch.undo()
+    steps = [next(s for s, c in enumerate(curve) if c[i] < threshold) if any(c[i] < threshold for c in curve)
+             else None for i in range(3)]
+    assert len({s for s in steps}) > 1, steps  # the threshold separates them
+    assert rows_seen[1] == 3 * 3 and min(rows_seen) < 3 * 3  # 3 requests x (2 templates + 1 KL prompt), then fewer
+    for i, r in enumerate(reqs):
+        d1, c1 = opt.optimize_values(tiny_model, [r], ref_norm=torch.ones(1), early_stop_nll=threshold, **kw)
+        assert torch.allclose(delta[i], d1[0], atol=1e-5)
+        assert [c[i] for c in curve][: len(c1)] == pytest.approx([c[0] for c in c1], abs=1e-4)
+        assert all(c[i] == curve[len(c1) - 1][i] for c in curve[len(c1):])  # frozen: its last NLL is repeated
+
+
 def test_ft_l_raises_target_and_respects_bound(tiny_model):
     w0 = weights(tiny_model)
     hp = FTHParams(layer=1, lr=1e-2, norm_constraint=0.05, num_steps=10)
