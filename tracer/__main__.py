@@ -39,6 +39,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--noise", type=float, default=3.0, help="noise std as a multiple of the embedding std (default: 3)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=128, help="restored runs per forward pass")
+    p.add_argument("--method", default="exact", choices=("exact", "atp"),
+                   help="exact: restored runs (default); atp: attribution-patching estimates, one backward pass per prompt")
     p.add_argument("--noise-reference", help="known_1000.json whose subjects set the embedding std (default: built-in list)")
     p.add_argument("--out", help="single prompt: .html/.png/.json file; dataset: output folder")
     p.add_argument("--save-json", action="store_true", help="with a figure --out, also write the results as .json next to it")
@@ -73,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     from tracer.model import load_any  # noqa: PLC0415
 
     model = load_any(args.model, loader=args.model_loader, device=args.device)
-    common = dict(window=args.window, samples=args.samples, noise=args.noise, seed=args.seed, batch_size=args.batch_size)
+    common = dict(window=args.window, samples=args.samples, noise=args.noise, seed=args.seed, batch_size=args.batch_size,
+                  method=args.method)
     if args.facts is not None:
         from tracer.dataset import trace_dataset  # noqa: PLC0415
         from tracer.layer import choose_edit_layer  # noqa: PLC0415
@@ -95,8 +98,9 @@ def main(argv: list[str] | None = None) -> int:
                     best = int(m.nan_to_num(nan=-float("inf")).argmax())
                     print(f"{k:5s} {g:16s}: peak AIE {float(m[best]):.4f} ± {float(c[best]):.4f} at layer {best}")
             if "mlp" in kinds:
-                ch = choose_edit_layer(model, res)  # also cached for the editors' default_layer
-                print(f"chosen edit layer: {ch.layer} (MLP AIE at last subject token {ch.curve[ch.layer]:.4f} ± {ch.ci[ch.layer]:.4f}, runner-up layer {ch.runner_up}, margin {ch.margin:.4f}, {ch.n_facts} facts)")
+                ch = choose_edit_layer(model, res)  # an exact choice is also cached for the editors' default_layer
+                est = " [AtP estimate, not cached]" if ch.method == "atp" else ""
+                print(f"chosen edit layer{est}: {ch.layer} (MLP AIE at last subject token {ch.curve[ch.layer]:.4f} ± {ch.ci[ch.layer]:.4f}, runner-up layer {ch.runner_up}, margin {ch.margin:.4f}, {ch.n_facts} facts)")
         if args.out:
             res.save(args.out)
             print(f"wrote {Path(args.out) / 'summary.json'}, heatmaps.html, lines.html, traces.jsonl")
@@ -117,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in results:
         ie = r.indirect_effect()
         t, layer = divmod(int(ie.argmax()), ie.shape[1])
-        print(f"{r.kind:5s}: max indirect effect {float(ie.max()):+.4f} at token {r.labels()[t]!r} layer {layer}")
+        print(f"{r.kind:5s}: max indirect effect{' (AtP estimate)' if r.method == 'atp' else ''} {float(ie.max()):+.4f} at token {r.labels()[t]!r} layer {layer}")
     if args.out:
         if args.out.endswith(".json"):
             from tracer.files import atomic_write_text  # noqa: PLC0415

@@ -53,6 +53,7 @@ from tracer.prompts import encode, target_ids
 from tracer.files import atomic_write_text
 from tracer.result import TraceResult, save_figure
 from tracer.resume import append_jsonl, read_jsonl
+from tracer.attribution import attribution_scores, check_method
 from tracer.trace import prepare_runs, restore_scores
 
 log = logging.getLogger(__name__)
@@ -245,6 +246,8 @@ class DatasetTraceResult:
         window: mlp/attn window.
         samples: noise samples.
         noise_std: noise standard deviation, in `hook_embed` units.
+        method: "exact" (restored runs) or "atp" (attribution-patching estimates,
+            `tracer.attribution`); the summary and the plot titles say which.
 
     Raises:
         ValueError: from `mean`, `ci`, `curve` and the plots, for a kind that was not
@@ -262,6 +265,7 @@ class DatasetTraceResult:
     window: int
     samples: int
     noise_std: float
+    method: str = "exact"
 
     @property
     def n_facts(self) -> int:
@@ -309,6 +313,9 @@ class DatasetTraceResult:
             raise ValueError("no fact was kept (the model got none right); nothing to average")
         return self.effects[kind]
 
+    def _estimate(self) -> str:
+        return ", AtP estimate" if self.method == "atp" else ""
+
     def summary(self) -> dict:
         """JSON-able summary: counts, average total effect, and mean/CI tables per kind.
 
@@ -325,6 +332,8 @@ class DatasetTraceResult:
             "window": self.window,
             "samples": self.samples,
             "noise_std": self.noise_std,
+            "method": self.method,
+            "estimate": self.method == "atp",
             "groups": list(GROUPS),
         }
         if self.n_facts:
@@ -372,7 +381,7 @@ class DatasetTraceResult:
             fig.update_yaxes(tickvals=list(range(len(GROUPS))), ticktext=[GROUP_LABELS[g] for g in GROUPS], autorange="reversed", row=1, col=i)
             fig.update_xaxes(title_text="layer", row=1, col=i)
         fig.update_layout(
-            title=f"{self.model_name}: {self.n_facts} known facts (window {self.window})",
+            title=f"{self.model_name}: {self.n_facts} known facts (window {self.window}){self._estimate()}",
             width=430 * k,
             height=380,
             template="simple_white",
@@ -409,7 +418,7 @@ class DatasetTraceResult:
                 fig.add_trace(go.Scatter(x=x, y=_nan_list(m), mode="lines+markers", line=dict(color=colours[g]), name=GROUP_LABELS[g], legendgroup=g, showlegend=i == 1), row=1, col=i)
             fig.update_xaxes(title_text="layer", row=1, col=i)
         fig.update_yaxes(title_text="average indirect effect", row=1, col=1)
-        fig.update_layout(title=f"{self.model_name}: average indirect effect, {self.n_facts} facts", width=420 * k, height=380, template="simple_white")
+        fig.update_layout(title=f"{self.model_name}: average indirect effect, {self.n_facts} facts{self._estimate()}", width=420 * k, height=380, template="simple_white")
         return fig
 
     def save(self, folder: str | os.PathLike) -> Path:
@@ -475,6 +484,7 @@ def trace_dataset(
     noise_reference: str | os.PathLike | None = None,
     noise_cache: NoiseCache | None = None,
     progress: bool = True,
+    method: str = "exact",
 ) -> DatasetTraceResult:
     """Trace many facts and average the indirect effects by token group (paper, Fig. 2).
 
@@ -492,6 +502,10 @@ def trace_dataset(
             else the built-in list.
         noise_cache: a `NoiseCache` to reuse.
         progress: show a tqdm bar.
+        method: "exact" (restored runs) or "atp": attribution-patching **estimates**, every
+            kind of a fact from one corrupted forward and backward pass (`tracer.attribution`;
+            every token group, `groups` then only selects the tokens kept). The method is part
+            of the run's `config.json`, so an `out` folder holds one or the other.
 
     Returns:
         A `DatasetTraceResult`; its effects are `[n_facts, len(GROUPS), n_layers]` per kind.
@@ -511,6 +525,7 @@ def trace_dataset(
     kinds = tuple(kinds)
     if not kinds or any(k not in KINDS for k in kinds):
         raise ValueError(f"kinds {kinds!r} must be a non-empty subset of {KINDS}")
+    check_method(method)
     if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
         raise ValueError(f"n {n!r} must be None or an integer >= 1")
     groups = tuple(GROUPS if groups is None else groups)
@@ -520,7 +535,7 @@ def trace_dataset(
         noise_reference = facts
     facts = load_facts(facts)
     noise_std = resolve_noise(model, noise, reference=noise_reference, cache=noise_cache)
-    config = {"model": model_name(model), "kinds": list(kinds), "groups": list(groups), "window": window, "samples": samples, "noise_std": noise_std, "seed": seed}
+    config = {"model": model_name(model), "kinds": list(kinds), "groups": list(groups), "window": window, "samples": samples, "noise_std": noise_std, "seed": seed, "method": method}
     records: dict = {}
     jsonl = None
     if out is not None:
@@ -529,6 +544,7 @@ def trace_dataset(
         cfg_path = out / "config.json"
         if cfg_path.exists():
             old = json.loads(cfg_path.read_text())
+            old.setdefault("method", "exact")  # folders written before attribution patching
             if {k: old.get(k) for k in config if k != "noise_std"} != {k: v for k, v in config.items() if k != "noise_std"} or not math.isclose(old.get("noise_std", -1), noise_std, rel_tol=1e-6):
                 raise ValueError(f"out {str(out)!r} holds a run with other settings {old}; expected {config}. Use a fresh folder.")
         else:
@@ -565,10 +581,14 @@ def trace_dataset(
                 rec["subject_span"] = list(runs.prompt.subject)
                 rec["tokens"] = list(runs.prompt.tokens)
                 rec["high"], rec["low"] = runs.high, runs.low
-                rec["scores"] = {
-                    k: _nan_list(restore_scores(model, runs, kind=k, window=window, batch_size=batch_size, tokens=todo))
-                    for k in kinds
-                }
+                if method == "atp":
+                    est = attribution_scores(model, runs, kinds=kinds, window=window)
+                    rec["scores"] = {k: _nan_list(est[k]) for k in kinds}
+                else:
+                    rec["scores"] = {
+                        k: _nan_list(restore_scores(model, runs, kind=k, window=window, batch_size=batch_size, tokens=todo))
+                        for k in kinds
+                    }
                 n_kept += 1
             bar.update(1 if (correct or n is None) else 0)
             results[str(fact.known_id)] = rec
@@ -589,7 +609,7 @@ def trace_dataset(
             res = TraceResult(
                 scores=_tensor(r["scores"][k]), low=r["low"], high=r["high"], prompt=r["prompt"],
                 tokens=tuple(r["tokens"]), subject=tuple(r["subject_span"]), target=r.get("predicted", ""), target_id=-1,
-                kind=k, window=window, samples=samples, noise_std=noise_std,
+                kind=k, window=window, samples=samples, noise_std=noise_std, method=method,
             )
             per.append(group_effects(res))
         n_layers = model.cfg.n_layers
@@ -608,4 +628,5 @@ def trace_dataset(
         window=window,
         samples=samples,
         noise_std=noise_std,
+        method=method,
     )

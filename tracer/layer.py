@@ -53,6 +53,8 @@ class LayerChoice:
         window: restoration window used.
         runner_up: second-best layer.
         margin: `curve[layer] - curve[runner_up]`; compare with `ci` to judge how clear the choice is.
+        method: "exact" (causal traces) or "atp" (from attribution-patching **estimates**;
+            such a choice is not cached for the editor, which reads exact choices only).
     """
 
     layer: int
@@ -64,6 +66,7 @@ class LayerChoice:
     window: int = 10
     runner_up: int = -1
     margin: float = 0.0
+    method: str = "exact"
 
     def plot(self):
         """The curve with its CI band, chosen layer marked: a plotly Figure (paper, Fig. 2 bottom)."""
@@ -77,7 +80,8 @@ class LayerChoice:
         fig.add_trace(go.Scatter(x=x, y=list(self.curve), mode="lines+markers", name=f"{self.kind} @ {self.group}"))
         fig.add_vline(x=self.layer, line_dash="dash", annotation_text=f"layer {self.layer}")
         fig.update_layout(
-            title=f"Average indirect effect of {self.kind.upper()} at the last subject token ({self.n_facts} facts)",
+            title=f"Average indirect effect of {self.kind.upper()} at the last subject token ({self.n_facts} facts)"
+            + (", AtP estimate" if self.method == "atp" else ""),
             xaxis_title=f"center of {self.window}-layer window",
             yaxis_title="average indirect effect",
             template="simple_white",
@@ -114,6 +118,7 @@ def choose_from_result(result: DatasetTraceResult, *, kind: str = "mlp", group: 
         window=result.window,
         runner_up=second,
         margin=float(mean[best] - mean[second]),
+        method=result.method,
     )
 
 
@@ -143,7 +148,9 @@ def choose_edit_layer(
         cache_dir: cache root for the choice (`edit_layer_path`) and, unless `noise_cache` is
             given, the embedding statistics the noise scale is measured from (`<root>/noise`);
             "none" writes nothing. The choice is written whenever `model` is given, whatever `n`.
-        **trace_kwargs: more `trace_dataset` options (noise, seed, batch_size, ...).
+        **trace_kwargs: more `trace_dataset` options (noise, seed, batch_size, ...);
+            `method="atp"` chooses from attribution-patching estimates (a quick screen,
+            labelled as such and not cached for the editor).
 
     Returns:
         A `LayerChoice` with the layer and the curve, CIs and fact count behind it.
@@ -166,7 +173,7 @@ def choose_edit_layer(
             trace_kwargs.setdefault("noise_cache", NoiseCache(root=root / "noise") if root else NoiseCache(use_disk=False))
         result = trace_dataset(model, facts, kinds=("mlp",), n=n, window=window, samples=samples, out=out, **trace_kwargs)
         choice = choose_from_result(result)
-    if model is not None and choice.n_facts > 0 and math.isfinite(choice.curve[choice.layer]):
+    if model is not None and choice.method == "exact" and choice.n_facts > 0 and math.isfinite(choice.curve[choice.layer]):
         save_layer_choice(model, choice, cache_dir=cache_dir)
     return choice
 

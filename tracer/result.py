@@ -59,6 +59,9 @@ class TraceResult:
         severed: None, or the sublayer frozen at later layers ("mlp"/"attn").
         corrupted_prompt: the prompt used instead of noise, if any.
         model_name: the traced model.
+        method: "exact" (restored runs, the paper's causal trace) or "atp" (attribution-
+            patching **estimates** of the same scores, `tracer.attribution`); titles,
+            hover text and saved JSON say which.
     """
 
     scores: Float[Tensor, "pos layer"]
@@ -76,6 +79,7 @@ class TraceResult:
     severed: str | None = None
     corrupted_prompt: str | None = None
     model_name: str = ""
+    method: str = "exact"
 
     def indirect_effect(self) -> Float[Tensor, "pos layer"]:
         """`scores - low`, `[pos, layer]` probabilities: each state's indirect effect (ROME section 2)."""
@@ -94,10 +98,12 @@ class TraceResult:
     def title(self) -> str:
         """The plot title, as in the paper's Figure 1 (and Figure 3 for a severed trace)."""
         if self.severed:
-            return f"Restoring state with {self.severed.upper()} severed"
-        if self.kind == "resid":
-            return "Impact of restoring state after corrupted input"
-        return f"Impact of restoring {KIND_NAMES[self.kind]} after corrupted input"
+            title = f"Restoring state with {self.severed.upper()} severed"
+        elif self.kind == "resid":
+            title = "Impact of restoring state after corrupted input"
+        else:
+            title = f"Impact of restoring {KIND_NAMES[self.kind]} after corrupted input"
+        return title + (" (AtP estimate)" if self.method == "atp" else "")
 
     def xlabel(self) -> str:
         """The x-axis label: the restored layer, or the centre of the restored window."""
@@ -114,7 +120,8 @@ class TraceResult:
         n_pos, n_layers = scores.shape
         labels = self.labels()
         custom = [[[labels[t], float(ie[t, l])] for l in range(n_layers)] for t in range(n_pos)]
-        colorbar = dict(title=dict(text=f"p({self.target.strip()})", side="bottom"), len=0.9)
+        est = " est." if self.method == "atp" else ""
+        colorbar = dict(title=dict(text=f"p({self.target.strip()}){est}", side="bottom"), len=0.9)
         if colorbar_x is not None:
             colorbar["x"] = colorbar_x
         return go.Heatmap(
@@ -126,8 +133,8 @@ class TraceResult:
             zmax=max(float(scores.max()), self.low + 1e-6),
             customdata=custom,
             hovertemplate=(
-                "token %{customdata[0]}<br>layer %{x}<br>p = %{z:.4f}"
-                "<br>indirect effect %{customdata[1]:+.4f}<extra></extra>"
+                "token %{customdata[0]}<br>layer %{x}<br>p" + est + " = %{z:.4f}"
+                "<br>indirect effect" + est + " %{customdata[1]:+.4f}<extra></extra>"
             ),
             showscale=showscale,
             colorbar=colorbar,
@@ -186,6 +193,7 @@ class TraceResult:
             "severed": self.severed,
             "corrupted_prompt": self.corrupted_prompt,
             "model_name": self.model_name,
+            "method": self.method,
         }
 
     @classmethod

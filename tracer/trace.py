@@ -58,6 +58,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from tracer.attribution import attribution_scores, check_method
 from tracer.hooks import EMBED, KINDS, hook_layer, hook_name, hooks, resolve_hook
 from tracer.model import final_logits, final_resid, model_device, model_name, prefix_kv_cache, recording, resume_with_prefix, run_until
 from tracer.noise import NoiseCache, NoiseScale, resolve_noise
@@ -624,6 +625,7 @@ def trace_prompt(
     runs: Runs | None = None,
     metric: Metric | None = None,
     metric_at: str | None = None,
+    method: str = "exact",
 ) -> TraceResult:
     """Causal trace of one prompt: the target probability after restoring each (token, layer).
 
@@ -668,6 +670,11 @@ def trace_prompt(
             block (`resid` at layer `l` enters block `l + 1`), except where the hook is that very
             state (`blocks.l.hook_resid_post`, or an SAE's output there), whose cell at the last
             token is then `high`. Attention patterns (`[batch, head, query, key]`) are refused.
+        method: "exact" (default): one restored run per cell and sample, the paper's trace.
+            "atp": attribution-patching **estimates** of the same scores from one corrupted
+            forward and backward pass (all samples in one batch; `tracer.attribution`),
+            marked `method="atp"` in the result, its plots and its JSON; not with `severed`
+            or `metric_at`.
 
     Returns:
         A `TraceResult` with `scores[pos, layer]`, `low`, `high` and metadata (with a
@@ -675,7 +682,8 @@ def trace_prompt(
 
     Raises:
         ValueError: bad arguments (see `prepare_runs`), a metric that does not return a
-            finite `[batch]` tensor, or a `metric_at` that is not a hook point of `model`.
+            finite `[batch]` tensor, a `metric_at` that is not a hook point of `model`, an
+            unknown `method`, or `method="atp"` with `severed` or `metric_at`.
 
     Example:
         >>> res = trace_prompt(model, "The Eiffel Tower is located in the city of", "Eiffel Tower")
@@ -689,6 +697,9 @@ def trace_prompt(
         raise ValueError(f"kind {kind!r} is unknown; expected one of {KINDS}")
     if isinstance(window, bool) or not isinstance(window, int) or window < 1:
         raise ValueError(f"window {window!r} must be an integer >= 1")
+    check_method(method)
+    if method == "atp" and (severed is not None or metric_at is not None):
+        raise ValueError(f"method 'atp' estimates plain restorations only; got severed={severed!r}, metric_at={metric_at!r}")
     if corrupted_prompt is not None:
         samples = 1
     if metric_at is not None:
@@ -707,9 +718,12 @@ def trace_prompt(
             noise_cache=noise_cache,
             device=device,
         )
-    scores = restore_scores(
-        model, runs, kind=kind, window=window, severed=severed, batch_size=batch_size, metric=metric, metric_at=metric_at
-    )
+    if method == "atp":
+        scores = attribution_scores(model, runs, kinds=(kind,), window=window, metric=metric)[kind]
+    else:
+        scores = restore_scores(
+            model, runs, kind=kind, window=window, severed=severed, batch_size=batch_size, metric=metric, metric_at=metric_at
+        )
     high, low = metric_bounds(model, runs, metric, metric_at)
     tok = model.tokenizer
     return TraceResult(
@@ -728,6 +742,7 @@ def trace_prompt(
         severed=severed,
         corrupted_prompt=corrupted_prompt,
         model_name=model_name(model),
+        method=method,
     )
 
 

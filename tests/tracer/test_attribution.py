@@ -1,0 +1,137 @@
+"""Attribution patching (`method="atp"`): the estimate is the first-order term of the
+restoration it stands for, it is labelled as an estimate everywhere, and bad input is refused."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from tracer.attribution import attribution_scores
+from tracer.dataset import trace_dataset
+from tracer.hooks import EMBED, hook_name, hooks
+from tracer.layer import cached_layer_choice, choose_edit_layer
+from tracer.noise import NoiseScale
+from tracer.patching import noise_hook
+from tracer.result import TraceResult
+from tracer.trace import prepare_runs, trace_prompt, window_layers
+
+PROMPT, SUBJECT = "The Eiffel Tower is located in the city of", "Eiffel Tower"
+NOISE = NoiseScale(value=3.0)
+FACTS = [
+    {"known_id": 0, "prompt": "The Eiffel Tower is located in the city of", "subject": "Eiffel Tower", "attribute": None},
+    {"known_id": 1, "prompt": "Tokyo is the capital of", "subject": "Tokyo", "attribute": None},
+]
+
+
+def _logit_diff(model, runs):
+    other = (runs.target_id + 1) % model.cfg.d_vocab
+    return lambda logits: logits[:, -1, runs.target_id] - logits[:, -1, other]
+
+
+def _nudged_score(model, runs, kind, t, layers, eps, metric=None):
+    """The corrupted run with `eps * (clean - corrupted)` added to `kind` at token `t` in `layers`."""
+    fwd = [(EMBED, noise_hook(runs.prompt.subject, runs.embed_delta))]
+    for l in layers:
+        clean = runs.clean_pre[l + 1][t] if kind == "resid" else runs.clean_sub[kind][l][t]
+        corrupt = runs.corrupt_pre[l + 1][:, t] if kind == "resid" else runs.corrupt_sub[kind][l][:, t]
+
+        def nudge(act, hook, step=eps * (clean[None] - corrupt)):
+            act = act.clone()
+            act[:, t] += step.to(act.dtype)
+            return act
+
+        fwd.append((hook_name(kind, l), nudge))
+    with torch.no_grad(), hooks(model, fwd):
+        logits = model(runs.corrupt_tokens)[:, -1:].double()
+    if metric is None:
+        return float(logits[:, -1].softmax(-1)[:, runs.target_id].mean())
+    return float(metric(logits).double().mean())
+
+
+@pytest.mark.parametrize("kind", ["resid", "mlp", "attn"])
+def test_estimate_is_the_first_order_term_of_the_restoration(tiny_model, kind):
+    """AtP's (clean - corrupted) . gradient equals the derivative of the metric along the
+    restoration, measured by a central finite difference on the model itself, in float64
+    (the tiny models' slopes are too small for float32 differences). A logit difference: the
+    tiny models' next-token probabilities are too flat, ~1/d_vocab, for a finite difference
+    to resolve; the probability path is checked against the metric path below."""
+    model = copy.deepcopy(tiny_model).to(torch.float64)
+    runs = prepare_runs(model, PROMPT, SUBJECT, samples=3, noise=NOISE)
+    metric = _logit_diff(model, runs)
+    window = 2
+    est = attribution_scores(model, runs, kinds=(kind,), window=window, metric=metric)[kind]
+    n = model.cfg.n_layers
+    assert est.shape == (len(runs.prompt.ids), n)
+    t = runs.prompt.subject[1] - 1  # the last subject token
+    low = _nudged_score(model, runs, kind, t, [], 0.0, metric)
+    eps = 1e-3
+    slopes = []
+    for l in range(n):
+        layers = [l] if kind == "resid" else list(window_layers(l, window, n))
+        slopes.append((_nudged_score(model, runs, kind, t, layers, eps, metric)
+                       - _nudged_score(model, runs, kind, t, layers, -eps, metric)) / (2 * eps))
+    slopes = torch.tensor(slopes, dtype=torch.float64)
+    scale = float(slopes.abs().max())
+    assert scale > 1e-8  # the comparison is not between zeros (float64 differences resolve ~1e-12)
+    assert (est[t].double() - low).tolist() == pytest.approx(slopes.tolist(), abs=2e-2 * scale)
+
+
+def test_probability_estimate_is_the_metric_estimate_of_the_probability(tiny_model):
+    runs = prepare_runs(tiny_model, PROMPT, SUBJECT, samples=2, noise=NOISE)
+    prob = attribution_scores(tiny_model, runs, window=2)
+    same = attribution_scores(tiny_model, runs, window=2, metric=lambda l: l[:, -1].softmax(-1)[:, runs.target_id])
+    for kind in prob:
+        assert torch.allclose(prob[kind], same[kind], rtol=1e-5, atol=1e-9), kind
+        assert float(prob[kind][: runs.first_changed].sub(runs.low).abs().max()) == 0.0
+
+
+def test_trace_prompt_atp_is_labelled_and_exact_before_the_subject(tiny_model, tmp_path):
+    exact = trace_prompt(tiny_model, PROMPT, SUBJECT, kind="mlp", samples=3, noise=NOISE, window=2)
+    atp = trace_prompt(tiny_model, PROMPT, SUBJECT, kind="mlp", samples=3, noise=NOISE, window=2, method="atp")
+    assert exact.method == "exact" and atp.method == "atp"
+    assert atp.scores.shape == exact.scores.shape and (atp.low, atp.high) == pytest.approx((exact.low, exact.high))
+    a = atp.subject[0]
+    assert torch.all(atp.scores[:a] == exact.scores[:a])  # unchanged tokens: low, exactly, in both
+    assert "AtP estimate" in atp.title() and "estimate" not in exact.title()
+    assert "est." in json.dumps(atp.plot().to_dict())
+    back = TraceResult.from_dict(json.loads(json.dumps(atp.to_dict())))
+    assert back.method == "atp" and torch.equal(back.scores, atp.scores)
+    old = atp.to_dict()
+    del old["method"]  # a result saved before attribution patching reads as exact
+    assert TraceResult.from_dict(old).method == "exact"
+
+
+def test_atp_refuses_what_it_cannot_estimate(tiny_model):
+    with pytest.raises(ValueError, match="method 'bogus' is unknown"):
+        trace_prompt(tiny_model, PROMPT, SUBJECT, noise=NOISE, method="bogus")
+    with pytest.raises(ValueError, match="severed"):
+        trace_prompt(tiny_model, PROMPT, SUBJECT, noise=NOISE, severed="mlp", method="atp")
+    with pytest.raises(ValueError, match="metric_at"):
+        trace_prompt(tiny_model, PROMPT, SUBJECT, noise=NOISE, method="atp", metric=lambda a: a[:, -1, 0],
+                     metric_at="blocks.0.hook_resid_post")
+    runs = prepare_runs(tiny_model, PROMPT, SUBJECT, samples=2, noise=NOISE)
+    with pytest.raises(ValueError, match="kinds"):
+        attribution_scores(tiny_model, runs, kinds=("embed",))
+    with pytest.raises(ValueError, match="metric returned"):
+        attribution_scores(tiny_model, runs, metric=lambda logits: logits[:, -1, 0].mean())
+    with pytest.raises(ValueError, match="method"):
+        trace_dataset(tiny_model, FACTS, noise=NOISE, method="fast")
+
+
+def test_trace_dataset_and_layer_choice_from_estimates(tiny_model, tmp_path):
+    out = tmp_path / "atp"
+    res = trace_dataset(tiny_model, FACTS, samples=2, noise=NOISE, window=1, out=out, progress=False, method="atp")
+    assert res.method == "atp" and res.summary()["estimate"] is True
+    assert json.loads((out / "config.json").read_text())["method"] == "atp"
+    assert "AtP estimate" in json.dumps(res.plot_lines().to_dict())
+    exact = trace_dataset(tiny_model, FACTS, samples=2, noise=NOISE, window=1, progress=False)
+    assert exact.known_ids == res.known_ids and exact.method == "exact"
+    with pytest.raises(ValueError, match="other settings"):  # one folder holds one method
+        trace_dataset(tiny_model, FACTS, samples=2, noise=NOISE, window=1, out=out, progress=False)
+    choice = choose_edit_layer(tiny_model, FACTS, samples=2, noise=NOISE, window=1, progress=False,
+                               cache_dir=tmp_path / "cache", method="atp")
+    assert choice.method == "atp" and "AtP estimate" in choice.plot().layout.title.text
+    assert cached_layer_choice(tiny_model, cache_dir=tmp_path / "cache") is None  # the editor reads exact choices only

@@ -1,0 +1,139 @@
+"""Attribution patching: a first-order estimate of every causal-tracing cell from gradients.
+
+Causal tracing (`tracer.trace`) runs the corrupted model once per restored (token, layer)
+cell and noise sample. Attribution patching (Nanda 2023, "Attribution Patching: Activation
+Patching At Industrial Scale"; Kramár et al. 2024, "AtP*") replaces each of those runs by a
+linear estimate from **one corrupted forward and backward pass per noise sample**: restoring
+the clean value `a_clean` of an activation `a` changes the metric `m` by about
+
+    Δm ≈ (a_clean − a_corrupted) · ∂m/∂a        (evaluated on the corrupted run)
+
+For the three kinds of `tracer.trace`, cell `(t, l)`:
+
+- `"resid"`: `a` is `blocks.l.hook_resid_post` at token `t`;
+- `"mlp"` / `"attn"`: the sum of the `hook_mlp_out` / `hook_attn_out` terms at token `t` over the
+  window `window_layers(l, window, n_layers)` (a first-order estimate is additive, so the
+  window's joint restoration is estimated by the sum of its layers').
+
+The estimated score is `low + mean over samples of Δm`, on the same scale as the exact
+`scores` (the target probability, or the metric). Tokens before the first corrupted one are
+`low` exactly, as in the exact trace. These are **estimates**: a sigmoid-like metric such as
+a probability saturates, and AtP underestimates effects that need several restored
+components at once (AtP*'s first failure mode). Every result made here says so
+(`TraceResult.method == "atp"`). Severed paths and `metric_at` are not estimated.
+
+Example:
+    >>> from tracer.trace import prepare_runs
+    >>> runs = prepare_runs(model, "The Eiffel Tower is located in the city of", "Eiffel Tower")
+    >>> est = attribution_scores(model, runs)          # {"resid": [pos, layer], "mlp": ..., "attn": ...}
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from tracer.hooks import EMBED, KINDS, hook_name, hooks
+from tracer.model import final_logits, final_resid
+from tracer.patching import noise_hook
+
+METHODS = ("exact", "atp")
+
+
+def check_method(method: str) -> str:
+    """`method` if it is one of `METHODS`.
+
+    Raises:
+        ValueError: any other value.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method {method!r} is unknown; expected one of {METHODS} ('atp': attribution-patching estimate)")
+    return method
+
+
+def attribution_scores(
+    model,
+    runs,
+    *,
+    kinds: Sequence[str] = KINDS,
+    window: int = 10,
+    metric=None,
+) -> dict[str, Float[Tensor, "pos layer"]]:
+    """AtP estimates of `restore_scores` for each kind, from one backward pass per sample.
+
+    All noise samples go through the model as one batch; the rows are independent, so the
+    gradient of the summed metric gives each sample's own gradient.
+
+    Args:
+        model: the model `runs` came from (either TransformerLens API).
+        runs: `tracer.trace.prepare_runs` output (clean and corrupted states, the noise).
+        kinds: any of "resid", "mlp", "attn".
+        window: layers per mlp/attn window, as in `trace_prompt`.
+        metric: None for the target probability, else a `tracer.trace.Metric` of the last
+            position's logits `[batch, 1, d_vocab]` returning `[batch]`.
+
+    Returns:
+        `{kind: [pos, layer]}` float32 estimated scores (probability, or metric units).
+
+    Raises:
+        ValueError: an unknown kind, `window` < 1, or a metric that does not return finite
+            `[batch]` values.
+    """
+    from tracer.trace import _checked, metric_bounds, window_layers  # noqa: PLC0415  (tracer.trace imports this module)
+
+    kinds = tuple(kinds)
+    if not kinds or any(k not in KINDS for k in kinds):
+        raise ValueError(f"kinds {kinds!r} must be a non-empty subset of {KINDS}")
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"window {window!r} must be an integer >= 1")
+    n = model.cfg.n_layers
+    tokens = runs.corrupt_tokens  # [S, pos]
+    samples, n_pos = tokens.shape
+    names = {(k, l): hook_name(k, l) for k in kinds for l in range(n)}
+    acts: dict[tuple[str, int], Tensor] = {}
+
+    def keep(key):
+        def hook(act, hook):
+            acts[key] = act
+            return act
+
+        return hook
+
+    def leaf(act, hook):  # gradients start here: none are accumulated into the weights
+        return act.detach().requires_grad_(True)
+
+    fwd = [(EMBED, noise_hook(runs.prompt.subject, runs.embed_delta))] if runs.embed_delta is not None else []
+    fwd += [(EMBED, leaf)] + [(name, keep(key)) for key, name in names.items()]
+    with torch.enable_grad(), hooks(model, fwd):
+        resid = final_resid(model, tokens)[:, -1]  # [S, d_model]
+        logits = final_logits(model, resid)
+        logits = logits.double() if logits.dtype == torch.float64 else logits.float()
+        if metric is None:
+            m = (logits[:, runs.target_id] - logits.logsumexp(-1)).exp()
+        else:
+            m = _checked(metric(logits[:, None]), samples)
+        keys = list(acts)
+        grads = torch.autograd.grad(m.sum(), [acts[k] for k in keys], allow_unused=True)
+    grad = dict(zip(keys, grads))
+    low = metric_bounds(model, runs, metric)[1]
+
+    def term(kind: str, layer: int) -> Tensor:  # [pos]: mean over samples of (clean - corrupted) . grad
+        a, g = acts[(kind, layer)].detach().double(), grad[(kind, layer)]
+        if g is None:  # the activation does not reach the metric
+            return torch.zeros(n_pos, dtype=torch.float64)
+        clean = runs.clean_pre[layer + 1] if kind == "resid" else runs.clean_sub[kind][layer]  # [pos, d]
+        return ((clean.double()[None] - a) * g.double()).sum(-1).mean(0).cpu()
+
+    out = {}
+    for kind in kinds:
+        per_layer = torch.stack([term(kind, l) for l in range(n)], 1)  # [pos, layer]
+        if kind == "resid":
+            est = per_layer
+        else:
+            est = torch.stack([per_layer[:, list(window_layers(l, window, n))].sum(1) for l in range(n)], 1)
+        est[: runs.first_changed] = 0.0  # an unchanged state: restoring it is a no-op, exactly
+        out[kind] = (low + est).float()
+    return out
