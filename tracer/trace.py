@@ -724,8 +724,12 @@ def trace_prompt(
         scores = restore_scores(
             model, runs, kind=kind, window=window, severed=severed, batch_size=batch_size, metric=metric, metric_at=metric_at
         )
-    high, low = metric_bounds(model, runs, metric, metric_at)
-    tok = model.tokenizer
+    return _result(model, runs, scores, kind=kind, window=window, severed=severed, corrupted_prompt=corrupted_prompt,
+                   bounds=metric_bounds(model, runs, metric, metric_at), method=method)
+
+
+def _result(model, runs: Runs, scores, *, kind, window, severed, corrupted_prompt, bounds, method) -> TraceResult:
+    high, low = bounds
     return TraceResult(
         scores=scores,
         low=low,
@@ -733,7 +737,7 @@ def trace_prompt(
         prompt=runs.prompt.prompt,
         tokens=runs.prompt.tokens,
         subject=runs.prompt.subject,
-        target=tok.decode([runs.target_id]),
+        target=model.tokenizer.decode([runs.target_id]),
         target_id=runs.target_id,
         kind=kind,
         window=window,
@@ -750,7 +754,8 @@ def trace_all(model, prompt: str, subject: str, **kwargs) -> dict[str, TraceResu
     """`trace_prompt` for "resid", "mlp" and "attn", sharing the clean and corrupted runs.
 
     Takes `trace_prompt`'s keyword arguments (except `kind` and `runs`) and raises what it
-    raises. Returns `{kind: TraceResult}`.
+    raises. Returns `{kind: TraceResult}`. With `method="atp"`, one backward pass estimates
+    all three kinds.
 
     Example:
         >>> results = trace_all(model, "The Eiffel Tower is located in the city of", "Eiffel Tower")
@@ -761,6 +766,13 @@ def trace_all(model, prompt: str, subject: str, **kwargs) -> dict[str, TraceResu
         shaping["corrupted_prompt"] = kwargs["corrupted_prompt"]
         shaping["samples"] = 1
     runs = prepare_runs(model, prompt, subject, **shaping)
+    if kwargs.get("method") == "atp" and kwargs.get("severed") is None and kwargs.get("metric_at") is None:
+        # one backward pass estimates all three kinds
+        window, metric = kwargs.get("window", 10), kwargs.get("metric")
+        est = attribution_scores(model, runs, kinds=KINDS, window=window, metric=metric)
+        bounds = metric_bounds(model, runs, metric)
+        return {k: _result(model, runs, est[k], kind=k, window=window, severed=None, bounds=bounds, method="atp",
+                           corrupted_prompt=kwargs.get("corrupted_prompt")) for k in KINDS}
     return {k: trace_prompt(model, prompt, subject, kind=k, runs=runs, **kwargs) for k in KINDS}
 
 

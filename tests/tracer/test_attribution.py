@@ -135,3 +135,34 @@ def test_trace_dataset_and_layer_choice_from_estimates(tiny_model, tmp_path):
                                cache_dir=tmp_path / "cache", method="atp")
     assert choice.method == "atp" and "AtP estimate" in choice.plot().layout.title.text
     assert cached_layer_choice(tiny_model, cache_dir=tmp_path / "cache") is None  # the editor reads exact choices only
+
+
+def test_trace_all_atp_shares_one_pass_and_matches_each_kind(tiny_model, monkeypatch):
+    import tracer.trace as trace
+
+    calls = []
+    real = trace.attribution_scores
+    monkeypatch.setattr(trace, "attribution_scores", lambda *a, **k: calls.append(k["kinds"]) or real(*a, **k))
+    both = trace.trace_all(tiny_model, PROMPT, SUBJECT, samples=2, noise=NOISE, window=2, method="atp")
+    assert calls == [("resid", "mlp", "attn")]
+    for kind, res in both.items():
+        one = trace_prompt(tiny_model, PROMPT, SUBJECT, kind=kind, samples=2, noise=NOISE, window=2, method="atp")
+        assert res.method == "atp" and torch.allclose(res.scores, one.scores, atol=1e-7), kind
+
+
+def test_agreement_of_a_trace_with_itself_and_with_its_estimate(tiny_model, tmp_path):
+    from benchmarks.atp_agreement import compare_fact, summarize
+    from tracer.resume import read_jsonl
+
+    for method in ("exact", "atp"):
+        trace_dataset(tiny_model, FACTS, samples=2, noise=NOISE, window=1, out=tmp_path / method, progress=False, method=method)
+    exact = read_jsonl(tmp_path / "exact" / "traces.jsonl", key="known_id")
+    atp = read_jsonl(tmp_path / "atp" / "traces.jsonl", key="known_id")
+    ids = [i for i, r in exact.items() if r["correct"]]
+    same = {i: compare_fact(exact[i], exact[i]) for i in ids}
+    assert all(f[k]["spearman"] == pytest.approx(1.0) and f[k]["top_cell_match"] for f in same.values() for k in f)
+    est = {i: compare_fact(exact[i], atp[i]) for i in ids}
+    s = summarize(est)
+    assert set(s) == {"resid", "mlp", "attn"} and all(-1 <= s[k]["spearman_mean"] <= 1 for k in s)
+    flipped = {**exact[ids[0]], "scores": {k: [[-v for v in row] for row in m] for k, m in exact[ids[0]]["scores"].items()}}
+    assert compare_fact(exact[ids[0]], flipped)["mlp"]["spearman"] == pytest.approx(-1.0)
