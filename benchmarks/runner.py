@@ -389,6 +389,9 @@ def execute(
             "sequential": {"batch": seq_batch, "checkpoint_every": args.checkpoint_every,
                            "checkpoint_sample": args.checkpoint_sample, "checkpoints": len(seq["checkpoints"]),
                            "complete": seq["complete"], "final_evaluation": "every edited record, after the last batch"}}}
+        last = seq["checkpoints"][-1] if seq["checkpoints"] else None
+        if last and last.get("seconds"):  # the final evaluation's rows carry no per-record time: edits per minute of editing
+            extra["meta"]["records_per_min"] = 60.0 * last["n_edits"] / last["seconds"]
     else:
         rows = run_records(
             model=model,
@@ -511,7 +514,8 @@ def write_summary(
     """Write `summary.json`, `summary.md` and `figure.html` (this run and its sibling runs) atomically.
 
     `figure.html` loads plotly.js from `plotly.min.js` in `out_dir` (written once, see
-    `tracer.result.save_figure`), so it opens offline.
+    `tracer.result.save_figure`), so it opens offline. `records_per_min` is the rows' own
+    throughput unless `meta` gives it (a sequential run: edits per minute of editing).
     """
     out_dir = Path(out_dir)
     ok = [r for r in rows if "error" not in r]
@@ -524,7 +528,7 @@ def write_summary(
         "records_evaluated": len(ok),
         "records_failed": len(rows) - len(ok),
         "records_missing": requested - len(rows),
-        "records_per_min": throughput(rows),
+        "records_per_min": meta.get("records_per_min", throughput(rows)),
         "perplexity": {
             "before": ppl_before,
             "after": (sum(afters) / len(afters)) if afters else None,

@@ -153,6 +153,8 @@ def test_cli_sequential_end_to_end_resume_and_collapse_figure(tiny_model, tmp_pa
     assert s["model_restored"] and weights_hash(tiny_model) == before
     assert s["sequential"]["checkpoints"] == 3 and s["sequential"]["complete"] and s["records_evaluated"] == 3
     assert "GE" in s["columns"]  # the final evaluation generates; the checkpoints do not
+    last_ckpt = json.loads((out / CHECKPOINTS).read_text().splitlines()[-1])
+    assert s["records_per_min"] == pytest.approx(60 * 3 / last_ckpt["seconds"])  # edits per minute of editing, not NaN
     assert s["perplexity"]["after"] == pytest.approx(json.loads((out / CHECKPOINTS).read_text().splitlines()[-1])["perplexity"])
     ckpts = [json.loads(l) for l in (out / CHECKPOINTS).read_text().splitlines()]
     assert [c["n_edits"] for c in ckpts] == [1, 2, 3] and all("perplexity" in c and "es" in c["metrics"] for c in ckpts)
