@@ -68,7 +68,6 @@ STAGES = ("before", "after")
 METRICS = ("ES", "Hop", "MH", "MH-lik")
 COLUMNS = tuple(f"{m}{s}" for s in ("", " (known)") for m in METRICS)
 """The main table's columns: the after-edit metrics over all cases, then over known chains."""
-BEFORE_DIR = "before"
 
 DEMOS: tuple[tuple[str, str], ...] = (
     ("What is the capital of the country where the Eiffel Tower is located?", "Paris"),
