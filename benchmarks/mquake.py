@@ -35,8 +35,8 @@ run's evaluation then puts both on one line: `{"before": ..., "after": ..., "kno
 model in one run (its "after" says how often the unedited model already gives the new
 answers). An MQuAKE case's `.request()` is the tuple of its 1-4 rewrites, which the runner
 flattens (`runner.requests_of`): without `--batch` one case's rewrites are edited together,
-with `--batch K` the K cases' rewrites are (MEMIT or AlphaEdit in one solve; ROME sums the
-requests' independent rank-one updates).
+with `--batch K` the K cases' rewrites are (MEMIT or AlphaEdit in one solve; ROME one
+request after another, each computed on the model holding the earlier ones).
 
 CLI:
     python -m benchmarks.mquake --model gemma-3-270m --method rome --n 300 --out results/mquake-rome
