@@ -164,13 +164,19 @@ def _reapply(model, path: Path):
 
 def edit_summary(edit) -> dict:
     """What a record's line keeps about its edit: the final target NLL of the value
-    optimisation (each request's, ROME/MEMIT), FT-L's last loss, and `‖ΔW_l‖/‖W_out,l‖`."""
+    optimisation (each request's, ROME/MEMIT) and its step count, FT-L's last loss, ROME's
+    `‖δ‖/‖v‖` per request (the clamp binds where it equals `clamp_norm_factor`), and
+    `‖ΔW_l‖/‖W_out,l‖`."""
     diag = getattr(edit, "diagnostics", None) or {}
     out: dict = {}
     curves = [s["nll_curve"] for s in diag.get("steps", [])] or diag.get("nll_curves") or []
     if curves:
         out["edit_final_nll"] = [c[-1] for c in curves if c]
         out["edit_steps"] = [len(c) for c in curves]
+    steps = diag.get("steps", [])
+    if steps and all("delta_norm" in s and s.get("value_norm") for s in steps):
+        # ROME: ‖δ‖ / ‖v‖ per request; equal to clamp_norm_factor where the clamp binds
+        out["delta_over_value"] = [s["delta_norm"] / s["value_norm"] for s in steps]
     elif diag.get("nll_curve"):
         out["edit_final_nll"] = [diag["nll_curve"][-1]]
         out["edit_steps"] = [len(diag["nll_curve"])]

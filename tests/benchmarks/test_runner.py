@@ -228,6 +228,8 @@ def test_edit_summary_reads_each_method_diagnostics():
     assert runner.edit_summary(memit_like) == {"edit_final_nll": [0.1, 0.02], "edit_steps": [2, 3]}
     assert runner.edit_summary(E({"nll_curve": [1.0, 0.2]}))["edit_final_nll"] == [0.2]
     assert runner.edit_summary(object()) == {}
+    clamped = E({"steps": [{"nll_curve": [3.0, 0.9], "delta_norm": 2.25, "value_norm": 3.0}]})
+    assert runner.edit_summary(clamped)["delta_over_value"] == [0.75]  # where clamp_norm_factor 0.75 binds
 
 
 def test_batch_edit_is_saved_as_an_edit_before_it_is_applied(tiny_model, records, tmp_path, monkeypatch):
