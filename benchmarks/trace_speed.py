@@ -28,7 +28,7 @@ import torch
 from tracer import load_model, locate_subject
 from tracer.hooks import EMBED, hook_name
 from tracer.noise import NoiseCache, NoiseScale, resolve_noise
-from tracer.trace import _chunks, _conditions, prepare_runs, restore_scores, window_layers
+from tracer.trace import _chunks, _conditions, prepare_runs, restore_scores, window_layers  # noqa: F401
 
 
 def peak_rss_mib() -> float:

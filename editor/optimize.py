@@ -25,9 +25,10 @@ from torch import Tensor
 
 from editor.hparams import EARLY_STOP_ON, KL_POSITIONS, one_of
 from editor.requests import EditRequest
-from tracer.batching import pad_tokens, pick, position_log_probs, teacher_forced
+from tracer.batching import log_probs, pad_tokens, pick, position_log_probs, prefix_batches, teacher_forced
 from tracer.hooks import hook_name
-from tracer.model import mlp_output_delta, model_device, run_until
+from tracer.model import (final_logits, final_resid, mlp_output_delta, model_device, prefix_kv_cache, recording,
+                          resume_with_prefix, run_until)
 from tracer.prompts import locate_subject, target_ids
 
 log = logging.getLogger(__name__)
@@ -134,6 +135,7 @@ class _Batch:
     n_nll_rows: int  # rewrite rows come first
     kl_rows: Tensor  # [n_kl_rows] row indices of KL rows
     kl_req: Tensor  # [n_kl_rows]
+    mask: Tensor  # [rows, pos] 1 at real tokens, 0 at padding
 
     def select(self, active: Tensor) -> tuple["_Batch", Tensor, Tensor]:
         """The rows of the requests in `active` (`[n]` bool), request indices unchanged.
@@ -160,6 +162,7 @@ class _Batch:
             n_nll_rows=int(keep[: self.n_nll_rows].sum()),
             kl_rows=new_index[self.kl_rows[kl_keep]],
             kl_req=self.kl_req[kl_keep],
+            mask=self.mask[rows],
         )
         return sub, rows, kl_keep
 
@@ -190,8 +193,10 @@ def _build(model, requests, templates, kl_prompts, device, kl_position: str = "l
             lg_rows.append(row)
             lg_cols.append(p.last_subject if kl_position == "subject" else len(p.ids) - 1)
     t = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
+    width = max(len(q) for q in seqs)
     return _Batch(
         tokens=pad_tokens(model, seqs, device),
+        mask=torch.tensor([[1] * len(q) + [0] * (width - len(q)) for q in seqs], dtype=torch.long, device=device),
         row_req=t(row_req),
         row_pos=t(row_pos),
         lg_rows=t(lg_rows),
@@ -231,16 +236,49 @@ def shifted_mlp_outputs(model, layers: Sequence[int], idx: tuple[Tensor, Tensor]
         yield
 
 
-def _logits(model, batch: _Batch, layers: Sequence[int], delta: Tensor, x0: Tensor) -> Tensor:
+@dataclass
+class _Prefix:
+    """The unedited run's keys and values, for resuming rows after their subject."""
+
+    kv: object  # `tracer.model.prefix_kv_cache`, filled for every row of the full batch
+    rows: Tensor  # [rows] each row of the current batch's row in the full batch
+
+
+def _logits(model, batch: _Batch, layers: Sequence[int], delta: Tensor, x0: Tensor,
+            prefix: _Prefix | None = None) -> Tensor:
     """Log-probs `[m, d_vocab]` at the scored positions with `delta[req, j]` added at each
     row's subject token to the raw MLP output of block `layers[j]`.
 
     `x0`: the residual entering block `layers[0]`; the pass starts there, since the deltas
-    change nothing upstream.
+    change nothing upstream. With `prefix`, positions before a row's last subject token
+    are not run either: they never see a delta, so their keys and values are the unedited
+    run's; rows are batched by that token (`tracer.batching.prefix_batches`) and each batch
+    resumes from its first one (`tracer.model.resume_with_prefix`), the same shortcut as
+    causal tracing's.
     """
-    idx = (torch.arange(len(batch.row_req), device=delta.device), batch.row_pos)
-    with shifted_mlp_outputs(model, layers, idx, delta[batch.row_req]):  # [rows, n_layers, d_model]
-        return position_log_probs(model, x0, batch.lg_rows, batch.lg_cols, start_at_layer=layers[0])
+    rows_all = torch.arange(len(batch.row_req), device=delta.device)
+    if prefix is None:
+        idx = (rows_all, batch.row_pos)
+        with shifted_mlp_outputs(model, layers, idx, delta[batch.row_req]):  # [rows, n_layers, d_model]
+            return position_log_probs(model, x0, batch.lg_rows, batch.lg_cols, start_at_layer=layers[0])
+    picked, order = [], []
+    local = torch.empty_like(rows_all)
+    for rows in prefix_batches(batch.row_pos.cpu(), 1 << 30, x0.shape[1]):
+        rows = rows.to(delta.device)
+        p0 = int(batch.row_pos[rows].min())
+        local[rows] = torch.arange(len(rows), device=delta.device)
+        idx = (torch.arange(len(rows), device=delta.device), batch.row_pos[rows] - p0)
+        with shifted_mlp_outputs(model, layers, idx, delta[batch.row_req[rows]]):
+            if p0 > 0:
+                out = resume_with_prefix(model, x0[rows, p0:], start_at_layer=layers[0], cache=prefix.kv,
+                                         rows=prefix.rows[rows], prefix=p0)
+            else:
+                out = final_resid(model, x0[rows], start_at_layer=layers[0])
+        sel = torch.isin(batch.lg_rows, rows).nonzero()[:, 0]
+        picked.append(out[local[batch.lg_rows[sel]], batch.lg_cols[sel] - p0])  # [m_batch, d_model]
+        order.append(sel)
+    resid = torch.cat(picked)[torch.argsort(torch.cat(order))]  # back in the scored positions' order
+    return log_probs(final_logits(model, resid[:, None])[:, 0])
 
 
 def optimize_values(
@@ -259,6 +297,7 @@ def optimize_values(
     early_stop_nll: float,
     kl_position: str = "last",
     early_stop_on: str = "nll",
+    use_prefix_cache: bool = True,
 ) -> tuple[Tensor, list[list[float]]]:
     """Optimise `δ [n, d_model]` on the raw MLP output of `layer` at the last subject token.
 
@@ -290,6 +329,10 @@ def optimize_values(
         early_stop_nll: a request stops once its NLL (or loss) is below this, in nats.
         kl_position: `"last"` or `"subject"`, where the KL prompts are read.
         early_stop_on: `"nll"` or `"loss"`, what `early_stop_nll` is compared with.
+        use_prefix_cache: where the model has a key/value cache (TransformerLens 3.x), run
+            each step only from each row's last subject token on (the positions before it
+            never see a delta); False runs every position (same values within float
+            rounding; a test compares the two).
 
     Returns:
         `(δ, curve)`: `δ` is `[n, d_model]` (an int `layer`) or `[n, n_layers, d_model]`
@@ -321,8 +364,18 @@ def optimize_values(
     delta = torch.zeros(n, len(layers), model.cfg.d_model, device=device, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=lr)
     with torch.no_grad():
-        x0_full = run_until(model, full.tokens, hook_name("resid_pre", layers[0]))  # every step starts here: the deltas change nothing upstream
-        lp0 = _logits(model, full, layers, torch.zeros_like(delta), x0_full)
+        # every step starts at layers[0] (the deltas change nothing upstream) and, where the
+        # model has a key/value cache (TransformerLens 3.x), after each row's subject
+        kv = prefix_kv_cache(model, len(full.row_req)) if use_prefix_cache else None
+        start = hook_name("resid_pre", layers[0])
+        if kv is None:
+            x0_full = run_until(model, full.tokens, start)
+        else:
+            with recording(model, [start]) as seen:
+                final_resid(model, full.tokens, past_kv_cache=kv, attention_mask=full.mask)
+            x0_full = seen[start]
+        prefix = None if kv is None else _Prefix(kv=kv, rows=torch.arange(len(full.row_req), device=device))
+        lp0 = _logits(model, full, layers, torch.zeros_like(delta), x0_full, prefix)
         kl_init_full = lp0[len(full.tgt):] if n_kl else None  # [n_kl_rows, vocab]
     curve: list[list[float]] = []
     done = torch.zeros(n, dtype=torch.bool, device=device)
@@ -335,7 +388,8 @@ def optimize_values(
             batch, rows, kl_keep = full.select(~done)
             x0 = x0_full[rows]
             kl_init = kl_init_full[kl_keep] if n_kl else None
-        lp = _logits(model, batch, layers, delta, x0)
+            prefix = None if kv is None else _Prefix(kv=kv, rows=rows)
+        lp = _logits(model, batch, layers, delta, x0, prefix)
         m_nll = len(batch.tgt)
         tok_nll = -pick(lp, batch.tgt)  # [m_nll]: the NLL rows come first
         tok_per_row = torch.bincount(batch.nll_row, minlength=batch.n_nll_rows).float()  # [rows]

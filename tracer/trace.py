@@ -59,6 +59,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from tracer.attribution import attribution_scores, check_method
+from tracer.batching import prefix_batches
 from tracer.hooks import EMBED, KINDS, hook_layer, hook_name, hooks, resolve_hook
 from tracer.model import final_logits, final_resid, model_device, model_name, prefix_kv_cache, recording, resume_with_prefix, run_until
 from tracer.noise import NoiseCache, NoiseScale, resolve_noise
@@ -556,43 +557,13 @@ def reference_scores(
     return out
 
 
-_CALL_COST = 90  # fixed cost of one block call (weight copies, hooks) in token-rows, measured on Gemma-3-270m / CPU
-
-
 def _chunks(tok: Tensor, batch_size: int, *, n_pos: int | None = None) -> list[Tensor]:
-    """Row indices in batches of at most `batch_size` rows.
-
-    Without `n_pos`, consecutive rows. With `n_pos` (the key/value-cache path, where a batch
-    computes positions `min(tok)..n_pos-1` only), rows are sorted by token and cut into
-    batches of whole tokens chosen by dynamic programming to minimise the estimated cost
-    `sum(_CALL_COST + rows * positions)`: one batch per token computes the fewest positions
-    but pays the fixed per-call cost many times; one batch for all tokens the reverse.
-    """
+    """Row indices in batches of at most `batch_size` rows: consecutive rows without
+    `n_pos`; with it (the key/value-cache path, where a batch computes positions
+    `min(tok)..n_pos-1` only), `tracer.batching.prefix_batches`."""
     if n_pos is None:
         return [torch.arange(b, min(b + batch_size, len(tok))) for b in range(0, len(tok), batch_size)]
-    toks = torch.unique(tok).tolist()  # sorted
-    groups = [(tok == t).nonzero()[:, 0] for t in toks]
-    sizes = [len(g) for g in groups]
-    best = [0.0] + [float("inf")] * len(groups)  # best[j]: cost of the first j token groups
-    cut = [0] * (len(groups) + 1)
-    for j in range(1, len(groups) + 1):
-        rows = 0
-        for i in range(j, 0, -1):  # last batch = groups i-1 .. j-1, starting at token toks[i-1]
-            rows += sizes[i - 1]
-            if rows > batch_size and i < j:
-                break
-            cost = best[i - 1] + _CALL_COST + rows * (n_pos - toks[i - 1])
-            if cost < best[j]:
-                best[j], cut[j] = cost, i - 1
-    bounds, j = [], len(groups)
-    while j > 0:
-        bounds.append((cut[j], j))
-        j = cut[j]
-    out = []
-    for i, j in reversed(bounds):
-        rows = torch.cat(groups[i:j])
-        out += [rows[b : b + batch_size] for b in range(0, len(rows), batch_size)]
-    return out
+    return prefix_batches(tok, batch_size, n_pos)
 
 
 def _patcher(rows: Tensor, toks: Tensor, values: Tensor):
