@@ -27,6 +27,7 @@ Example:
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import os
 from pathlib import Path
@@ -102,6 +103,81 @@ def _rows(model, ids: list[int], seq_len: int) -> Iterator[list[int]]:
             yield bos + row
 
 
+SHARD_BATCHES = 16  # batches per task when workers compute the statistics (`compute_stats(workers=...)`)
+
+
+def _plan(model, text: str, n_tokens: int, seq_len: int, batch_size: int) -> list[list[list[int]]]:
+    """The token rows of every forward pass, batch by batch, trimmed to `n_tokens` (BOS not counted).
+
+    The same batches whether they are run here or by workers, so each batch's `k kᵀ` is the
+    same computation either way.
+    """
+    has_bos = int(bool(bos_ids(model)))
+    ids = _tokenize(model, text, limit=n_tokens + seq_len)  # + one row: every row that is used is whole
+    rows = _rows(model, ids, seq_len)
+    batches: list[list[list[int]]] = []
+    count = 0
+    while True:
+        batch = list(itertools.islice(rows, batch_size))
+        if not batch:
+            break
+        keep, used = [], 0  # keep only what is needed to reach n_tokens
+        for r in batch:
+            if used >= n_tokens - count:
+                break
+            take = min(len(r) - has_bos, n_tokens - count - used)
+            keep.append(r[: take + has_bos])
+            used += take
+        batches.append(keep)
+        count += used
+        if count >= n_tokens or len(batch) < batch_size:
+            break
+    return batches
+
+
+@torch.no_grad()
+def _key_sums(model, layers: Sequence[int], batches: Sequence[Sequence[Sequence[int]]], *, early_stop: bool = True,
+              bar=None) -> tuple[dict[int, Tensor], int]:
+    """`({layer: Σ k kᵀ [d_mlp, d_mlp] float64}, tokens)` over `batches` (rows from `_plan`).
+
+    Each batch's product is taken in float32, the running sum kept in float64.
+    """
+    has_bos = bool(bos_ids(model))
+    device = model_device(model)
+    d = model.cfg.d_mlp
+    sums = {l: torch.zeros(d, d, dtype=torch.float64, device=device) for l in layers}
+    names = {l: hook_name("key", l) for l in layers}
+    count = 0
+    for keep in batches:
+        tokens = pad_tokens(model, keep, device)  # right-padded: causal, so the real keys are exact
+        mask = torch.zeros(len(keep), tokens.shape[1] - int(has_bos), dtype=torch.bool, device=device)
+        for i, r in enumerate(keep):
+            mask[i, : len(r) - int(has_bos)] = True
+        if early_stop:  # the pass ends at the deepest layer's keys; the others are recorded on the way
+            with recording(model, [names[l] for l in layers[:-1]]) as seen:
+                deepest = run_until(model, tokens, names[layers[-1]])
+            seen = {**seen, names[layers[-1]]: deepest}
+        else:  # the full model, unembedding included (for the speed benchmark)
+            with recording(model, [names[l] for l in layers]) as seen:
+                model(tokens)
+        for l in layers:
+            k = seen[names[l]][:, int(has_bos) :].float()  # drop BOS: [batch, pos, d_mlp]
+            k = k[mask]  # [tokens, d_mlp], padding removed
+            sums[l].add_((k.T @ k).double())  # per-batch product in fp32, running sum in fp64
+        used = int(mask.sum())
+        count += used
+        if bar is not None:
+            bar.update(used)
+    return sums, count
+
+
+def _shard_sums(model, task) -> tuple[dict[int, Tensor], int]:
+    """A worker's task: `_key_sums` of one shard of batches, on the CPU (for `tracer.workers`)."""
+    layers, batches, early_stop = task
+    sums, count = _key_sums(model, layers, batches, early_stop=early_stop)
+    return {l: s.cpu() for l, s in sums.items()}, count
+
+
 @torch.no_grad()
 def compute_stats(
     model,
@@ -114,11 +190,23 @@ def compute_stats(
     early_stop: bool = True,
     progress: bool = True,
     min_tokens: int | None = None,
+    workers=None,
+    shard_batches: int = SHARD_BATCHES,
 ) -> tuple[dict[int, Tensor], int]:
     """Accumulate `E[k kᵀ]` of the keys at each of `layers` over a corpus, without a cache.
 
     The uncentred key second moment `C` of ROME Eq. 2 (Sec. 3.1: estimated over Wikipedia
     text) and MEMIT Eq. 14; keys `k` are `blocks.{l}.mlp.hook_post`, `[d_mlp]` per token.
+
+    With `workers` (a `tracer.workers.WorkerPool` holding the same model) this is a
+    map-reduce: the corpus is cut into the same batches as here, `shard_batches` batches
+    per task; each worker returns its shard's float64 `Σ k kᵀ` and token count, and this
+    process adds the shards in shard order (not completion order), so the result does not
+    depend on scheduling nor on the number of workers. Each batch's float32 product is the
+    same computation as without workers; only the float64 additions are grouped by shard,
+    so the result agrees with the single-process one to float64 rounding (relative 1e-12)
+    when the workers run on the same device type with the same thread count, and within
+    float32 rounding of each batch product otherwise (relative 1e-6 of the largest entry).
 
     Args:
         model: a TransformerLens model with a tokenizer.
@@ -133,6 +221,8 @@ def compute_stats(
         progress: show a tqdm bar.
         min_tokens: fewest tokens accepted, asked for and counted; default `d_mlp`, since
             `C` from fewer tokens is singular. 0 accepts any count (for inspection only).
+        workers: a `tracer.workers.WorkerPool`, or None to compute here.
+        shard_batches: batches per worker task (with `workers`).
 
     Returns:
         `({layer: C [d_mlp, d_mlp] float64}, tokens counted)`.
@@ -141,63 +231,37 @@ def compute_stats(
         ValueError: a bad layer (`check_layers`); `n_tokens` not an int >= 1 or below
             `min_tokens`, or `min_tokens` not an int >= 0 (before any forward pass); a
             corpus path that is not a file, gives no tokens or ends before `min_tokens`;
-            non-finite keys (e.g. an overflowing half-precision model), naming the layer.
+            non-finite keys (e.g. an overflowing half-precision model), naming the layer;
+            `shard_batches` not an int >= 1; `workers` holding another model.
     """
     layers = sorted(set(check_layers(layers, "layers", model.cfg.n_layers)))
     check_positive_int(n_tokens, "n_tokens")
+    check_positive_int(shard_batches, "shard_batches")
     min_tokens = _min_tokens(model, n_tokens, min_tokens)
     text, _, _ = _corpus_text(corpus or _default_corpus())
+    if workers is not None:
+        workers.check_model(model)
     has_bos = bool(bos_ids(model))
     seq_len = min(seq_len, model.cfg.n_ctx - int(has_bos))  # rows must fit the context window
-    device = model_device(model)
-    d = model.cfg.d_mlp
-    sums = {l: torch.zeros(d, d, dtype=torch.float64, device=device) for l in layers}
-    count = 0
-    names = {l: hook_name("key", l) for l in layers}
-
-    def add(act: Tensor, mask: Tensor, layer: int) -> None:
-        k = act[:, int(has_bos) :].float()  # drop BOS: [batch, pos, d_mlp]
-        k = k[mask]  # [tokens, d_mlp], padding removed
-        sums[layer].add_((k.T @ k).double())  # per-batch product in fp32, running sum in fp64
-
-    ids = _tokenize(model, text, limit=n_tokens + seq_len)  # + one row: every row that is used is whole
-    bar = tqdm(total=min(n_tokens, len(ids)), desc=f"key stats L{layers}", unit="tok", disable=not progress)
-    rows = _rows(model, ids, seq_len)
-    done = False
-    while not done:
-        batch = []
-        for r in rows:
-            batch.append(r)
-            if len(batch) == batch_size:
-                break
-        if not batch:
-            break
-        # keep only what is needed to reach n_tokens
-        lens = [len(r) - int(has_bos) for r in batch]
-        budget = n_tokens - count
-        keep, used = [], 0
-        for r, n in zip(batch, lens):
-            if used >= budget:
-                break
-            take = min(n, budget - used)
-            keep.append(r[: take + int(has_bos)])
-            used += take
-        tokens = pad_tokens(model, keep, device)  # right-padded: causal, so the real keys are exact
-        mask = torch.zeros(len(keep), tokens.shape[1] - int(has_bos), dtype=torch.bool, device=device)
-        for i, r in enumerate(keep):
-            mask[i, : len(r) - int(has_bos)] = True
-        if early_stop:  # the pass ends at the deepest layer's keys; the others are recorded on the way
-            with recording(model, [names[l] for l in layers[:-1]]) as seen:
-                deepest = run_until(model, tokens, names[layers[-1]])
-            seen = {**seen, names[layers[-1]]: deepest}
-        else:  # the full model, unembedding included (for the speed benchmark)
-            with recording(model, [names[l] for l in layers]) as seen:
-                model(tokens)
-        for l in layers:
-            add(seen[names[l]], mask, l)
-        count += used
-        bar.update(used)
-        done = count >= n_tokens or len(batch) < batch_size
+    batches = _plan(model, text, n_tokens, seq_len, batch_size)
+    total = sum(len(r) - int(has_bos) for b in batches for r in b)
+    bar = tqdm(total=total, desc=f"key stats L{layers}", unit="tok", disable=not progress)
+    if workers is None:
+        sums, count = _key_sums(model, layers, batches, early_stop=early_stop, bar=bar)
+    else:
+        shards = [batches[i : i + shard_batches] for i in range(0, len(batches), shard_batches)]
+        sums, count, arrived, nxt = None, 0, {}, 0
+        for i, got in workers.map(_shard_sums, [(layers, sh, early_stop) for sh in shards]):
+            arrived[i] = got
+            bar.update(got[1])
+            while nxt in arrived:  # add in shard order, whatever order they came in
+                part, c = arrived.pop(nxt)
+                sums = part if sums is None else {l: sums[l] + part[l] for l in layers}
+                count += c
+                nxt += 1
+        device = model_device(model)
+        d = model.cfg.d_mlp
+        sums = {l: (torch.zeros(d, d, dtype=torch.float64) if sums is None else sums[l]).to(device) for l in layers}
     bar.close()
     if count == 0:
         raise ValueError(f"corpus {corpus!r} gave no tokens")
@@ -284,6 +348,8 @@ def layer_stats(
     batch_size: int = 8,
     progress: bool = True,
     min_tokens: int | None = None,
+    workers=None,
+    shard_batches: int = SHARD_BATCHES,
 ) -> Tensor | dict[int, Tensor]:
     """`C = E[k kᵀ]` at one layer (a Tensor) or several (a dict), from the cache or computed.
 
@@ -301,6 +367,13 @@ def layer_stats(
             Editors pass the hash of the unedited model so that stats survive edits.
         seq_len, batch_size, progress, min_tokens: see `compute_stats`. A cached file counted
             over fewer than `min_tokens` tokens is recomputed (with a warning).
+        workers, shard_batches: compute the missing layers on a `tracer.workers.WorkerPool`
+            holding the same model, as a map-reduce over shards of `shard_batches` batches
+            (`compute_stats`). The cached file has the same name, format and metadata, and
+            its `C` agrees with the single-process one within float rounding: relative
+            1e-12 of the largest entry with the same device type and thread count in the
+            workers (the float64 shard sums are only grouped differently; a float32 file
+            then matches to its last bit or one ulp), 1e-6 otherwise.
 
     Returns:
         `[d_mlp, d_mlp]` on the model's device, or `{layer: C}` when `layers` is a list.
@@ -311,6 +384,8 @@ def layer_stats(
 
     Example:
         >>> C = layer_stats(model, 6, n_tokens=20_000, cache_dir="/tmp/romelens")
+        >>> with WorkerPool(model="gemma-3-270m", workers=2) as pool:      # tracer.workers
+        ...     C = layer_stats(model, [4, 5, 6], n_tokens=1_000_000, workers=pool)
     """
     n = model.cfg.n_layers
     single = not isinstance(layers, Sequence)
@@ -350,7 +425,7 @@ def layer_stats(
     if missing:
         computed, count = compute_stats(
             model, missing, corpus=corpus, n_tokens=n_tokens, seq_len=seq_len, batch_size=batch_size,
-            progress=progress, min_tokens=min_tokens,
+            progress=progress, min_tokens=min_tokens, workers=workers, shard_batches=shard_batches,
         )
         for l, C in computed.items():
             out[l] = C.to(dtype)

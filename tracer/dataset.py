@@ -36,11 +36,12 @@ from __future__ import annotations
 
 import json
 import logging
+import functools
 import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Iterator, Mapping, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -468,6 +469,69 @@ def _read_records(path: Path) -> dict:
     return read_jsonl(path, key=lambda r: str(r["known_id"]), repair=True)
 
 
+def trace_fact(
+    model,
+    fact: Fact,
+    *,
+    kinds: Sequence[str] = KINDS,
+    groups: Sequence[str] | None = None,
+    window: int = 10,
+    samples: int = 10,
+    noise_std: float,
+    seed: int = 0,
+    batch_size: int = 128,
+    method: str = "exact",
+) -> dict:
+    """The `traces.jsonl` line of one fact the model gets right: its traces of every kind.
+
+    The one implementation of tracing a fact, which `trace_dataset` runs in this process or
+    sends to Ray workers (`workers=`).
+
+    Args:
+        model: a TransformerLens model with a tokenizer.
+        fact: the fact (known: `known_mask` said the model gets it right).
+        kinds, groups, window, samples, seed, batch_size, method: as in `trace_dataset`
+            (`groups` None: all tokens).
+        noise_std: the noise std in `hook_embed` units (`resolve_noise`).
+
+    Returns:
+        The JSON-able line: `known_id`, `prompt`, `subject`, `attribute`, `correct` (True),
+        `predicted`, `subject_span`, `tokens`, `high`, `low` and per kind `scores`
+        (`[n_pos][n_layers]`, None where not traced).
+
+    Raises:
+        ValueError: what `prepare_runs`, `restore_scores` or `attribution_scores` refuse.
+
+    Example:
+        >>> rec = trace_fact(model, Fact(prompt="{} is in", subject="Paris"), kinds=("mlp",), noise_std=0.1)
+    """
+    groups = tuple(GROUPS if groups is None else groups)
+    rec = _fact_line(fact, True)
+    target = None if fact.attribute is None else target_ids(model, rec["prompt"], fact.attribute)[0]
+    runs = prepare_runs(model, rec["prompt"], fact.subject, target=target, samples=samples, noise=NoiseScale(value=noise_std), seed=seed)
+    where = group_tokens(runs.prompt.subject, len(runs.prompt.ids))
+    todo = None if set(groups) == set(GROUPS) else sorted({t for g in groups for t in where[g]})
+    rec["predicted"] = model.tokenizer.decode([runs.target_id])
+    rec["subject_span"] = list(runs.prompt.subject)
+    rec["tokens"] = list(runs.prompt.tokens)
+    rec["high"], rec["low"] = runs.high, runs.low
+    if method == "atp":
+        est = attribution_scores(model, runs, kinds=tuple(kinds), window=window)
+        rec["scores"] = {k: _nan_list(est[k]) for k in kinds}
+    else:
+        rec["scores"] = {
+            k: _nan_list(restore_scores(model, runs, kind=k, window=window, batch_size=batch_size, tokens=todo))
+            for k in kinds
+        }
+    return rec
+
+
+def _fact_line(fact: Fact, correct: bool) -> dict:
+    """The fields of a fact's line that do not need tracing (all of a dropped fact's line)."""
+    prompt = fact.prompt.replace("{}", fact.subject)
+    return {"known_id": fact.known_id, "prompt": prompt, "subject": fact.subject, "attribute": fact.attribute, "correct": bool(correct)}
+
+
 def trace_dataset(
     model,
     facts,
@@ -485,6 +549,7 @@ def trace_dataset(
     noise_cache: NoiseCache | None = None,
     progress: bool = True,
     method: str = "exact",
+    workers=None,
 ) -> DatasetTraceResult:
     """Trace many facts and average the indirect effects by token group (paper, Fig. 2).
 
@@ -506,6 +571,13 @@ def trace_dataset(
             kind of a fact from one corrupted forward and backward pass (`tracer.attribution`;
             every token group, `groups` then only selects the tokens kept). The method is part
             of the run's `config.json`, so an `out` folder holds one or the other.
+        workers: a `tracer.workers.WorkerPool` holding the same model: each known fact is
+            traced (`trace_fact`) by a worker, and only this process appends to
+            `traces.jsonl`, in completion order. This process still resolves the noise and
+            checks which facts the model gets right (`known_mask`, 16 facts per forward
+            pass, as without workers), so exactly the same facts are traced, `n` included:
+            only the first `n` known facts are sent. The result equals the single-process
+            run's (per-fact scores within float rounding, 1e-6). None: trace here.
 
     Returns:
         A `DatasetTraceResult`; its effects are `[n_facts, len(GROUPS), n_layers]` per kind.
@@ -516,7 +588,9 @@ def trace_dataset(
             `prepare_runs`, `restore_scores`), facts `load_facts` refuses, an `out` folder
             holding a run with other settings, or an `out/traces.jsonl` with an unreadable
             line before its last one, or a line without `known_id` (`tracer.resume.read_jsonl`;
-            a torn last line is not an error: it is cut and that fact traced again).
+            a torn last line is not an error: it is cut and that fact traced again), or
+            `workers` holding another model (`WorkerPool.check_model`).
+        RuntimeError: from `WorkerPool.map`, a fact whose workers kept dying.
 
     Example:
         >>> ds = trace_dataset(model, "known_1000.json", kinds=("mlp",), n=20)
@@ -534,6 +608,8 @@ def trace_dataset(
     if noise_reference is None and isinstance(facts, (str, os.PathLike)):
         noise_reference = facts
     facts = load_facts(facts)
+    if workers is not None:
+        workers.check_model(model)
     noise_std = resolve_noise(model, noise, reference=noise_reference, cache=noise_cache)
     config = {"model": model_name(model), "kinds": list(kinds), "groups": list(groups), "window": window, "samples": samples, "noise_std": noise_std, "seed": seed, "method": method}
     records: dict = {}
@@ -561,39 +637,40 @@ def trace_dataset(
     pending = [f for f in facts if str(f.known_id) not in results]
     if n is None:
         bar.update(len(results) - len(kept))
-    chunk_size = 16
-    for c in range(0, len(pending), chunk_size):
-        if n is not None and n_kept >= n:
-            break
-        chunk = pending[c : c + chunk_size]
-        mask = known_mask(model, chunk)  # one batched clean pass: wrong facts cost no tracing
-        for fact, correct in zip(chunk, mask):
+
+    def finish(rec: dict) -> None:  # the one place a line is kept and written
+        results[str(rec["known_id"])] = rec
+        if jsonl is not None:
+            append_jsonl(jsonl, rec)
+        bar.update(1 if (rec["correct"] or n is None) else 0)
+
+    def checked() -> Iterator[Fact]:
+        """The pending facts the model gets right, in order, up to `n` known in all; the
+        others are finished here as dropped."""
+        nonlocal n_kept
+        chunk_size = 16
+        for c in range(0, len(pending), chunk_size):
             if n is not None and n_kept >= n:
-                break
-            prompt = fact.prompt.replace("{}", fact.subject)
-            rec = {"known_id": fact.known_id, "prompt": prompt, "subject": fact.subject, "attribute": fact.attribute, "correct": bool(correct)}
-            if correct:
-                target = None if fact.attribute is None else target_ids(model, prompt, fact.attribute)[0]
-                runs = prepare_runs(model, prompt, fact.subject, target=target, samples=samples, noise=NoiseScale(value=noise_std), seed=seed)
-                where = group_tokens(runs.prompt.subject, len(runs.prompt.ids))
-                todo = None if set(groups) == set(GROUPS) else sorted({t for g in groups for t in where[g]})
-                rec["predicted"] = model.tokenizer.decode([runs.target_id])
-                rec["subject_span"] = list(runs.prompt.subject)
-                rec["tokens"] = list(runs.prompt.tokens)
-                rec["high"], rec["low"] = runs.high, runs.low
-                if method == "atp":
-                    est = attribution_scores(model, runs, kinds=kinds, window=window)
-                    rec["scores"] = {k: _nan_list(est[k]) for k in kinds}
+                return
+            chunk = pending[c : c + chunk_size]
+            mask = known_mask(model, chunk)  # one batched clean pass: wrong facts cost no tracing
+            for fact, correct in zip(chunk, mask):
+                if n is not None and n_kept >= n:
+                    return
+                if correct:
+                    n_kept += 1
+                    yield fact
                 else:
-                    rec["scores"] = {
-                        k: _nan_list(restore_scores(model, runs, kind=k, window=window, batch_size=batch_size, tokens=todo))
-                        for k in kinds
-                    }
-                n_kept += 1
-            bar.update(1 if (correct or n is None) else 0)
-            results[str(fact.known_id)] = rec
-            if jsonl is not None:
-                append_jsonl(jsonl, rec)
+                    finish(_fact_line(fact, False))
+
+    trace = functools.partial(trace_fact, kinds=kinds, groups=groups, window=window, samples=samples,
+                              noise_std=noise_std, seed=seed, batch_size=batch_size, method=method)
+    if workers is None:
+        for fact in checked():
+            finish(trace(model, fact))
+    else:
+        for _, rec in workers.map(trace, checked()):  # completion order; each fact once
+            finish(rec)
     bar.close()
     order = {str(f.known_id): i for i, f in enumerate(facts)}
     recs = sorted((r for r in results.values() if str(r["known_id"]) in order), key=lambda r: order[str(r["known_id"])])

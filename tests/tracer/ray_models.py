@@ -1,0 +1,20 @@
+"""Loaders that Ray workers import by name (`"tests.tracer.ray_models:tiny"`): the unit-test model.
+
+`tiny(spec)` builds the same tiny random model as the `tiny_model` fixture of
+tests/conftest.py (same tokenizer, same seed), deterministically, in any process, so a
+worker's model is the driver's bit for bit.
+"""
+
+from __future__ import annotations
+
+
+def tiny(spec: str = "tiny"):
+    """The `tiny_model` fixture's model for the installed TransformerLens (`spec` is ignored)."""
+    from tests.conftest import _train_tokenizer, make_tiny_bridge, make_tiny_hooked
+    from tracer.model import TL_API
+
+    tokenizer = _train_tokenizer()
+    if TL_API == 3:
+        return make_tiny_hooked(tokenizer)
+    model, _ = make_tiny_bridge(tokenizer)
+    return model
