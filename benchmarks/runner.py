@@ -195,6 +195,99 @@ def perplexity_before(out_dir: str | os.PathLike, model, perplexity: Callable[[A
     return value
 
 
+def run_group(
+    model,
+    method,
+    group: Sequence[Any],
+    pending: Sequence[Any],
+    *,
+    emit: Callable[[dict], None],
+    evaluate: Callable[[Any, Any], dict],
+    position: int = 0,
+    batch: int | None = None,
+    hparams=None,
+    perplexity: Callable[[Any], float] | None = None,
+    ppl_every: int = 25,
+    edit_kwargs: dict | None = None,
+    saved: Path | None = None,
+    first: bool = True,
+) -> None:
+    """Edit the model for one group of records, evaluate its pending records, restore: a row each.
+
+    The one body of `run_records`, run in this process or by a worker on a chunk
+    (`run_chunk`). The model is the same before and after (the edit is restored, even when
+    an evaluation raises).
+
+    Args:
+        model: the model.
+        method, evaluate, batch, hparams, perplexity, ppl_every, edit_kwargs: as in `run_records`.
+        group: the records edited together (one record, a `batch`, or all of them for `none`).
+        pending: the records of `group` to evaluate (those not in `records.jsonl` yet).
+        emit: called with each record's row, as soon as it is made.
+        position: the group's first record's index in the run (`ppl_every` counts it).
+        saved: where a batch edit is saved before it is applied, and re-applied from when the
+            file exists (resuming); None neither saves nor reads.
+        first: whether `pending` starts its group: its first row then carries the edit's time,
+            summary and perplexity (False for later slices of the `none` method's one group).
+
+    Raises:
+        What `evaluate` or `perplexity` raise; a failed edit is recorded as each pending
+        record's `"error"` row instead.
+    """
+    t0 = time.perf_counter()
+    try:
+        if saved is not None and saved.exists():  # resuming a batch: reuse its saved edit
+            edit = _reapply(model, saved)
+        else:
+            edit = _apply(method, model, requests_of(group), hparams, edit_kwargs, save_to=saved)
+        edit_seconds = time.perf_counter() - t0
+    except Exception as err:  # a failed edit is recorded, not fatal
+        log.warning("edit failed for case_ids %s: %s: %s", [r.case_id for r in group], type(err).__name__, err)
+        for r in pending:
+            emit({"case_id": r.case_id, "error": f"{type(err).__name__}: {err}"})
+        return
+    prefetch = getattr(evaluate, "prefetch", None)
+    with edit:
+        ppl_after = None
+        if first and perplexity is not None and (batch or position % ppl_every == 0):
+            ppl_after = float(perplexity(model))
+        for j, r in enumerate(pending):
+            if prefetch is not None and j % PREFETCH_RECORDS == 0:
+                prefetch(model, pending[j : j + PREFETCH_RECORDS])  # same model state for these records
+            row = {"case_id": r.case_id, **evaluate(model, r)}
+            # wall time since the previous record: its share of edit, perplexity and evaluation
+            row["seconds"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            if j == 0 and first:
+                row["edit_seconds"] = edit_seconds  # the whole group's edit (K edits with --batch K)
+                row |= edit_summary(edit)
+                if ppl_after is not None:
+                    row["ppl_after"] = ppl_after
+            emit(row)
+
+
+def run_chunk(model, chunk: dict) -> dict:
+    """A worker's task: `run_group` over a chunk of groups, then whether its model is as it was.
+
+    Args:
+        model: the worker's model.
+        chunk: `{"method": the method, "groups": [(position, group, pending, first), ...],
+            "opts": the other keyword arguments of run_group}`.
+
+    Returns:
+        `{"rows": [...], "model_restored": bool}`: every block's `W_out` is compared, bit for
+        bit, with what it was before the chunk.
+    """
+    from tracer import weights_hash  # noqa: PLC0415
+
+    layers = range(model.cfg.n_layers)  # every edit method changes W_out only
+    before = weights_hash(model, layers=layers)
+    rows: list[dict] = []
+    for position, group, pending, first in chunk["groups"]:
+        run_group(model, chunk["method"], group, pending, emit=rows.append, position=position, first=first, **chunk["opts"])
+    return {"rows": rows, "model_restored": weights_hash(model, layers=layers) == before}
+
+
 def run_records(
     *,
     model,
@@ -209,6 +302,7 @@ def run_records(
     max_minutes: float | None = None,
     edit_kwargs: dict | None = None,
     desc: str = "records",
+    workers=None,
 ) -> list[dict]:
     """Edit, evaluate and restore each record (or each batch), appending one JSON line per record.
 
@@ -233,12 +327,23 @@ def run_records(
             rows so far are returned and a later run resumes from there.
         edit_kwargs: extra keyword arguments for `edit_many` (e.g. `cache_dir`).
         desc: tqdm label.
+        workers: a `tracer.workers.WorkerPool` holding the same model, or None to run here.
+            Each group (a record, a batch, or `PREFETCH_RECORDS` records of the `none`
+            method) goes to a worker as one task (`run_chunk`): the worker edits, evaluates
+            (generation and perplexity included), restores and reports whether its model is
+            as before; this process alone appends the rows, in completion order. The first
+            group runs alone, so that caches it fills (key statistics under `cache_dir`) are
+            there for the others. A batch edit is not saved under `edits/` (a worker may be
+            on another machine): a resumed batch is computed again. Rows of a group whose
+            worker's model was not restored carry `"model_restored": False`.
+            `evaluate`, `method` and `perplexity` are pickled to the workers.
 
     Returns:
         The rows for `records` in record order (resumed and new).
 
     Raises:
         ValueError: `batch` or `ppl_every` below 1, or a corrupt `records.jsonl` (`tracer.resume`).
+        RuntimeError: from `WorkerPool.map`, a group whose workers kept dying.
     """
     if batch is not None and batch < 1:
         raise ValueError(f"batch {batch} must be >= 1 (or None for one edit at a time)")
@@ -257,7 +362,6 @@ def run_records(
         groups = [list(records)]
     else:
         groups = [[r] for r in records]
-    prefetch = getattr(evaluate, "prefetch", None)
     bar = tqdm(total=len(todo), desc=desc, unit="rec", dynamic_ncols=True)
     start = time.perf_counter()
     path.touch()  # the run directory shows its records file from the start
@@ -269,45 +373,51 @@ def run_records(
         minutes = (time.perf_counter() - start) / 60
         bar.set_postfix(rec_per_min=f"{bar.n / minutes:.2f}" if minutes > 0 else "-")
 
-    for gi, group in enumerate(groups):
-        pending = [r for r in group if r.case_id not in done]
-        if not pending:
-            continue
+    def out_of_time() -> bool:
         if max_minutes is not None and time.perf_counter() - start > 60 * max_minutes:
             log.warning("stopping after %.1f minutes (--max-minutes); rerun to resume", max_minutes)
-            break
-        t0 = time.perf_counter()
-        saved = out_dir / "edits" / f"batch{gi:04d}.safetensors"
-        try:
-            if batch and saved.exists():  # resuming a batch: reuse its saved edit
-                edit = _reapply(model, saved)
-            else:
-                edit = _apply(method, model, requests_of(group), hparams, edit_kwargs,
-                              save_to=saved if batch else None)
-            edit_seconds = time.perf_counter() - t0
-        except Exception as err:  # a failed edit is recorded, not fatal
-            log.warning("edit failed for case_ids %s: %s: %s", [r.case_id for r in group], type(err).__name__, err)
-            for r in pending:
-                write({"case_id": r.case_id, "error": f"{type(err).__name__}: {err}"})
-            continue
-        with edit:
-            ppl_after = None
-            position = gi * (batch or 1)
-            if perplexity is not None and (batch or position % ppl_every == 0):
-                ppl_after = float(perplexity(model))
-            for j, r in enumerate(pending):
-                if prefetch is not None and j % PREFETCH_RECORDS == 0:
-                    prefetch(model, pending[j : j + PREFETCH_RECORDS])  # same model state for these records
-                row = {"case_id": r.case_id, **evaluate(model, r)}
-                # wall time since the previous record: its share of edit, perplexity and evaluation
-                row["seconds"] = time.perf_counter() - t0
-                t0 = time.perf_counter()
-                if j == 0:
-                    row["edit_seconds"] = edit_seconds  # the whole group's edit (K edits with --batch K)
-                    row |= edit_summary(edit)
-                    if ppl_after is not None:
-                        row["ppl_after"] = ppl_after
+            return True
+        return False
+
+    opts = dict(evaluate=evaluate, batch=batch, hparams=hparams, perplexity=perplexity, ppl_every=ppl_every,
+                edit_kwargs=edit_kwargs)
+    if workers is None:
+        for gi, group in enumerate(groups):
+            pending = [r for r in group if r.case_id not in done]
+            if not pending:
+                continue
+            if out_of_time():
+                break
+            saved = out_dir / "edits" / f"batch{gi:04d}.safetensors" if batch else None
+            run_group(model, method, group, pending, emit=write, position=gi * (batch or 1), saved=saved, **opts)
+    else:
+        workers.check_model(model)
+        tasks = []  # one task per group; the `none` method's one group in slices of PREFETCH_RECORDS
+        for gi, group in enumerate(groups):
+            pending = [r for r in group if r.case_id not in done]
+            step = PREFETCH_RECORDS if len(groups) == 1 and not batch and isinstance(method, NoEdit) else len(pending)
+            for j in range(0, len(pending), max(step, 1)):
+                tasks.append({"method": method, "opts": opts,
+                              "groups": [(gi * (batch or 1), group, pending[j : j + step], j == 0)]})
+
+        def feed(items):
+            for t in items:
+                if out_of_time():
+                    return
+                yield t
+
+        def collect(reply: dict) -> None:
+            if not reply["model_restored"]:
+                log.error("a worker's model was not restored after case_ids %s", [r["case_id"] for r in reply["rows"]])
+                for row in reply["rows"]:
+                    row["model_restored"] = False
+            for row in reply["rows"]:
                 write(row)
+
+        warm = tasks[:1] if tasks and not isinstance(method, NoEdit) else []
+        for part in (warm, tasks[len(warm):]):  # the first group alone: it fills the caches the rest read
+            for _, reply in workers.map(run_chunk, feed(part)):  # completion order
+                collect(reply)
     bar.close()
     return [done[r.case_id] for r in records if r.case_id in done]
 
@@ -337,14 +447,20 @@ def execute(
     `<out>/before/`, and the edit run is evaluated by `make_evaluate(rows_before)` instead of
     `evaluate`. With the `none` method there is no second pass (`evaluate` scores both).
 
+    With `--ray` (`tracer.workers.pool_from_args`), the per-record or batch run goes to a
+    `WorkerPool` of `--workers` processes that each load the model (`run_records(workers=)`);
+    this process loads it too, for the unedited perplexity, the hparams and the checks.
+    `restored` is then also False when a worker reported a model it did not restore.
+
     Raises:
         ValueError: `--sequential` with the `none` method or a bad `--batch`,
-            `--checkpoint-every` or `--checkpoint-sample` (before the model is loaded).
+            `--checkpoint-every` or `--checkpoint-sample`; `--sequential` with `--ray`, or
+            `--workers` without `--ray` (all before the model is loaded).
     """
     import torch  # noqa: PLC0415
 
     from benchmarks.perplexity import wikitext_perplexity  # noqa: PLC0415
-    from benchmarks.sequential import CHECKPOINT_SAMPLE, check_sequential_args, collapse_figure, run_sequential  # noqa: PLC0415
+    from benchmarks.sequential import CHECKPOINT_SAMPLE, check_sequential_args  # noqa: PLC0415
     from tracer import load_model, weights_hash  # noqa: PLC0415
     from tracer.model import load_any  # noqa: PLC0415
 
@@ -358,6 +474,11 @@ def execute(
     seq_batch = 1 if args.batch is None else args.batch  # a sequential run edits one record at a time by default
     if sequential:
         check_sequential_args(method, records, seq_batch, args.checkpoint_every, args.checkpoint_sample)
+    if getattr(args, "ray", None) is not None and sequential:
+        raise ValueError(f"--ray {args.ray} cannot run --sequential: lifelong edits accumulate on one model, batch "
+                         "after batch, so they cannot be split across workers; drop --ray (or --sequential)")
+    if getattr(args, "ray", None) is None and getattr(args, "workers", None) is not None:
+        raise ValueError(f"--workers {args.workers} needs --ray local|auto|ADDRESS")
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     loader = getattr(args, "model_loader", None)
@@ -373,11 +494,36 @@ def execute(
         hparams = method.hparams_for(model, cache_dir=cache)
     mlp_layers = range(model.cfg.n_layers)  # every edit method changes W_out only
     before = weights_hash(model, layers=mlp_layers)
-    extra = {}
+    from tracer.workers import pool_from_args  # noqa: PLC0415  (imports Ray only with --ray)
+
+    pool = pool_from_args(args)
+    try:
+        rows, extra = _execute_runs(args, model=model, method=method, records=records, evaluate=evaluate, desc=desc,
+                                    checkpoint_evaluate=checkpoint_evaluate, unedited=unedited, sequential=sequential,
+                                    seq_batch=seq_batch, hparams=hparams, ppl=ppl, kwargs=kwargs, pool=pool)
+    finally:
+        if pool is not None:
+            pool.close()
+    restored = weights_hash(model, layers=mlp_layers) == before
+    if not restored:
+        log.error("the model's weights differ from before the run: an edit was not restored")
+    if any(r.get("model_restored") is False for r in rows):
+        log.error("a worker's model was not restored after an edit (rows marked model_restored false)")
+        restored = False
+    return {"rows": rows, "hparams": hparams, "restored": restored, "ppl_before": ppl_before,
+            "hparams_record": hparams_record(method, model, hparams, overridden=overridden), **extra}
+
+
+def _execute_runs(args, *, model, method, records, evaluate, desc, checkpoint_evaluate, unedited, sequential, seq_batch,
+                  hparams, ppl, kwargs, pool) -> tuple[list[dict], dict]:
+    """`execute`'s runs (the unedited pass, then the sequential or per-record/batch run): `(rows, extra)`."""
+    from benchmarks.sequential import collapse_figure, run_sequential  # noqa: PLC0415
+
+    extra: dict = {}
     if unedited is not None and not isinstance(method, NoEdit):
         evaluate_before, make_evaluate = unedited
         rows_before = run_records(model=model, method=NoEdit(), records=records, out_dir=Path(args.out) / UNEDITED_DIR,
-                                  evaluate=evaluate_before, desc=f"{desc} (unedited)")
+                                  evaluate=evaluate_before, desc=f"{desc} (unedited)", workers=pool)
         evaluate = make_evaluate(rows_before)
     if sequential:
         seq = run_sequential(
@@ -412,12 +558,9 @@ def execute(
             max_minutes=args.max_minutes,
             edit_kwargs=kwargs,
             desc=desc,
+            workers=pool,
         )
-    restored = weights_hash(model, layers=mlp_layers) == before
-    if not restored:
-        log.error("the model's weights differ from before the run: an edit was not restored")
-    return {"rows": rows, "hparams": hparams, "restored": restored, "ppl_before": ppl_before,
-            "hparams_record": hparams_record(method, model, hparams, overridden=overridden), **extra}
+    return rows, extra
 
 
 def hparams_record(method, model, hparams, *, overridden: bool = True) -> str | None:
@@ -569,6 +712,7 @@ def add_common_args(parser) -> None:
     """The options `benchmarks.counterfact` and `benchmarks.zsre` share."""
     from benchmarks.sequential import CHECKPOINT_SAMPLE  # noqa: PLC0415
     from tracer.model import add_model_args  # noqa: PLC0415
+    from tracer.workers import add_ray_args  # noqa: PLC0415
 
     add_model_args(parser)  # --model NAME or local folder, --model-loader MODULE:FUNCTION
     parser.add_argument("--method", default="none", help="none, or a name in editor.METHODS (rome, memit, ft-l)")
@@ -596,6 +740,7 @@ def add_common_args(parser) -> None:
                         help="with --sequential: a checkpoint every M edits (default: every batch)")
     parser.add_argument("--checkpoint-sample", type=int, default=CHECKPOINT_SAMPLE, metavar="S",
                         help="with --sequential: most edited records scored per checkpoint (a seeded sample)")
+    add_ray_args(parser)  # --ray local|auto|ADDRESS, --workers N, --worker-threads T (per-record and --batch runs)
 
 
 def parse_overrides(items: Sequence[str], *, what: str = "--hparam") -> dict[str, Any]:

@@ -4,6 +4,7 @@ Examples:
     python -m tracer --model gemma-3-270m --prompt "The Eiffel Tower is located in the city of" \\
         --subject "Eiffel Tower" --kind all --out trace.html
     python -m tracer --model gemma-3-270m --facts ../shared/data/known_1000.json --n 50 --out runs/known50
+    python -m tracer --facts ../shared/data/known_1000.json --out runs/known --ray local --workers 2
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from tracer.hooks import KINDS
 from tracer.model import add_model_args
+from tracer.workers import add_ray_args
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -45,6 +47,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="single prompt: .html/.png/.json file; dataset: output folder")
     p.add_argument("--save-json", action="store_true", help="with a figure --out, also write the results as .json next to it")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or info logs")
+    add_ray_args(p)  # --ray local|auto|ADDRESS, --workers N, --worker-threads T: trace --facts on Ray workers
     return p
 
 
@@ -53,7 +56,9 @@ def main(argv: list[str] | None = None) -> int:
 
     With `--facts` it traces the facts the model gets right, prints each kind's peak average
     indirect effect per token group and, when "mlp" is traced, the chosen edit layer (also
-    cached for the editors); otherwise it traces `--prompt` / `--subject`.
+    cached for the editors); otherwise it traces `--prompt` / `--subject`. With `--ray`,
+    the facts are traced by `--workers` Ray worker processes (`trace_dataset(workers=)`,
+    docs/scaling.md), each loading `--model`; this process writes `traces.jsonl`.
 
     Args:
         argv: the arguments; None reads `sys.argv`.
@@ -63,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
 
     Raises:
         SystemExit: bad arguments (argparse exits with status 2), e.g. neither `--facts` nor
-            both `--prompt` and `--subject`, or `--severed` with `--kind all`.
+            both `--prompt` and `--subject`, `--severed` with `--kind all`, `--ray` without
+            `--facts`, or `--workers` without `--ray`.
         ValueError: arguments the tracing functions refuse (an unknown subject, a bad
             window, an unsupported `--out` suffix, ...).
         RuntimeError: a static image `--out` without kaleido or a browser.
@@ -72,6 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.facts is None and (args.prompt is None or args.subject is None):
         _parser().error("give --prompt and --subject, or --facts")
+    if args.facts is None and (args.ray is not None or args.workers is not None):
+        _parser().error("--ray and --workers trace --facts; a single prompt runs here")
+    if args.ray is None and args.workers is not None:
+        _parser().error(f"--workers {args.workers} needs --ray local|auto|ADDRESS")
     from tracer.model import load_any  # noqa: PLC0415
 
     model = load_any(args.model, loader=args.model_loader, device=args.device)
@@ -84,7 +94,15 @@ def main(argv: list[str] | None = None) -> int:
         kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
         ref = args.noise_reference or args.facts
         groups = tuple(g.strip() for g in args.groups.split(",")) if args.groups else None
-        res = trace_dataset(model, args.facts, kinds=kinds, n=args.n, out=args.out, groups=groups, noise_reference=ref, progress=not args.quiet, **common)
+        from tracer.workers import pool_from_args  # noqa: PLC0415
+
+        pool = pool_from_args(args)  # None without --ray; Ray is imported only with it
+        try:
+            res = trace_dataset(model, args.facts, kinds=kinds, n=args.n, out=args.out, groups=groups, noise_reference=ref,
+                                progress=not args.quiet, workers=pool, **common)
+        finally:
+            if pool is not None:
+                pool.close()
         print(f"facts checked {res.n_tried}: kept {res.n_facts} the model gets right, dropped {res.n_dropped}")
         if res.n_facts:
             print(f"average high {float(res.high.mean()):.4f}, average low {float(res.low.mean()):.4f}")

@@ -265,6 +265,7 @@ class WorkerPool:
         ray = _ray()
         died = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.ObjectLostError,
                 getattr(ray.exceptions, "OutOfMemoryError", ray.exceptions.RayActorError))
+        fn_ref = ray.put(fn)  # pickled once, not once per task (an evaluator may hold large tables)
         source = iter(enumerate(tasks))
         queue: collections.deque = collections.deque()  # (index, task, tries): sent again after a death
         running: dict = {}  # ObjectRef -> (slot, index, task, tries)
@@ -286,7 +287,7 @@ class WorkerPool:
                 else:
                     return
                 s = idle.pop(0)
-                running[self._slots[s].run.remote(fn, task)] = (s, i, task, tries)
+                running[self._slots[s].run.remote(fn_ref, task)] = (s, i, task, tries)
 
         try:
             fill()
