@@ -18,3 +18,28 @@ def tiny(spec: str = "tiny"):
         return make_tiny_hooked(tokenizer)
     model, _ = make_tiny_bridge(tokenizer)
     return model
+
+
+def refuse(model, task):
+    """A task that raises, as a bug in a task function would (for the pool's error path)."""
+    raise ValueError(f"task {task!r} refused")
+
+
+def pid(model, task):
+    """The worker's process id (which worker ran the task)."""
+    import os
+
+    return os.getpid()
+
+
+class KeepOpen:
+    """A pool whose `close` does nothing: a test's shared pool, handed to code that closes what it is given."""
+
+    def __init__(self, pool):
+        self._pool = pool
+
+    def close(self):
+        return None
+
+    def __getattr__(self, name):
+        return getattr(self._pool, name)
