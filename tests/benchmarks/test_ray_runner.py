@@ -71,10 +71,11 @@ def test_sequential_refuses_ray_before_the_model_loads(tmp_path, monkeypatch):
         counterfact.main([*argv[:6], "--workers", "2"])
 
 
-@pytest.mark.parametrize("batch", [None, 2])
-def test_run_records_on_workers_gives_the_single_process_rows(pool, model, tmp_path, batch):
+@pytest.mark.parametrize("method, batch", [("rank-one", None), ("rank-one", 2), ("none", None)])
+def test_run_records_on_workers_gives_the_single_process_rows(pool, model, tmp_path, method, batch):
     records = load_counterfact(FIXTURES / "counterfact_tiny.json")
-    kw = dict(method=RankOneMethod(), records=records, evaluate=CounterFactEval(gen_tokens=3), batch=batch,
+    method = RankOneMethod() if method == "rank-one" else runner.NoEdit()
+    kw = dict(method=method, records=records, evaluate=CounterFactEval(gen_tokens=3), batch=batch,
               perplexity=_w_norm, ppl_every=1)  # "perplexity": any function of the edited model
     one = runner.run_records(model=model, out_dir=tmp_path / "one", **kw)
     many = runner.run_records(model=model, out_dir=tmp_path / "many", workers=pool, **kw)
