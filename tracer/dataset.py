@@ -24,6 +24,10 @@ The file is read back under `tracer.resume`'s rule: a torn last line (a killed w
 cut and its fact redone, while an unreadable line with facts after it means a corrupt file
 and raises `ValueError` (nothing is skipped silently).
 
+With `workers=` (a `tracer.workers.WorkerPool`) the known facts are traced by Ray workers
+(`trace_fact`, the one implementation of tracing a fact) and this process alone appends
+their lines, in completion order; the result is the same (docs/scaling.md).
+
 Example:
     >>> from tracer import load_model
     >>> from tracer.dataset import trace_dataset

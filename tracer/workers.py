@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import os
 import socket
 import time
@@ -156,7 +157,7 @@ class WorkerPool:
         self._owns_ray = False
         if not ray.is_initialized():
             if address in (None, LOCAL):
-                n_cpus = None if workers is None else max(1, int(round(workers * cpus_per_worker + 0.499)))
+                n_cpus = None if workers is None else max(1, math.ceil(workers * cpus_per_worker))
                 ray.init(num_cpus=n_cpus, include_dashboard=False, runtime_env=runtime_env)
             else:
                 ray.init(address=address, runtime_env=runtime_env)

@@ -122,13 +122,10 @@ def test_counterfact_rome_with_ray_gives_the_single_process_rows(pool, model, tm
 
 
 def test_a_worker_that_does_not_restore_is_reported(pool, model, tmp_path):
-    from tests.benchmarks.fakes import RankOneMethod as Base
-
     records = load_counterfact(FIXTURES / "counterfact_tiny.json")[:1]
     rows = runner.run_records(model=model, method=Leaky(), records=records, out_dir=tmp_path,
                               evaluate=CounterFactEval(gen_tokens=0), workers=pool)
     assert rows[0]["model_restored"] is False
-    assert issubclass(Leaky, Base)
     pool.close()  # this pool's workers now hold an edited model: no later test may use it
 
 
