@@ -10,8 +10,8 @@ cd "$(dirname "$0")/.."
 venv="${1:-.venv}"
 tl="${2:-3}"
 case "$tl" in
-  3) tl_spec="transformer-lens==3.9.0"; extras="dev,sae" ;;  # sae-lens 6.x needs TransformerLens < 4
-  4) tl_spec="transformer-lens>=4,<5"; extras="dev" ;;
+  3) tl_spec="transformer-lens==3.9.0"; extras="dev,sae,ray" ;;  # sae-lens 6.x needs TransformerLens < 4
+  4) tl_spec="transformer-lens>=4,<5"; extras="dev,ray" ;;
   *) echo "TL must be 3 or 4, got '$tl'" >&2; exit 2 ;;
 esac
 py="${PYTHON:-python3}"
