@@ -549,7 +549,7 @@ class MquakeRecord:
     def request(self) -> tuple:
         """What the shared runner asks each record for: here all of `requests()`.
 
-        `benchmarks.mquake.CaseEdits` flattens these tuples before they reach the editor,
+        `benchmarks.runner.requests_of` flattens these tuples before they reach the editor,
         so one case's rewrites are edited together (and K cases' with `--batch K`).
         """
         return self.requests()

@@ -173,13 +173,13 @@ def edit_summary(edit) -> dict:
     if curves:
         out["edit_final_nll"] = [c[-1] for c in curves if c]
         out["edit_steps"] = [len(c) for c in curves]
+    elif diag.get("nll_curve"):
+        out["edit_final_nll"] = [diag["nll_curve"][-1]]
+        out["edit_steps"] = [len(diag["nll_curve"])]
     steps = diag.get("steps", [])
     if steps and all("delta_norm" in s and s.get("value_norm") for s in steps):
         # ROME: ‖δ‖ / ‖v‖ per request; equal to clamp_norm_factor where the clamp binds
         out["delta_over_value"] = [s["delta_norm"] / s["value_norm"] for s in steps]
-    elif diag.get("nll_curve"):
-        out["edit_final_nll"] = [diag["nll_curve"][-1]]
-        out["edit_steps"] = [len(diag["nll_curve"])]
     if "delta_ratio" in diag:
         out["delta_ratio"] = {str(k): v for k, v in diag["delta_ratio"].items()}
     return out
@@ -446,6 +446,7 @@ def execute(
     the unedited model by `evaluate_before`, in a resumable run of their own under
     `<out>/before/`, and the edit run is evaluated by `make_evaluate(rows_before)` instead of
     `evaluate`. With the `none` method there is no second pass (`evaluate` scores both).
+    `--max-minutes` bounds that pass too; the edit run then covers the records it scored.
 
     With `--ray` (`tracer.workers.pool_from_args`), the per-record or batch run goes to a
     `WorkerPool` of `--workers` processes that each load the model (`run_records(workers=)`);
@@ -523,7 +524,12 @@ def _execute_runs(args, *, model, method, records, evaluate, desc, checkpoint_ev
     if unedited is not None and not isinstance(method, NoEdit):
         evaluate_before, make_evaluate = unedited
         rows_before = run_records(model=model, method=NoEdit(), records=records, out_dir=Path(args.out) / UNEDITED_DIR,
-                                  evaluate=evaluate_before, desc=f"{desc} (unedited)", workers=pool)
+                                  evaluate=evaluate_before, desc=f"{desc} (unedited)", workers=pool,
+                                  max_minutes=args.max_minutes)
+        scored = {r["case_id"] for r in rows_before}
+        if len(scored) < len(records):  # stopped by --max-minutes: edit only what has its unedited row
+            log.warning("unedited pass: %d of %d records so far; rerun to resume", len(scored), len(records))
+            records = [r for r in records if r.case_id in scored]
         evaluate = make_evaluate(rows_before)
     if sequential:
         seq = run_sequential(
@@ -542,7 +548,8 @@ def _execute_runs(args, *, model, method, records, evaluate, desc, checkpoint_ev
                            "checkpoint_sample": args.checkpoint_sample, "checkpoints": len(seq["checkpoints"]),
                            "complete": seq["complete"], "final_evaluation": "every edited record, after the last batch"}}}
         last = seq["checkpoints"][-1] if seq["checkpoints"] else None
-        if last and last.get("seconds"):  # the final evaluation's rows carry no per-record time: edits per minute of editing
+        if last and last.get("seconds"):  # the final evaluation's rows carry no per-record time: edits per
+            # minute of the sequence's own time (editing, checkpoint scoring and, on resume, replay)
             extra["meta"]["records_per_min"] = 60.0 * last["n_edits"] / last["seconds"]
     else:
         rows = run_records(
@@ -664,7 +671,8 @@ def write_summary(
 
     `figure.html` loads plotly.js from `plotly.min.js` in `out_dir` (written once, see
     `tracer.result.save_figure`), so it opens offline. `records_per_min` is the rows' own
-    throughput unless `meta` gives it (a sequential run: edits per minute of editing).
+    throughput unless `meta` gives it (a sequential run: edits per minute of the sequence,
+    checkpoints included).
     """
     out_dir = Path(out_dir)
     ok = [r for r in rows if "error" not in r]

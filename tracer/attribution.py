@@ -64,7 +64,8 @@ def attribution_scores(
 ) -> dict[str, Float[Tensor, "pos layer"]]:
     """AtP estimates of `restore_scores` for each kind, from one backward pass per sample.
 
-    All noise samples go through the model as one batch; the rows are independent, so the
+    All noise samples go through the model as one batch (memory grows with `samples`;
+    `trace_prompt`'s `batch_size` does not apply); the rows are independent, so the
     gradient of the summed metric gives each sample's own gradient.
 
     Args:
@@ -79,8 +80,8 @@ def attribution_scores(
         `{kind: [pos, layer]}` float32 estimated scores (probability, or metric units).
 
     Raises:
-        ValueError: an unknown kind, `window` < 1, or a metric that does not return finite
-            `[batch]` values.
+        ValueError: an unknown kind, `window` < 1, a metric that does not return finite
+            `[batch]` values, or one without a gradient (argmax, a comparison, `.detach()`).
     """
     from tracer.trace import _checked, metric_bounds, window_layers  # noqa: PLC0415  (tracer.trace imports this module)
 
@@ -115,6 +116,9 @@ def attribution_scores(
             m = (logits[:, runs.target_id] - logits.logsumexp(-1)).exp()
         else:
             m = _checked(metric(logits[:, None]), samples)
+            if not m.requires_grad:
+                raise ValueError("metric must be differentiable for method='atp' (it returned a tensor without a "
+                                 "gradient, e.g. from argmax, a comparison or .detach()); use method='exact'")
         keys = list(acts)
         grads = torch.autograd.grad(m.sum(), [acts[k] for k in keys], allow_unused=True)
     grad = dict(zip(keys, grads))

@@ -49,6 +49,7 @@ Example:
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 from dataclasses import dataclass
@@ -738,7 +739,8 @@ def trace_all(model, prompt: str, subject: str, **kwargs) -> dict[str, TraceResu
         shaping["samples"] = 1
     runs = prepare_runs(model, prompt, subject, **shaping)
     if kwargs.get("method") == "atp" and kwargs.get("severed") is None and kwargs.get("metric_at") is None:
-        # one backward pass estimates all three kinds
+        # one backward pass estimates all three kinds; a misspelt option is refused as trace_prompt refuses it
+        inspect.signature(trace_prompt).bind(model, prompt, subject, **kwargs)
         window, metric = kwargs.get("window", 10), kwargs.get("metric")
         est = attribution_scores(model, runs, kinds=KINDS, window=window, metric=metric)
         bounds = metric_bounds(model, runs, metric)

@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 LOCAL = "local"
 TASK_RETRIES = 3  # sends of one task after its worker died, before the pool gives up on it
 RESTARTS = 2  # fresh workers started in one slot after the one there died
+READY_TIMEOUT_S = 900  # a worker that has not loaded its model by then is reported, not waited on for ever
 
 
 def ray_available() -> bool:
@@ -171,6 +172,12 @@ class WorkerPool:
         if workers is None:
             workers = int(res.get("GPU", 0) // gpus_per_worker) if gpus_per_worker else int(res.get("CPU", 1) // cpus_per_worker)
             workers = max(1, workers)
+        for kind, per in (("CPU", cpus_per_worker), ("GPU", gpus_per_worker)):
+            if per and workers * per > res.get(kind, 0) + 1e-9:  # Ray would leave the rest pending for ever
+                if self._owns_ray:
+                    ray.shutdown()
+                raise ValueError(f"{workers} workers x {per} {kind} each need {workers * per:g} {kind}s; the Ray "
+                                 f"cluster has {res.get(kind, 0):g}: ask for fewer workers or less per worker")
         self.n_workers = workers
         self._cls = ray.remote(_Worker)
         self._slots: list = [None] * workers
@@ -200,9 +207,13 @@ class WorkerPool:
     def _ready(self, s: int) -> dict:
         ray = _ray()
         try:
-            return ray.get(self._info_refs[s])
+            return ray.get(self._info_refs[s], timeout=READY_TIMEOUT_S)
         except ray.exceptions.RayActorError as err:
             raise ValueError(f"a worker could not load model {self.spec!r} (loader {self.loader!r}): {err}") from err
+        except ray.exceptions.GetTimeoutError as err:
+            raise RuntimeError(f"worker {s} was not ready after {READY_TIMEOUT_S} s: the cluster may lack free "
+                               f"resources ({self.cpus_per_worker} CPU, {self.gpus_per_worker} GPU per worker) "
+                               "or the model load hangs") from err
 
     @property
     def model_name(self) -> str:

@@ -117,6 +117,8 @@ def test_atp_refuses_what_it_cannot_estimate(tiny_model):
         attribution_scores(tiny_model, runs, kinds=("embed",))
     with pytest.raises(ValueError, match="metric returned"):
         attribution_scores(tiny_model, runs, metric=lambda logits: logits[:, -1, 0].mean())
+    with pytest.raises(ValueError, match="differentiable"):
+        attribution_scores(tiny_model, runs, metric=lambda logits: (logits[:, -1].argmax(-1) == 3).float())
     with pytest.raises(ValueError, match="method"):
         trace_dataset(tiny_model, FACTS, noise=NOISE, method="fast")
 
@@ -145,6 +147,8 @@ def test_trace_all_atp_shares_one_pass_and_matches_each_kind(tiny_model, monkeyp
     monkeypatch.setattr(trace, "attribution_scores", lambda *a, **k: calls.append(k["kinds"]) or real(*a, **k))
     both = trace.trace_all(tiny_model, PROMPT, SUBJECT, samples=2, noise=NOISE, window=2, method="atp")
     assert calls == [("resid", "mlp", "attn")]
+    with pytest.raises(TypeError, match="windw"):
+        trace.trace_all(tiny_model, PROMPT, SUBJECT, samples=2, noise=NOISE, windw=3, method="atp")
     for kind, res in both.items():
         one = trace_prompt(tiny_model, PROMPT, SUBJECT, kind=kind, samples=2, noise=NOISE, window=2, method="atp")
         assert res.method == "atp" and torch.allclose(res.scores, one.scores, atol=1e-7), kind

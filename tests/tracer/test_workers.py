@@ -231,6 +231,18 @@ def test_a_killed_worker_loses_no_fact_and_writes_none_twice(pool, model, single
 
 
 @needs_ray
+def test_a_pool_larger_than_the_cluster_is_refused_not_left_pending(pool):
+    import ray
+
+    cpus = ray.cluster_resources()["CPU"]
+    with pytest.raises(ValueError, match=f"need {cpus + 2:g} CPUs"):
+        WorkerPool(model="tiny", workers=int(cpus) + 2, cpus_per_worker=1)
+    with pytest.raises(ValueError, match="GPU"):
+        WorkerPool(model="tiny", workers=1, gpus_per_worker=1)
+    assert ray.is_initialized() and len(pool.pids()) == 2  # the running cluster and its pool are left alone
+
+
+@needs_ray
 def test_a_failing_task_raises_in_the_driver(pool):
     from tests.tracer.ray_models import refuse
 
