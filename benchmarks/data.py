@@ -309,6 +309,23 @@ def check_counterfact_file(path: str | os.PathLike) -> bool:
     return True
 
 
+def _data_path(source: str | os.PathLike | None, default: str) -> Path:
+    """`source` as a path, or the shared data file `default`; refused when it does not exist."""
+    path = Path(source) if source is not None else default_path(default)
+    if not path.exists():
+        raise FileNotFoundError(f"data {str(path)!r} does not exist")
+    return path
+
+
+def _refuse_repeated_ids(records: list, lo: int, where) -> None:
+    """Raise `ValueError(where(index, case_id))` at the first `case_id` seen twice."""
+    seen: set[int] = set()
+    for i, r in enumerate(records, start=lo):
+        if r.case_id in seen:
+            raise ValueError(where(i, r.case_id))
+        seen.add(r.case_id)
+
+
 def _read_json_list(path: Path) -> list:
     try:
         with open(path, encoding="utf-8") as f:
@@ -373,17 +390,11 @@ def load_counterfact(
     if isinstance(source, str) and source.startswith("hf:"):
         raw = _load_hf(source[3:])
     else:
-        path = Path(source) if source is not None else default_path(DEFAULT_COUNTERFACT)
-        if not path.exists():
-            raise FileNotFoundError(f"data {str(path)!r} does not exist")
+        path = _data_path(source, DEFAULT_COUNTERFACT)
         check_counterfact_file(path)
         raw = _read_json_list(path)
     records = [parse_counterfact_record(r, i) for i, r in enumerate(raw[lo:hi], start=lo)]
-    seen: set[int] = set()
-    for i, r in enumerate(records, start=lo):
-        if r.case_id in seen:
-            raise ValueError(f"counterfact record at index {i}: duplicate case_id {r.case_id}")
-        seen.add(r.case_id)
+    _refuse_repeated_ids(records, lo, lambda i, cid: f"counterfact record at index {i}: duplicate case_id {cid}")
     return records
 
 
@@ -409,10 +420,7 @@ def load_zsre(source: str | os.PathLike | None = None, *, n: int | None = None, 
         'Watts Humphrey'
     """
     lo, hi = _slice(n, start)
-    path = Path(source) if source is not None else default_path(DEFAULT_ZSRE)
-    if not path.exists():
-        raise FileNotFoundError(f"data {str(path)!r} does not exist")
-    raw = _read_json_list(path)
+    raw = _read_json_list(_data_path(source, DEFAULT_ZSRE))
     return [parse_zsre_record(r, i) for i, r in enumerate(raw[lo:hi], start=lo)]
 
 
@@ -650,14 +658,7 @@ def load_mquake(path: str | os.PathLike | None = None, *, n: int | None = None, 
         'Kolinda Grabar-Kitarović'
     """
     lo, hi = _slice(n, start)
-    path = Path(path) if path is not None else default_path(DEFAULT_MQUAKE)
-    if not path.exists():
-        raise FileNotFoundError(f"data {str(path)!r} does not exist")
-    raw = _read_json_list(path)
+    raw = _read_json_list(_data_path(path, DEFAULT_MQUAKE))
     records = [parse_mquake_record(r, i) for i, r in enumerate(raw[lo:hi], start=lo)]
-    seen: set[int] = set()
-    for i, r in enumerate(records, start=lo):
-        if r.case_id in seen:
-            raise ValueError(f"mquake case case_id={r.case_id} (index {i}): duplicate case_id")
-        seen.add(r.case_id)
+    _refuse_repeated_ids(records, lo, lambda i, cid: f"mquake case case_id={cid} (index {i}): duplicate case_id")
     return records
