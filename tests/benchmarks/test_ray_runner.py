@@ -16,23 +16,14 @@ from benchmarks.counterfact import CounterFactEval
 from benchmarks.data import load_counterfact
 from tests.benchmarks.fakes import RankOneMethod
 from tests.conftest import FIXTURES
-from tracer.workers import WorkerPool, ray_available
+from tests.tracer.ray_models import LOADER, local_pool
 
-LOADER = "tests.tracer.ray_models:tiny"
 TIMES = ("seconds", "edit_seconds")
 
 
 @pytest.fixture(scope="module")
 def pool():
-    if not ray_available():
-        pytest.skip('Ray is not installed (pip install "romelens[ray]")')
-    import ray
-
-    if ray.is_initialized():  # pragma: no cover - another module's cluster
-        ray.shutdown()
-    p = WorkerPool(model="tiny", loader=LOADER, workers=2, cpus_per_worker=1, threads=1, address="local")
-    yield p
-    p.close()
+    yield from local_pool()
 
 
 @pytest.fixture(scope="module")

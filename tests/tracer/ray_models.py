@@ -7,6 +7,27 @@ worker's model is the driver's bit for bit.
 
 from __future__ import annotations
 
+import pytest
+
+LOADER = "tests.tracer.ray_models:tiny"
+
+
+def local_pool():
+    """The body of a module-scoped `pool` fixture: a local Ray cluster of 2 one-thread
+    workers holding the tiny model, closed (and the cluster shut down) afterwards; skips
+    where Ray is not installed."""
+    from tracer.workers import WorkerPool, ray_available
+
+    if not ray_available():
+        pytest.skip('Ray is not installed (pip install "romelens[ray]")')
+    import ray
+
+    if ray.is_initialized():  # pragma: no cover - another module's cluster
+        ray.shutdown()
+    p = WorkerPool(model="tiny", loader=LOADER, workers=2, cpus_per_worker=1, threads=1, address="local")
+    yield p
+    p.close()
+
 
 def tiny(spec: str = "tiny"):
     """The `tiny_model` fixture's model for the installed TransformerLens (`spec` is ignored)."""

@@ -18,13 +18,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.tracer.ray_models import LOADER, local_pool
 from tracer.dataset import trace_dataset
 from tracer.layer import choose_from_result
 from tracer.noise import NoiseScale
 from tracer.workers import WorkerPool, ray_available
 
 ROOT = Path(__file__).resolve().parents[2]
-LOADER = "tests.tracer.ray_models:tiny"
 needs_ray = pytest.mark.skipif(not ray_available(), reason='Ray is not installed (pip install "romelens[ray]")')
 WRONG = "zzzz-not-the-answer"
 FACTS = [
@@ -128,15 +128,9 @@ def test_pool_from_args_passes_the_options(monkeypatch):
 
 @pytest.fixture(scope="module")
 def pool():
-    if not ray_available():
-        pytest.skip('Ray is not installed (pip install "romelens[ray]")')
+    yield from local_pool()
     import ray
 
-    if ray.is_initialized():  # pragma: no cover - another module's cluster
-        ray.shutdown()
-    p = WorkerPool(model="tiny", loader=LOADER, workers=2, cpus_per_worker=1, threads=1, address="local")
-    yield p
-    p.close()
     assert not ray.is_initialized()  # the pool started the cluster, so it shut it down
 
 
