@@ -733,6 +733,9 @@ def add_common_args(parser) -> None:
     parser.add_argument("--ppl-tokens", type=int, default=2048, help="WikiText-2 tokens for perplexity; 0 disables")
     parser.add_argument("--ppl-every", type=int, default=25, help="per-record runs: perplexity after every k-th edit")
     parser.add_argument("--wikitext", default=None, help="WikiText-2 raw test text (default: shared data)")
+    parser.add_argument("--corpus", default=None,
+                        help="text for the editor's key statistics (default: the --wikitext file if given, "
+                        "else WikiText-2 test in $ROMELENS_DATA or ../shared/data)")
     parser.add_argument("--hparam", action="append", default=[], metavar="KEY=VALUE",
                         help="override a field of the method's preset for the model (repeatable), e.g. layer=5; "
                         "a layer (or layers) given here skips choosing one by causal tracing")
@@ -812,13 +815,16 @@ def method_hparams(method, model, overrides: Sequence[str], *, cache_dir=None):
 
 
 def edit_kwargs(args) -> dict:
-    """`cache_dir` for the editor: the option, else romelens's default cache, so key statistics
-    are computed once per model and layer, not once per edit."""
+    """`cache_dir` for the editor (the option, else romelens's default cache, so key statistics
+    are computed once per model and layer, not once per edit) and the statistics `corpus`
+    (`--corpus`, else the `--wikitext` file, else the editor's default)."""
     if args.method == "none":
         return {}
     from tracer.offline import cache_dir  # noqa: PLC0415
 
-    return {"cache_dir": str(args.cache_dir or cache_dir())}
+    kw = {"cache_dir": str(args.cache_dir or cache_dir())}
+    corpus = getattr(args, "corpus", None) or getattr(args, "wikitext", None)
+    return kw | ({"corpus": str(corpus)} if corpus else {})
 
 
 def command_line(module: str, argv) -> str:

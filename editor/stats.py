@@ -69,8 +69,9 @@ def _corpus_text(corpus: str) -> tuple[str, str, str]:
         p = Path(corpus)
         if not p.is_file():
             raise ValueError(
-                f"corpus {corpus!r} is not a file; pass a text file (e.g. wikitext-2-raw-test.txt) "
-                "or 'hf:wikitext/wikitext-103-raw-v1:train' when online"
+                f"corpus {corpus!r} is not a file; pass a text file (e.g. wikitext-2-raw-test.txt: "
+                "corpus= in Python, --corpus on the command lines, or $ROMELENS_DATA for the folder "
+                "holding it) or 'hf:wikitext/wikitext-103-raw-v1:train' when online"
             )
         text = p.read_text(encoding="utf-8")
         cid = safe_name(p.stem)

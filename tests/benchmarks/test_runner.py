@@ -1,5 +1,6 @@
 """The resumable runner with a fake method on the tiny model: restore, resume, batching, failures."""
 
+import argparse
 import json
 
 import pytest
@@ -255,7 +256,6 @@ def test_batch_edit_is_saved_as_an_edit_before_it_is_applied(tiny_model, records
 
 
 def test_execute_resolves_the_hparams_once_and_every_edit_gets_them(tiny_model, tmp_path, monkeypatch, records):
-    import argparse
 
     import tracer
     from editor import ROMEHParams
@@ -285,3 +285,26 @@ def test_execute_resolves_the_hparams_once_and_every_edit_gets_them(tiny_model, 
     run = runner.execute(args, records=records[:3], evaluate=evaluate, desc="t")
     assert method.resolved == 1 and method.given == [hp] * 3
     assert run["hparams_record"] == f"preset: {hp!r}" and run["restored"]
+
+
+@pytest.mark.parametrize("argv, corpus", [
+    ([], None),                                                   # the editor's default corpus
+    (["--wikitext", "w.txt"], "w.txt"),                           # the perplexity text serves both
+    (["--wikitext", "w.txt", "--corpus", "c.txt"], "c.txt"),      # --corpus wins
+])
+def test_stats_corpus_follows_the_command_line(argv, corpus, tmp_path):
+    # A run on a machine without ../shared/data must be able to name the statistics text:
+    # before --corpus the editor always looked in ../shared/data and failed there.
+    parser = argparse.ArgumentParser()
+    runner.add_common_args(parser)
+    kw = runner.edit_kwargs(parser.parse_args(["--method", "memit", "--out", str(tmp_path), *argv]))
+    assert kw.get("corpus") == corpus and kw["cache_dir"]
+    none = runner.edit_kwargs(parser.parse_args(["--method", "none", "--out", str(tmp_path), *argv]))
+    assert none == {}
+
+
+def test_missing_corpus_error_names_the_options(tiny_model, tmp_path):
+    from editor.stats import layer_stats
+
+    with pytest.raises(ValueError, match=r"--corpus.*ROMELENS_DATA"):
+        layer_stats(tiny_model, [0], corpus=str(tmp_path / "absent.txt"), n_tokens=1000, cache_dir=None)
