@@ -24,6 +24,9 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m tracer", description="Causal tracing (Meng et al. 2022) on TransformerLens models.")
     add_model_args(p)
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="trace in this precision: the model loads in fp32, then is cast (docs/tracing.md; "
+                   "bfloat16 is the measured reduced-precision mode)")
     one = p.add_argument_group("single prompt")
     one.add_argument("--prompt", help="the prompt, subject included")
     one.add_argument("--subject", help="the subject to corrupt")
@@ -69,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     Raises:
         SystemExit: bad arguments (argparse exits with status 2), e.g. neither `--facts` nor
             both `--prompt` and `--subject`, `--severed` with `--kind all`, `--ray` without
-            `--facts`, or `--workers` without `--ray`.
+            `--facts`, `--workers` without `--ray`, or `--dtype` other than float32 with `--ray`.
         ValueError: arguments the tracing functions refuse (an unknown subject, a bad
             window, an unsupported `--out` suffix, ...).
         RuntimeError: a static image `--out` without kaleido or a browser.
@@ -82,9 +85,11 @@ def main(argv: list[str] | None = None) -> int:
         _parser().error("--ray and --workers trace --facts; a single prompt runs here")
     if args.ray is None and args.workers is not None:
         _parser().error(f"--workers {args.workers} needs --ray local|auto|ADDRESS")
-    from tracer.model import load_any  # noqa: PLC0415
+    if args.ray is not None and args.dtype != "float32":
+        _parser().error(f"--dtype {args.dtype} with --ray: the workers load the model in float32; trace in one process")
+    from tracer.model import cast_model, load_any  # noqa: PLC0415
 
-    model = load_any(args.model, loader=args.model_loader, device=args.device)
+    model = cast_model(load_any(args.model, loader=args.model_loader, device=args.device), args.dtype)
     common = dict(window=args.window, samples=args.samples, noise=args.noise, seed=args.seed, batch_size=args.batch_size,
                   method=args.method)
     if args.facts is not None:

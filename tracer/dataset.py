@@ -52,7 +52,7 @@ from tqdm.auto import tqdm
 
 from tracer.batching import pad_tokens
 from tracer.hooks import KINDS
-from tracer.model import final_logits, final_resid, model_device, model_name
+from tracer.model import final_logits, final_resid, model_device, model_dtype, model_name
 from tracer.noise import NoiseCache, NoiseScale, resolve_noise
 from tracer.prompts import encode, target_ids
 from tracer.files import atomic_write_text
@@ -616,6 +616,8 @@ def trace_dataset(
         workers.check_model(model)
     noise_std = resolve_noise(model, noise, reference=noise_reference, cache=noise_cache)
     config = {"model": model_name(model), "kinds": list(kinds), "groups": list(groups), "window": window, "samples": samples, "noise_std": noise_std, "seed": seed, "method": method}
+    if model_dtype(model) != torch.float32:  # fp32 folders (all written before dtype) carry no key
+        config["dtype"] = str(model_dtype(model)).removeprefix("torch.")
     records: dict = {}
     jsonl = None
     if out is not None:
@@ -625,7 +627,7 @@ def trace_dataset(
         if cfg_path.exists():
             old = json.loads(cfg_path.read_text())
             old.setdefault("method", "exact")  # folders written before attribution patching
-            if {k: old.get(k) for k in config if k != "noise_std"} != {k: v for k, v in config.items() if k != "noise_std"} or not math.isclose(old.get("noise_std", -1), noise_std, rel_tol=1e-6):
+            if {k: old.get(k) for k in config.keys() | old.keys() if k != "noise_std"} != {k: config.get(k) for k in config.keys() | old.keys() if k != "noise_std"} or not math.isclose(old.get("noise_std", -1), noise_std, rel_tol=1e-6):
                 raise ValueError(f"out {str(out)!r} holds a run with other settings {old}; expected {config}. Use a fresh folder.")
         else:
             atomic_write_text(cfg_path, json.dumps(config, indent=1))

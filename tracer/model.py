@@ -579,6 +579,42 @@ def model_device(model) -> torch.device:
     return next(model.parameters()).device
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def model_dtype(model) -> torch.dtype:
+    """Dtype of the model's parameters."""
+    return next(model.parameters()).dtype
+
+
+def cast_model(model, dtype: torch.dtype | str):
+    """Cast a loaded model's floating-point parameters and buffers to `dtype`, in place.
+
+    The reduced-precision tracing mode (docs/tracing.md): load in fp32, so that TransformerLens
+    folds LayerNorm weights and centres the unembedding in fp32, then cast. The parameters keep
+    their memory layout (`prepare_model`). `model.cfg.dtype` follows, so TransformerLens makes
+    new tensors (masks, noise) in the same dtype.
+
+    Args:
+        model: a TransformerLens model.
+        dtype: a torch floating dtype, or one of `DTYPES`' names ("float32", "bfloat16", "float16").
+
+    Returns:
+        The same model.
+
+    Raises:
+        ValueError: `dtype` is not one of `DTYPES`.
+    """
+    dt = DTYPES.get(dtype) if isinstance(dtype, str) else dtype
+    if dt not in DTYPES.values():
+        raise ValueError(f"dtype {dtype!r} must be one of {sorted(DTYPES)}")
+    if model_dtype(model) != dt:
+        torch.nn.Module.to(model, dt)  # not TransformerLens's .to, which prints and may move devices
+        if hasattr(model, "cfg"):
+            model.cfg.dtype = dt
+    return model
+
+
 def model_name(model) -> str:
     """A readable model id, e.g. 'google/gemma-3-270m'."""
     cfg = model.cfg

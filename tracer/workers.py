@@ -63,7 +63,7 @@ class _Worker:
     def __init__(self, spec: str, loader, device: str | None, threads: int):
         import torch  # noqa: PLC0415
 
-        from tracer.model import load_any, model_name, weights_hash  # noqa: PLC0415
+        from tracer.model import load_any, model_dtype, model_name, weights_hash  # noqa: PLC0415
 
         if threads > 0:
             torch.set_num_threads(threads)
@@ -79,6 +79,7 @@ class _Worker:
             "threads": torch.get_num_threads(),
             "model_name": model_name(self.model),
             "n_layers": int(self.model.cfg.n_layers),
+            "dtype": str(model_dtype(self.model)),
             "weights_hash": weights_hash(self.model),
         }
 
@@ -229,7 +230,7 @@ class WorkerPool:
         return [ray.get(self._info_refs[s])["pid"] for s, a in enumerate(self._slots) if a is not None]
 
     def check_model(self, model, whash: str | None = None) -> None:
-        """Refuse a driver `model` other than the workers' (name or depth); warn on other weights.
+        """Refuse a driver `model` other than the workers' (name, depth or dtype); warn on other weights.
 
         The weights may differ in the last bits for the same model loaded on another device
         (a GPU), so a weights-hash difference is a warning, not an error.
@@ -239,12 +240,12 @@ class WorkerPool:
             whash: its `weights_hash`, if already known (else computed).
 
         Raises:
-            ValueError: the workers hold a model with another name or number of layers.
+            ValueError: the workers hold a model with another name, number of layers or dtype.
         """
-        from tracer.model import model_name, weights_hash  # noqa: PLC0415
+        from tracer.model import model_dtype, model_name, weights_hash  # noqa: PLC0415
 
-        mine = {"model_name": model_name(model), "n_layers": int(model.cfg.n_layers)}
-        theirs = {k: self.info[0][k] for k in mine}
+        mine = {"model_name": model_name(model), "n_layers": int(model.cfg.n_layers), "dtype": str(model_dtype(model))}
+        theirs = {k: self.info[0].get(k) for k in mine}
         if mine != theirs:
             raise ValueError(f"workers hold model {theirs}, but the driver's model is {mine}; give the pool the same model")
         whash = whash or weights_hash(model)

@@ -220,3 +220,40 @@ def test_gemma_trace_dataset_on_20_known_facts(gemma, shared_data, tmp_path):
     assert float(mean.max()) > float(first.max())
     lines = (tmp_path / "traces.jsonl").read_text().splitlines()
     assert len(lines) == res.n_tried
+
+
+def test_cast_model_casts_parameters_buffers_and_cfg(tiny_model):
+    import copy
+
+    from tracer.model import cast_model, model_dtype
+
+    m = cast_model(copy.deepcopy(tiny_model), "bfloat16")
+    assert model_dtype(m) == torch.bfloat16 and m.cfg.dtype == torch.bfloat16
+    assert all(p.dtype == torch.bfloat16 for p in m.parameters())
+    assert all(b.dtype == torch.bfloat16 for b in m.buffers() if b.is_floating_point())
+    assert torch.isfinite(m(m.to_tokens("Tokyo is the capital of")).float()).all()
+    with pytest.raises(ValueError, match="dtype"):
+        cast_model(m, "int8")
+
+
+def test_trace_dataset_records_a_reduced_dtype_and_refuses_to_mix(tiny_model, tmp_path):
+    # A bf16 run must not resume (and silently extend) an fp32 folder, nor the other way round.
+    import copy
+
+    from tracer.model import cast_model
+
+    opts = dict(kinds=("mlp",), samples=2, noise=NOISE, window=2, progress=False)
+    fp32 = trace_dataset(tiny_model, FACTS, out=tmp_path / "fp32", **opts)
+    bf16 = cast_model(copy.deepcopy(tiny_model), torch.bfloat16)
+    with pytest.raises(ValueError, match="other settings"):
+        trace_dataset(bf16, FACTS, out=tmp_path / "fp32", **opts)
+    low = trace_dataset(bf16, FACTS, out=tmp_path / "bf16", **opts)
+    with pytest.raises(ValueError, match="other settings"):
+        trace_dataset(tiny_model, FACTS, out=tmp_path / "bf16", **opts)
+    assert "dtype" not in json.loads((tmp_path / "fp32" / "config.json").read_text())
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
+    both = [i for i in fp32.known_ids if i in low.known_ids]
+    assert both
+    a = fp32.effects["mlp"][[fp32.known_ids.index(i) for i in both]]
+    b = low.effects["mlp"][[low.known_ids.index(i) for i in both]]
+    assert (a - b).nan_to_num().abs().max() < 0.05

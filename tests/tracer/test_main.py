@@ -58,3 +58,23 @@ def test_cli_dataset_choice_is_cached_for_the_editors(cli_model, tmp_path, capsy
     assert main(["--facts", str(facts), "--kinds", "mlp", "--groups", "last_subject", "--samples", "1", "--window", "1", "-q"]) == 0
     layer = int(capsys.readouterr().out.split("chosen edit layer: ")[1].split()[0])
     assert cached_layer_choice(cli_model, cache_dir=tmp_path / "cache")["layer"] == layer
+
+
+def test_cli_traces_in_bfloat16(tiny_model, monkeypatch, tmp_path, capsys):
+    import copy
+
+    import torch
+
+    loaded = copy.deepcopy(tiny_model)  # the CLI casts in place: never the shared fixture
+    monkeypatch.setattr("tracer.model.load_model", lambda *a, **k: loaded)
+    monkeypatch.setenv("ROMELENS_CACHE", str(tmp_path / "cache"))
+    rc = main(["--prompt", "Tokyo is the capital of", "--subject", "Tokyo", "--kind", "mlp", "--samples", "1",
+               "--window", "1", "--dtype", "bfloat16", "-q"])
+    assert rc == 0 and "max indirect effect" in capsys.readouterr().out
+    assert next(loaded.parameters()).dtype == torch.bfloat16
+
+
+def test_cli_refuses_a_reduced_dtype_with_ray(capsys):
+    with pytest.raises(SystemExit):
+        main(["--facts", "k.json", "--dtype", "bfloat16", "--ray", "local"])
+    assert "workers load the model in float32" in capsys.readouterr().err
