@@ -13,6 +13,7 @@ are `low` in both, exactly, and would inflate the agreement):
 
 Run:
     python -m benchmarks.atp_agreement --facts ../shared/data/known_1000.json --n 50 --out results/atp-agreement
+    python -m benchmarks.atp_agreement --n 50 --exact docs/results/fig2-known1000 --out results/atp-agreement
 
 Writes `<out>/agreement.json` (per fact and the summary) and prints the summary.
 """
@@ -87,6 +88,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--window", type=int, default=10)
     ap.add_argument("--time-n", type=int, default=3, help="facts traced again by both methods for the timing (0: none)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--exact", default=None, metavar="DIR",
+                    help="reuse this exact trace_dataset folder (same window and samples; e.g. the whole known_1000 "
+                    "run) instead of tracing exactly into <out>/exact; its noise std is used for AtP too")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
 
@@ -102,11 +106,14 @@ def main(argv=None) -> dict:
     out = Path(args.out)
     model = load_model(args.model)
     common = dict(n=args.n, samples=args.samples, window=args.window)
+    folders = {"exact": Path(args.exact) if args.exact else out / "exact", "atp": out / "atp"}
+    if args.exact:  # the folder's own noise std, read back from its config (else trace_dataset refuses it)
+        common["noise"] = NoiseScale(value=json.loads((folders["exact"] / "config.json").read_text())["noise_std"])
     results = {}
     for method in ("exact", "atp"):
-        results[method] = trace_dataset(model, args.facts, out=out / method, method=method, **common)
-    exact = read_jsonl(out / "exact" / "traces.jsonl", key="known_id")
-    atp = read_jsonl(out / "atp" / "traces.jsonl", key="known_id")
+        results[method] = trace_dataset(model, args.facts, out=folders[method], method=method, **common)
+    exact = read_jsonl(folders["exact"] / "traces.jsonl", key=lambda r: str(r["known_id"]))
+    atp = read_jsonl(folders["atp"] / "traces.jsonl", key=lambda r: str(r["known_id"]))
     ids = [str(i) for i in results["exact"].known_ids]
     per_fact = {i: compare_fact(exact[i], atp[i]) for i in ids}
     choice = {m: choose_from_result(r) for m, r in results.items()}
