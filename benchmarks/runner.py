@@ -30,6 +30,7 @@ import json
 import logging
 import math
 import os
+import random
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -469,9 +470,16 @@ def execute(
     sequential = getattr(args, "sequential", False)
     given = [f for f, v, default in (("--checkpoint-every", getattr(args, "checkpoint_every", None), None),
                                      ("--checkpoint-sample", getattr(args, "checkpoint_sample", CHECKPOINT_SAMPLE),
-                                      CHECKPOINT_SAMPLE)) if v != default]
+                                      CHECKPOINT_SAMPLE),
+                                     ("--final-gen-sample", getattr(args, "final_gen_sample", None), None)) if v != default]
     if given and not sequential:
         raise ValueError(f"{given} only apply with --sequential")
+    gen_sample = getattr(args, "final_gen_sample", None)
+    if gen_sample is not None:
+        if isinstance(gen_sample, bool) or not isinstance(gen_sample, int) or gen_sample < 1:
+            raise ValueError(f"--final-gen-sample {gen_sample!r} must be an integer >= 1")
+        if checkpoint_evaluate is None:
+            raise ValueError("--final-gen-sample: this benchmark's evaluation has no generation to sample")
     seq_batch = 1 if args.batch is None else args.batch  # a sequential run edits one record at a time by default
     if sequential:
         check_sequential_args(method, records, seq_batch, args.checkpoint_every, args.checkpoint_sample)
@@ -532,9 +540,15 @@ def _execute_runs(args, *, model, method, records, evaluate, desc, checkpoint_ev
             records = [r for r in records if r.case_id in scored]
         evaluate = make_evaluate(rows_before)
     if sequential:
+        final, final_note = evaluate, "every edited record, after the last batch"
+        n_gen = getattr(args, "final_gen_sample", None)
+        if n_gen is not None and n_gen < len(records):  # generation (GE, RS) on a seeded sample; ES/PS/NS on all
+            gen_ids = {r.case_id for r in random.Random(0).sample(list(records), n_gen)}
+            final = lambda m, rec: (evaluate if rec.case_id in gen_ids else checkpoint_evaluate)(m, rec)  # noqa: E731
+            final_note += f"; generation (GE, RS) on a seeded sample of {n_gen} (random.Random(0))"
         seq = run_sequential(
             model=model, method=method, records=records, out_dir=args.out, evaluate=checkpoint_evaluate or evaluate,
-            final_evaluate=evaluate, batch=seq_batch, checkpoint_every=args.checkpoint_every, hparams=hparams,
+            final_evaluate=final, batch=seq_batch, checkpoint_every=args.checkpoint_every, hparams=hparams,
             perplexity=ppl, sample=args.checkpoint_sample, edit_kwargs=kwargs, max_minutes=args.max_minutes,
             desc=desc,
         )
@@ -546,7 +560,7 @@ def _execute_runs(args, *, model, method, records, evaluate, desc, checkpoint_ev
         extra = {"checkpoints": seq["checkpoints"], "complete": seq["complete"], "meta": {
             "sequential": {"batch": seq_batch, "checkpoint_every": args.checkpoint_every,
                            "checkpoint_sample": args.checkpoint_sample, "checkpoints": len(seq["checkpoints"]),
-                           "complete": seq["complete"], "final_evaluation": "every edited record, after the last batch"}}}
+                           "complete": seq["complete"], "final_evaluation": final_note}}}
         last = seq["checkpoints"][-1] if seq["checkpoints"] else None
         if last and last.get("seconds"):  # the final evaluation's rows carry no per-record time: edits per
             # minute of the sequence's own time (editing, checkpoint scoring and, on resume, replay)
@@ -749,6 +763,9 @@ def add_common_args(parser) -> None:
                         "between; checkpoints in checkpoints.jsonl, collapse.html (benchmarks.sequential)")
     parser.add_argument("--checkpoint-every", type=int, default=None, metavar="M",
                         help="with --sequential: a checkpoint every M edits (default: every batch)")
+    parser.add_argument("--final-gen-sample", type=int, default=None, metavar="N",
+                        help="with --sequential: the final evaluation generates (GE, RS) for a seeded sample of N "
+                        "edited records only; ES/PS/NS cover all (default: generation for all)")
     parser.add_argument("--checkpoint-sample", type=int, default=CHECKPOINT_SAMPLE, metavar="S",
                         help="with --sequential: most edited records scored per checkpoint (a seeded sample)")
     add_ray_args(parser)  # --ray local|auto|ADDRESS, --workers N, --worker-threads T (per-record and --batch runs)

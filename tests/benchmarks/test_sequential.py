@@ -188,3 +188,46 @@ def test_cli_checkpoint_flags_need_sequential(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="only apply with --sequential"):
         counterfact.main(["--method", "rome", "--checkpoint-every", "5", "--n", "2", "--out", str(tmp_path / "x"),
                           "--data", str(FIXTURES / "counterfact_tiny.json")])
+
+
+def test_cli_sequential_final_generation_on_a_sample(tiny_model, tmp_path, monkeypatch):
+    # 500 edited records with generation cost hours on a CPU; --final-gen-sample N generates
+    # for a seeded N of them and still scores ES/PS/NS on all.
+    import tracer
+    from benchmarks import counterfact, runner
+
+    monkeypatch.setattr(tracer, "load_model", lambda *a, **k: tiny_model)
+    monkeypatch.setattr(runner, "edit_kwargs", lambda args: kw(tiny_model, tmp_path))
+    out = tmp_path / "seq"
+    s = counterfact.main(["--method", "rome", "--sequential", "--batch", "3", "--n", "3", "--out", str(out),
+                          "--data", str(FIXTURES / "counterfact_tiny.json"), "--gen-tokens", "2", "--ppl-tokens", "0",
+                          "--final-gen-sample", "1", "--hparam", "layer=1", "--hparam", "v_num_grad_steps=3",
+                          "--hparam", "kl_factor=0.0"])
+    rows = [json.loads(l) for l in (out / "records.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all("es" in r and "ns" in r for r in rows)
+    assert sum("ge" in r for r in rows) == 1 and s["columns"]["GE"]["n"] == 1
+    assert "seeded sample of 1" in s["sequential"]["final_evaluation"]
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["--final-gen-sample", "2"], "only apply with --sequential"),
+    (["--sequential", "--final-gen-sample", "0"], "must be an integer >= 1"),
+])
+def test_cli_final_gen_sample_bad_input_before_loading(extra, match, tmp_path, monkeypatch):
+    import tracer
+    from benchmarks import counterfact
+
+    monkeypatch.setattr(tracer, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
+    with pytest.raises(ValueError, match=match):
+        counterfact.main(["--method", "rome", "--n", "2", "--out", str(tmp_path / "x"),
+                          "--data", str(FIXTURES / "counterfact_tiny.json"), *extra])
+
+
+def test_zsre_refuses_final_gen_sample(tmp_path, monkeypatch):
+    import tracer
+    from benchmarks import zsre
+
+    monkeypatch.setattr(tracer, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
+    with pytest.raises(ValueError, match="no generation to sample"):
+        zsre.main(["--method", "rome", "--sequential", "--n", "2", "--out", str(tmp_path / "x"), "--final-gen-sample", "1",
+                   "--data", str(FIXTURES / "zsre_tiny.json")])
