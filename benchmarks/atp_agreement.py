@@ -89,8 +89,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--time-n", type=int, default=3, help="facts traced again by both methods for the timing (0: none)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--exact", default=None, metavar="DIR",
-                    help="reuse this exact trace_dataset folder (same window and samples; e.g. the whole known_1000 "
-                    "run) instead of tracing exactly into <out>/exact; its noise std is used for AtP too")
+                    help="reuse this exact trace_dataset folder (e.g. the whole known_1000 run) instead of tracing "
+                    "exactly into <out>/exact; its samples, window, seed and noise std are used for AtP too, and it "
+                    "must hold --n known facts (it is only read)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
 
@@ -104,22 +105,33 @@ def main(argv=None) -> dict:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
-    model = load_model(args.model)
     common = dict(n=args.n, samples=args.samples, window=args.window)
     folders = {"exact": Path(args.exact) if args.exact else out / "exact", "atp": out / "atp"}
-    if args.exact:  # the folder's own noise std, read back from its config (else trace_dataset refuses it)
-        common["noise"] = NoiseScale(value=json.loads((folders["exact"] / "config.json").read_text())["noise_std"])
+    if args.exact:  # the folder's own settings and noise std (else trace_dataset refuses it), and never traced into
+        cfg_path = folders["exact"] / "config.json"
+        if not cfg_path.is_file():
+            raise SystemExit(f"--exact {args.exact}: no config.json there; give a trace_dataset run folder")
+        cfg = json.loads(cfg_path.read_text())
+        if cfg.get("method", "exact") != "exact":
+            raise SystemExit(f"--exact {args.exact} is a {cfg['method']} run, not an exact one")
+        common.update(samples=cfg["samples"], window=cfg["window"], seed=cfg["seed"], noise=NoiseScale(value=cfg["noise_std"]),
+                      kinds=tuple(cfg["kinds"]), groups=tuple(cfg["groups"]))
+        args.samples, args.window = cfg["samples"], cfg["window"]
+        kept = sum(1 for r in read_jsonl(folders["exact"] / "traces.jsonl", key=lambda r: str(r["known_id"])).values() if r["correct"])
+        if kept < args.n:
+            raise SystemExit(f"--exact {args.exact} holds {kept} known facts, fewer than --n {args.n}")
+    model = load_model(args.model)
     results = {}
     for method in ("exact", "atp"):
         results[method] = trace_dataset(model, args.facts, out=folders[method], method=method, **common)
     exact = read_jsonl(folders["exact"] / "traces.jsonl", key=lambda r: str(r["known_id"]))
     atp = read_jsonl(folders["atp"] / "traces.jsonl", key=lambda r: str(r["known_id"]))
     ids = [str(i) for i in results["exact"].known_ids]
-    per_fact = {i: compare_fact(exact[i], atp[i]) for i in ids}
+    per_fact = {i: compare_fact(exact[i], atp[i], common.get("kinds", KINDS)) for i in ids}
     choice = {m: choose_from_result(r) for m, r in results.items()}
     summary = {
         "model": args.model, "facts": len(ids), "samples": args.samples, "window": args.window,
-        "kinds": summarize(per_fact),
+        "kinds": summarize(per_fact, common.get("kinds", KINDS)),
         "layer_choice": {m: {"layer": c.layer, "runner_up": c.runner_up, "curve": list(c.curve)} for m, c in choice.items()},
         "same_layer": choice["exact"].layer == choice["atp"].layer,
     }

@@ -287,6 +287,9 @@ def _run(args, argv, *, parser_module, load) -> dict:
 
     records = load(args.data, n=args.n, start=args.start)
     gen_tokens = 0 if args.no_generation else args.gen_tokens
+    if getattr(args, "final_gen_sample", None) is not None and gen_tokens <= 0:
+        raise ValueError(f"--final-gen-sample {args.final_gen_sample} samples the records to generate for, but this run "
+                         "generates nothing (--no-generation or --gen-tokens 0)")
     reference = build_reference(args) if gen_tokens > 0 else None
     run = runner.execute(args, records=records, desc=f"counterfact {args.method}",
                          evaluate=CounterFactEval(gen_tokens=gen_tokens, reference=reference),

@@ -488,6 +488,10 @@ def execute(
                          "after batch, so they cannot be split across workers; drop --ray (or --sequential)")
     if getattr(args, "ray", None) is None and getattr(args, "workers", None) is not None:
         raise ValueError(f"--workers {args.workers} needs --ray local|auto|ADDRESS")
+    for flag in ("corpus", "wikitext"):  # a bad path now, not as an error row for every record later
+        path = getattr(args, flag, None)
+        if path and not str(path).startswith("hf:") and not Path(path).is_file():
+            raise ValueError(f"--{flag} {path!r} is not a file")
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     loader = getattr(args, "model_loader", None)
@@ -550,7 +554,7 @@ def _execute_runs(args, *, model, method, records, evaluate, desc, checkpoint_ev
             model=model, method=method, records=records, out_dir=args.out, evaluate=checkpoint_evaluate or evaluate,
             final_evaluate=final, batch=seq_batch, checkpoint_every=args.checkpoint_every, hparams=hparams,
             perplexity=ppl, sample=args.checkpoint_sample, edit_kwargs=kwargs, max_minutes=args.max_minutes,
-            desc=desc,
+            desc=desc, final_gen_sample=n_gen,
         )
         rows = seq["records"]
         if seq["checkpoints"]:

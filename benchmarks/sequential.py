@@ -107,6 +107,7 @@ def run_sequential(
     batch: int = 1, checkpoint_every: int | None = None, hparams=None, perplexity: Callable[[Any], float] | None = None,
     final_evaluate: Callable[[Any, Any], dict] | None = None, sample: int = CHECKPOINT_SAMPLE, seed: int = 0,
     edit_kwargs: dict | None = None, max_minutes: float | None = None, desc: str = "batches",
+    final_gen_sample: int | None = None,
 ) -> dict:
     """Edit `records` batch after batch without restoring, with checkpoints; resumable.
 
@@ -131,6 +132,9 @@ def run_sequential(
         max_minutes: stop starting new batches, or final evaluations, after this many minutes
             (a later run resumes).
         desc: the progress bar's label.
+        final_gen_sample: recorded in the folder's manifest only (the caller's `final_evaluate`
+            generates for that many records), so a resumed run cannot mix two settings; a
+            folder written before this key reads as None (generation for all).
 
     Returns:
         `{"checkpoints": [...], "records": [...], "model_restored": bool, "complete": bool,
@@ -147,7 +151,7 @@ def run_sequential(
     name = getattr(method, "name", type(method).__name__)
     _check_manifest(out_dir, {"method": name, "hparams": None if hparams is None else repr(hparams), "batch": batch,
                               "checkpoint_every": checkpoint_every, "sample": sample, "seed": seed,
-                              "case_ids": [r.case_id for r in records]})
+                              "case_ids": [r.case_id for r in records], "final_gen_sample": final_gen_sample})
     deadline = None if max_minutes is None else time.monotonic() + 60 * max_minutes
     every = max(1, math.ceil((checkpoint_every or batch) / batch))  # in batches
     chunks = [list(records[i : i + batch]) for i in range(0, len(records), batch)]

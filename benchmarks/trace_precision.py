@@ -3,9 +3,9 @@
 Issue 15's bounds for a reduced-precision mode: max |Δscore| <= 0.02 against fp32 over 20 known
 facts (every kind, token and layer), and the same `choose_edit_layer` answer on 100 known facts.
 The fp32 side is an existing `trace_dataset` folder (`--reference`, e.g. the whole-known_1000
-run in docs/results/fig2-known1000), read back without tracing; the reduced-precision side is
-traced here with the reference's own settings and noise std (`NoiseScale`), so the two differ
-only in the dtype. Speed is `benchmarks/trace_speed.py --dtype`'s job.
+run in docs/results/fig2-known1000), read back and never written; the reduced-precision side
+traces the reference's first known facts with the reference's own settings and noise std
+(`NoiseScale`), so the two differ only in the dtype. Speed is `benchmarks/trace_speed.py --dtype`'s job.
 
 Run:
     python -m benchmarks.trace_precision --reference docs/results/fig2-known1000 \\
@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from tracer import load_model
-from tracer.dataset import trace_dataset
+from tracer.dataset import load_facts, trace_dataset
 from tracer.files import atomic_write_text
 from tracer.layer import choose_from_result
 from tracer.model import cast_model
@@ -44,9 +44,10 @@ def compare_scores(reference: dict, lines: dict, kinds) -> dict:
 
     Returns:
         `{kind: {"max_abs": float, "mean_abs": float, "argmax_moved": int, "n_facts": int}}`,
-        plus `"high_max_abs"` and `"low_max_abs"` over the same facts.
+        plus `"high_max_abs"` and `"low_max_abs"` over the same facts: those both sides
+        traced (a fact one precision gets wrong has no scores there).
     """
-    ids = [i for i, r in lines.items() if r["correct"] and i in reference]
+    ids = [i for i, r in lines.items() if r["correct"] and i in reference and reference[i]["correct"]]
     out = {}
     for k in kinds:
         diffs, moved = [], 0
@@ -80,21 +81,27 @@ def main(argv=None) -> dict:
     if cfg.get("dtype", "float32") != "float32" or cfg.get("method", "exact") != "exact":
         raise SystemExit(f"--reference {ref_dir} is not an exact fp32 run: {cfg}")
     reference = read_jsonl(ref_dir / "traces.jsonl", key=lambda r: str(r["known_id"]))
+    facts = load_facts(args.facts)
+    known = [f for f in facts if reference.get(str(f.known_id), {}).get("correct")]  # fp32's known facts, in file order
+    if len(known) < max(args.n, args.layer_n):  # never trace into the reference: it is only read
+        raise SystemExit(f"--reference {ref_dir} holds {len(known)} known facts; --n {args.n} and --layer-n "
+                         f"{args.layer_n} need at most that many")
     opts = dict(window=cfg["window"], samples=cfg["samples"], seed=cfg["seed"], noise=NoiseScale(value=cfg["noise_std"]))
     model = load_model(cfg["model"])
     # the fp32 choice on the first --layer-n known facts, read back from the reference (no tracing)
-    ref_layer = choose_from_result(trace_dataset(model, args.facts, kinds=tuple(cfg["kinds"]), groups=tuple(cfg["groups"]),
-                                                 n=args.layer_n, out=ref_dir, progress=False, **opts))
+    ref_layer = choose_from_result(trace_dataset(model, known[: args.layer_n], kinds=tuple(cfg["kinds"]), groups=tuple(cfg["groups"]),
+                                                 out=ref_dir, progress=False, **opts))
     cast_model(model, args.dtype)
     kinds = tuple(cfg["kinds"])
-    trace_dataset(model, args.facts, kinds=kinds, groups=tuple(cfg["groups"]), n=args.n, out=out / "scores", **opts)
-    low = trace_dataset(model, args.facts, kinds=("mlp",), groups=("last_subject",), n=args.layer_n, out=out / "layer", **opts)
+    # the same facts in the reduced dtype (one it gets wrong is dropped there, and counted)
+    trace_dataset(model, known[: args.n], kinds=kinds, groups=tuple(cfg["groups"]), out=out / "scores", **opts)
+    low = trace_dataset(model, known[: args.layer_n], kinds=("mlp",), groups=("last_subject",), out=out / "layer", **opts)
     low_layer = choose_from_result(low)
 
     report = {
         "dtype": args.dtype, "reference": str(ref_dir), "noise_std": cfg["noise_std"],
         "scores": compare_scores(reference, read_jsonl(out / "scores" / "traces.jsonl", key=lambda r: str(r["known_id"])), kinds),
-        "layer": {"n_facts": low.n_facts, "fp32": ref_layer.layer, args.dtype: low_layer.layer, "same": ref_layer.layer == low_layer.layer,
+        "layer": {"n_facts": low.n_facts, "n_facts_fp32": ref_layer.n_facts, "fp32": ref_layer.layer, args.dtype: low_layer.layer, "same": ref_layer.layer == low_layer.layer,
                   "fp32_curve": ref_layer.curve, f"{args.dtype}_curve": low_layer.curve},
     }
     atomic_write_text(out / "precision.json", json.dumps(report, indent=1))
@@ -102,6 +109,9 @@ def main(argv=None) -> dict:
         s = report["scores"][k]
         print(f"{k:5s}: max |Δscore| {s['max_abs']:.4f}, mean {s['mean_abs']:.5f}, argmax cell moved in {s['argmax_moved']} of {s['n_facts']} facts")
     print(f"high max |Δ| {report['scores']['high_max_abs']:.4f}, low max |Δ| {report['scores']['low_max_abs']:.4f}")
+    if report["scores"][kinds[0]]["n_facts"] < args.n or low.n_facts < args.layer_n:
+        print(f"note: {args.dtype} got some of fp32's known facts wrong; compared {report['scores'][kinds[0]]['n_facts']} "
+              f"of {args.n} and chose the layer on {low.n_facts} of {args.layer_n}")
     print(f"edit layer on {low.n_facts} facts: fp32 {ref_layer.layer} (margin {ref_layer.margin:.4f}), "
           f"{args.dtype} {low_layer.layer} (margin {low_layer.margin:.4f}): {'same' if report['layer']['same'] else 'DIFFERENT'}")
     return report

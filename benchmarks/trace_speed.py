@@ -172,12 +172,18 @@ def main(argv=None) -> int:
 
     out = {"model": args.model, "tokens": T, "layers": n, "samples": S, "dtype": args.dtype, "kinds": {}}
     fp32 = {}
+    def warm_up():  # untimed: first-call allocations and kernel choices, so neither dtype is timed cold
+        runs_w = prepare_runs(model, args.prompt, args.subject, samples=S, noise=NoiseScale(value=noise_std), seed=args.seed)
+        restore_scores(model, runs_w, kind=kinds[0], window=args.window, batch_size=args.batch_size)
+
     if args.dtype != "float32":  # the same trace_prompt work in fp32 first: the speedup and |Δscore| it buys
+        warm_up()
         t0 = time.perf_counter()
         runs32 = prepare_runs(model, args.prompt, args.subject, samples=S, noise=NoiseScale(value=noise_std), seed=args.seed)
         fp32 = {kind: restore_scores(model, runs32, kind=kind, window=args.window, batch_size=args.batch_size) for kind in kinds}
         out["fp32_fast_s"] = time.perf_counter() - t0
         cast_model(model, args.dtype)
+        warm_up()
     t0 = time.perf_counter()
     runs = prepare_runs(model, args.prompt, args.subject, samples=S, noise=NoiseScale(value=noise_std), seed=args.seed)
     t_prep = time.perf_counter() - t0
@@ -230,7 +236,9 @@ def main(argv=None) -> int:
     tol = 1e-4 if args.dtype == "float32" else 0.02  # a reduced dtype rounds differently in other batch shapes
     ok = all(out["kinds"][k]["max_abs_diff"] <= tol for k in kinds)
     print(f"scores agree within {tol:g}: {ok}")
-    if fp32:
+    if fp32 and runs32.target_id != runs.target_id:
+        print(f"{args.dtype} scores another target than fp32 (token {runs.target_id} vs {runs32.target_id}): no |Δscore|")
+    elif fp32:
         d32 = max(float((fp32[k] - fast[k].float()).abs().max()) for k in kinds)
         same = all(int(fp32[k].argmax()) == int(fast[k].float().argmax()) for k in kinds)
         print(f"{args.dtype} against fp32 (trace_prompt both): {out['fp32_fast_s'] / t_fast:.2f}x faster ({out['fp32_fast_s']:.2f} s -> {t_fast:.2f} s), "

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from tracer.hooks import KINDS
-from tracer.model import add_model_args
+from tracer.model import DTYPES, add_model_args
 from tracer.workers import add_ray_args
 
 
@@ -24,7 +24,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m tracer", description="Causal tracing (Meng et al. 2022) on TransformerLens models.")
     add_model_args(p)
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
                    help="trace in this precision: the model loads in fp32, then is cast (docs/tracing.md; "
                    "bfloat16 is the measured reduced-precision mode)")
     one = p.add_argument_group("single prompt")

@@ -28,3 +28,16 @@ def test_atp_agreement_reuses_an_exact_folder_without_tracing_it_again(tiny_mode
     assert summary["facts"] == 2 and set(summary["layer_choice"]) == {"exact", "atp"}
     atp_cfg = json.loads((tmp_path / "agree" / "atp" / "config.json").read_text())
     assert atp_cfg["noise_std"] == 2.5 and atp_cfg["method"] == "atp"  # AtP ran at the exact folder's noise
+
+
+def test_atp_agreement_refuses_an_exact_folder_it_would_have_to_extend(tiny_model, tmp_path, monkeypatch):
+    import pytest
+
+    facts = tmp_path / "known.json"
+    facts.write_text(json.dumps(FACTS))
+    monkeypatch.setattr(tracer, "load_model", lambda name: pytest.fail("loaded a model"))
+    with pytest.raises(SystemExit, match="no config.json"):
+        atp_agreement.main(["--facts", str(facts), "--n", "2", "--exact", str(tmp_path / "nothing"), "--out", str(tmp_path / "a")])
+    trace_dataset(tiny_model, str(facts), samples=2, window=2, n=1, noise=NoiseScale(value=2.5), out=tmp_path / "one", progress=False)
+    with pytest.raises(SystemExit, match="fewer than --n 2"):
+        atp_agreement.main(["--facts", str(facts), "--n", "2", "--exact", str(tmp_path / "one"), "--out", str(tmp_path / "a")])

@@ -308,3 +308,17 @@ def test_missing_corpus_error_names_the_options(tiny_model, tmp_path):
 
     with pytest.raises(ValueError, match=r"--corpus.*ROMELENS_DATA"):
         layer_stats(tiny_model, [0], corpus=str(tmp_path / "absent.txt"), n_tokens=1000, cache_dir=None)
+
+
+@pytest.mark.parametrize("flag", ["--corpus", "--wikitext"])
+def test_a_missing_text_file_is_refused_before_loading(flag, tmp_path, monkeypatch):
+    # Found first at the first edit, it became an error row for every record, and the rerun
+    # then skipped them all as done.
+    import tracer
+    from benchmarks import counterfact
+
+    monkeypatch.setattr(tracer, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
+    with pytest.raises((ValueError, FileNotFoundError), match="typo.txt"):  # RS's TF-IDF reads --wikitext first
+        counterfact.main(["--method", "rome", "--n", "2", "--out", str(tmp_path / "x"), flag, str(tmp_path / "typo.txt"),
+                          "--data", str(FIXTURES / "counterfact_tiny.json")])
+    assert not (tmp_path / "x").exists()

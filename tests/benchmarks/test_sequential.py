@@ -231,3 +231,22 @@ def test_zsre_refuses_final_gen_sample(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="no generation to sample"):
         zsre.main(["--method", "rome", "--sequential", "--n", "2", "--out", str(tmp_path / "x"), "--final-gen-sample", "1",
                    "--data", str(FIXTURES / "zsre_tiny.json")])
+
+
+def test_final_gen_sample_without_generation_is_refused(tmp_path, monkeypatch):
+    import tracer
+    from benchmarks import counterfact
+
+    monkeypatch.setattr(tracer, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
+    with pytest.raises(ValueError, match="generates nothing"):
+        counterfact.main(["--method", "rome", "--sequential", "--n", "2", "--out", str(tmp_path / "x"), "--no-generation",
+                          "--final-gen-sample", "1", "--data", str(FIXTURES / "counterfact_tiny.json")])
+
+
+def test_a_resumed_run_keeps_its_final_gen_sample(tiny_model, records, tmp_path):
+    # the folder's manifest records N, so a rerun with another N cannot mix generated rows
+    opts = dict(model=tiny_model, method=METHODS["rome"], records=records[:2], out_dir=tmp_path / "s", evaluate=evaluate,
+                hparams=ROME_HP, edit_kwargs=kw(tiny_model, tmp_path), batch=2)
+    run_sequential(**opts, final_gen_sample=1)
+    with pytest.raises(ValueError, match="final_gen_sample"):
+        run_sequential(**opts, final_gen_sample=2)

@@ -55,3 +55,21 @@ def test_trace_precision_refuses_a_reduced_precision_reference(reference, tmp_pa
     (ref / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(SystemExit, match="not an exact fp32 run"):
         trace_precision.main(["--reference", str(ref), "--facts", str(facts), "--out", str(tmp_path / "x")])
+
+
+def test_trace_precision_never_traces_into_the_reference(reference, tmp_path):
+    facts, ref = reference
+    before = (ref / "traces.jsonl").read_text()
+    with pytest.raises(SystemExit, match="known facts"):
+        trace_precision.main(["--reference", str(ref), "--facts", str(facts), "--out", str(tmp_path / "x"), "--n", "20"])
+    assert (ref / "traces.jsonl").read_text() == before
+
+
+def test_compare_scores_skips_a_fact_one_side_got_wrong(reference):
+    from tracer.resume import read_jsonl
+
+    _, ref = reference
+    lines = read_jsonl(ref / "traces.jsonl", key=lambda r: str(r["known_id"]))
+    wrong = {i: ({"known_id": r["known_id"], "correct": False} if i == "0" else r) for i, r in lines.items()}
+    out = trace_precision.compare_scores(wrong, lines, ("mlp",))  # fp32 wrong, bf16 right: no KeyError
+    assert out["mlp"]["n_facts"] == sum(r["correct"] for r in lines.values()) - 1

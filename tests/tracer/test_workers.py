@@ -291,3 +291,18 @@ def test_layer_stats_on_workers_match_the_single_process_file(pool, model, tmp_p
             assert torch.allclose(fa.get_tensor("mom2"), fb.get_tensor("mom2"), rtol=1e-6, atol=1e-6 * float(one[l].abs().max()))
         assert torch.allclose(one[l], many[l], rtol=1e-6, atol=1e-6 * float(one[l].abs().max()))
         assert not torch.equal(one[l], torch.zeros_like(one[l]))
+
+
+def test_check_model_refuses_a_driver_in_another_dtype(tiny_model):
+    # No Ray needed: check_model reads only the workers' reported info.
+    import copy
+
+    from tracer.model import cast_model, model_name, weights_hash
+    from tracer.workers import WorkerPool
+
+    pool = WorkerPool.__new__(WorkerPool)
+    pool.info = [{"model_name": model_name(tiny_model), "n_layers": tiny_model.cfg.n_layers, "dtype": "torch.float32",
+                  "weights_hash": weights_hash(tiny_model)}]
+    pool.check_model(tiny_model)  # the same model: accepted
+    with pytest.raises(ValueError, match="bfloat16"):
+        pool.check_model(cast_model(copy.deepcopy(tiny_model), "bfloat16"))
