@@ -96,10 +96,9 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
 
     from tracer import load_model  # noqa: PLC0415
-    from tracer.dataset import load_facts, trace_dataset  # noqa: PLC0415
+    from tracer.dataset import load_facts, read_run, run_options, trace_dataset  # noqa: PLC0415
     from tracer.layer import choose_from_result  # noqa: PLC0415
     from tracer.noise import NoiseScale  # noqa: PLC0415
-    from tracer.resume import read_jsonl  # noqa: PLC0415
     from tracer.trace import trace_all  # noqa: PLC0415
 
     if args.threads > 0:
@@ -108,24 +107,23 @@ def main(argv=None) -> dict:
     common = dict(n=args.n, samples=args.samples, window=args.window)
     folders = {"exact": Path(args.exact) if args.exact else out / "exact", "atp": out / "atp"}
     if args.exact:  # the folder's own settings and noise std (else trace_dataset refuses it), and never traced into
-        cfg_path = folders["exact"] / "config.json"
-        if not cfg_path.is_file():
-            raise SystemExit(f"--exact {args.exact}: no config.json there; give a trace_dataset run folder")
-        cfg = json.loads(cfg_path.read_text())
+        try:
+            cfg, lines = read_run(folders["exact"])
+        except ValueError as err:
+            raise SystemExit(f"--exact {args.exact}: {err}") from err
         if cfg.get("method", "exact") != "exact":
             raise SystemExit(f"--exact {args.exact} is a {cfg['method']} run, not an exact one")
-        common.update(samples=cfg["samples"], window=cfg["window"], seed=cfg["seed"], noise=NoiseScale(value=cfg["noise_std"]),
-                      kinds=tuple(cfg["kinds"]), groups=tuple(cfg["groups"]))
+        common.update(run_options(cfg))
+        del common["method"]  # each trace below names its own
         args.samples, args.window = cfg["samples"], cfg["window"]
-        kept = sum(1 for r in read_jsonl(folders["exact"] / "traces.jsonl", key=lambda r: str(r["known_id"])).values() if r["correct"])
+        kept = sum(1 for r in lines.values() if r["correct"])
         if kept < args.n:
             raise SystemExit(f"--exact {args.exact} holds {kept} known facts, fewer than --n {args.n}")
     model = load_model(args.model)
     results = {}
     for method in ("exact", "atp"):
         results[method] = trace_dataset(model, args.facts, out=folders[method], method=method, **common)
-    exact = read_jsonl(folders["exact"] / "traces.jsonl", key=lambda r: str(r["known_id"]))
-    atp = read_jsonl(folders["atp"] / "traces.jsonl", key=lambda r: str(r["known_id"]))
+    exact, atp = (read_run(folders[m])[1] for m in ("exact", "atp"))
     ids = [str(i) for i in results["exact"].known_ids]
     per_fact = {i: compare_fact(exact[i], atp[i], common.get("kinds", KINDS)) for i in ids}
     choice = {m: choose_from_result(r) for m, r in results.items()}

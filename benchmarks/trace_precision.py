@@ -26,12 +26,10 @@ from pathlib import Path
 import torch
 
 from tracer import load_model
-from tracer.dataset import load_facts, trace_dataset
+from tracer.dataset import load_facts, read_run, run_options, trace_dataset
 from tracer.files import atomic_write_text
 from tracer.layer import choose_from_result
 from tracer.model import cast_model
-from tracer.noise import NoiseScale
-from tracer.resume import read_jsonl
 
 
 def compare_scores(reference: dict, lines: dict, kinds) -> dict:
@@ -77,30 +75,31 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
 
     ref_dir, out = Path(args.reference), Path(args.out)
-    cfg = json.loads((ref_dir / "config.json").read_text())
+    try:
+        cfg, reference = read_run(ref_dir)
+    except ValueError as err:
+        raise SystemExit(f"--reference: {err}") from err
     if cfg.get("dtype", "float32") != "float32" or cfg.get("method", "exact") != "exact":
         raise SystemExit(f"--reference {ref_dir} is not an exact fp32 run: {cfg}")
-    reference = read_jsonl(ref_dir / "traces.jsonl", key=lambda r: str(r["known_id"]))
     facts = load_facts(args.facts)
     known = [f for f in facts if reference.get(str(f.known_id), {}).get("correct")]  # fp32's known facts, in file order
     if len(known) < max(args.n, args.layer_n):  # never trace into the reference: it is only read
         raise SystemExit(f"--reference {ref_dir} holds {len(known)} known facts; --n {args.n} and --layer-n "
                          f"{args.layer_n} need at most that many")
-    opts = dict(window=cfg["window"], samples=cfg["samples"], seed=cfg["seed"], noise=NoiseScale(value=cfg["noise_std"]))
+    opts = run_options(cfg)
     model = load_model(cfg["model"])
     # the fp32 choice on the first --layer-n known facts, read back from the reference (no tracing)
-    ref_layer = choose_from_result(trace_dataset(model, known[: args.layer_n], kinds=tuple(cfg["kinds"]), groups=tuple(cfg["groups"]),
-                                                 out=ref_dir, progress=False, **opts))
+    ref_layer = choose_from_result(trace_dataset(model, known[: args.layer_n], out=ref_dir, progress=False, **opts))
     cast_model(model, args.dtype)
-    kinds = tuple(cfg["kinds"])
+    kinds = opts["kinds"]
     # the same facts in the reduced dtype (one it gets wrong is dropped there, and counted)
-    trace_dataset(model, known[: args.n], kinds=kinds, groups=tuple(cfg["groups"]), out=out / "scores", **opts)
-    low = trace_dataset(model, known[: args.layer_n], kinds=("mlp",), groups=("last_subject",), out=out / "layer", **opts)
+    trace_dataset(model, known[: args.n], out=out / "scores", **opts)
+    low = trace_dataset(model, known[: args.layer_n], out=out / "layer", **opts | {"kinds": ("mlp",), "groups": ("last_subject",)})
     low_layer = choose_from_result(low)
 
     report = {
         "dtype": args.dtype, "reference": str(ref_dir), "noise_std": cfg["noise_std"],
-        "scores": compare_scores(reference, read_jsonl(out / "scores" / "traces.jsonl", key=lambda r: str(r["known_id"])), kinds),
+        "scores": compare_scores(reference, read_run(out / "scores")[1], kinds),
         "layer": {"n_facts": low.n_facts, "n_facts_fp32": ref_layer.n_facts, "fp32": ref_layer.layer, args.dtype: low_layer.layer, "same": ref_layer.layer == low_layer.layer,
                   "fp32_curve": ref_layer.curve, f"{args.dtype}_curve": low_layer.curve},
     }

@@ -464,13 +464,47 @@ def _tensor(rows) -> torch.Tensor:
     return torch.tensor([[float("nan") if x is None else x for x in row] for row in rows], dtype=torch.float32)
 
 
-def _read_records(path: Path) -> dict:
+def _read_records(path: Path, *, repair: bool = True) -> dict:
     """The facts already in `traces.jsonl`, keyed by `str(known_id)`, under `tracer.resume`'s rule.
 
-    A torn last line (a killed write) is dropped and cut from the file, so its fact is redone;
-    a corrupt line with rows after it raises `ValueError`.
+    With `repair`, a torn last line (a killed write) is dropped and cut from the file, so its
+    fact is redone; without it the file is only read. A corrupt line with rows after it raises
+    `ValueError`.
     """
-    return read_jsonl(path, key=lambda r: str(r["known_id"]), repair=True)
+    return read_jsonl(path, key=lambda r: str(r["known_id"]), repair=repair)
+
+
+def read_run(folder: str | os.PathLike) -> tuple[dict, dict]:
+    """A `trace_dataset` run folder, read and never written: its config and its facts.
+
+    Args:
+        folder: a folder `trace_dataset(out=...)` wrote.
+
+    Returns:
+        `(config, records)`: the `config.json` dict, and the `traces.jsonl` lines keyed by
+        `str(known_id)` (dropped facts included, with `"correct": False`).
+
+    Raises:
+        ValueError: `folder` has no `config.json`, or `traces.jsonl` has an unreadable line
+            (`tracer.resume.read_jsonl`).
+    """
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"no config.json in {str(folder)!r}: not a trace_dataset run folder")
+    return json.loads((folder / "config.json").read_text()), _read_records(folder / "traces.jsonl", repair=False)
+
+
+def run_options(config: dict) -> dict:
+    """The `trace_dataset` keyword arguments of the run `config` describes (see `read_run`).
+
+    Its kinds, groups, window, samples, seed, method, and its measured noise std as a
+    `NoiseScale`, so that a call with them and the same model resumes (or reads back) that
+    folder instead of refusing it as a run with other settings, and a call into another
+    folder traces under exactly the same settings.
+    """
+    return {"kinds": tuple(config["kinds"]), "groups": tuple(config["groups"]), "window": config["window"],
+            "samples": config["samples"], "seed": config["seed"], "method": config.get("method", "exact"),
+            "noise": NoiseScale(value=config["noise_std"])}
 
 
 def trace_fact(
@@ -627,7 +661,7 @@ def trace_dataset(
         if cfg_path.exists():
             old = json.loads(cfg_path.read_text())
             old.setdefault("method", "exact")  # folders written before attribution patching
-            if {k: old.get(k) for k in config.keys() | old.keys() if k != "noise_std"} != {k: config.get(k) for k in config.keys() | old.keys() if k != "noise_std"} or not math.isclose(old.get("noise_std", -1), noise_std, rel_tol=1e-6):
+            if {k: v for k, v in old.items() if k != "noise_std"} != {k: v for k, v in config.items() if k != "noise_std"} or not math.isclose(old.get("noise_std", -1), noise_std, rel_tol=1e-6):
                 raise ValueError(f"out {str(out)!r} holds a run with other settings {old}; expected {config}. Use a fresh folder.")
         else:
             atomic_write_text(cfg_path, json.dumps(config, indent=1))
