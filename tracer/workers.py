@@ -57,13 +57,21 @@ def _ray():
     return ray
 
 
+def model_identity(model) -> dict:
+    """What a worker reports of its model and `WorkerPool.check_model` compares with the driver's:
+    `{"model_name", "n_layers", "dtype"}` (the weights themselves are compared by hash, loosely)."""
+    from tracer.model import model_dtype, model_name  # noqa: PLC0415
+
+    return {"model_name": model_name(model), "n_layers": int(model.cfg.n_layers), "dtype": str(model_dtype(model))}
+
+
 class _Worker:
     """The actor body: one model, loaded once, serving `run(fn, task)` calls."""
 
     def __init__(self, spec: str, loader, device: str | None, threads: int):
         import torch  # noqa: PLC0415
 
-        from tracer.model import load_any, model_dtype, model_name, weights_hash  # noqa: PLC0415
+        from tracer.model import load_any, weights_hash  # noqa: PLC0415
 
         if threads > 0:
             torch.set_num_threads(threads)
@@ -77,9 +85,7 @@ class _Worker:
             "host": socket.gethostname(),
             "device": device,
             "threads": torch.get_num_threads(),
-            "model_name": model_name(self.model),
-            "n_layers": int(self.model.cfg.n_layers),
-            "dtype": str(model_dtype(self.model)),
+            **model_identity(self.model),
             "weights_hash": weights_hash(self.model),
         }
 
@@ -242,9 +248,9 @@ class WorkerPool:
         Raises:
             ValueError: the workers hold a model with another name, number of layers or dtype.
         """
-        from tracer.model import model_dtype, model_name, weights_hash  # noqa: PLC0415
+        from tracer.model import weights_hash  # noqa: PLC0415
 
-        mine = {"model_name": model_name(model), "n_layers": int(model.cfg.n_layers), "dtype": str(model_dtype(model))}
+        mine = model_identity(model)
         theirs = {k: self.info[0].get(k) for k in mine}
         if mine != theirs:
             raise ValueError(f"workers hold model {theirs}, but the driver's model is {mine}; give the pool the same model")
