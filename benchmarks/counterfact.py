@@ -285,7 +285,7 @@ def _run(args, argv, *, parser_module, load) -> dict:
     from benchmarks import runner  # noqa: PLC0415
     from tracer import TL_API  # noqa: PLC0415
 
-    records = load(args.data, n=args.n, start=args.start)
+    records = runner.select_case_ids(load(args.data, n=args.n, start=args.start), args.case_ids)
     gen_tokens = 0 if args.no_generation else args.gen_tokens
     if getattr(args, "final_gen_sample", None) is not None and gen_tokens <= 0:
         raise ValueError(f"--final-gen-sample {args.final_gen_sample} samples the records to generate for, but this run "

@@ -418,7 +418,7 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
-    records = load_mquake(args.data, n=args.n, start=args.start)
+    records = runner.select_case_ids(load_mquake(args.data, n=args.n, start=args.start), args.case_ids)
     check_args(args, len(records))
     run = execute(args, records)
     rows = run["rows"]

@@ -550,6 +550,8 @@ def _execute_runs(args, *, model, method, records, evaluate, desc, checkpoint_ev
             gen_ids = {r.case_id for r in random.Random(0).sample(list(records), n_gen)}
             final = lambda m, rec: (evaluate if rec.case_id in gen_ids else checkpoint_evaluate)(m, rec)  # noqa: E731
             final_note += f"; generation (GE, RS) on a seeded sample of {n_gen} (random.Random(0))"
+        else:
+            gen_ids = None
         seq = run_sequential(
             model=model, method=method, records=records, out_dir=args.out, evaluate=checkpoint_evaluate or evaluate,
             final_evaluate=final, batch=seq_batch, checkpoint_every=args.checkpoint_every, hparams=hparams,
@@ -564,7 +566,8 @@ def _execute_runs(args, *, model, method, records, evaluate, desc, checkpoint_ev
         extra = {"checkpoints": seq["checkpoints"], "complete": seq["complete"], "meta": {
             "sequential": {"batch": seq_batch, "checkpoint_every": args.checkpoint_every,
                            "checkpoint_sample": args.checkpoint_sample, "checkpoints": len(seq["checkpoints"]),
-                           "complete": seq["complete"], "final_evaluation": final_note}}}
+                           "complete": seq["complete"], "final_evaluation": final_note,
+                           "final_gen_case_ids": sorted(gen_ids) if gen_ids is not None else None}}}
         last = seq["checkpoints"][-1] if seq["checkpoints"] else None
         if last and last.get("seconds"):  # the final evaluation's rows carry no per-record time: edits per
             # minute of the sequence's own time (editing, checkpoint scoring and, on resume, replay)
@@ -744,6 +747,9 @@ def add_common_args(parser) -> None:
     parser.add_argument("--method", default="none", help="none, or a name in editor.METHODS (rome, memit, ft-l)")
     parser.add_argument("--n", type=int, default=100, help="number of records (from --start)")
     parser.add_argument("--start", type=int, default=0, help="index of the first record")
+    parser.add_argument("--case-ids", default=None, metavar="IDS",
+                        help="keep only these case_ids of the --start/--n slice: comma-separated, or @FILE "
+                        "(ids separated by commas or whitespace), e.g. a sequential run's final_gen_case_ids")
     parser.add_argument("--out", required=True, help="run directory (resumed if it exists)")
     parser.add_argument("--data", default=None, help="records JSON (default: $ROMELENS_DATA or ../shared/data)")
     parser.add_argument("--batch", type=int, default=None, help="apply K edits at once (MEMIT); default one at a time")
@@ -773,6 +779,44 @@ def add_common_args(parser) -> None:
     parser.add_argument("--checkpoint-sample", type=int, default=CHECKPOINT_SAMPLE, metavar="S",
                         help="with --sequential: most edited records scored per checkpoint (a seeded sample)")
     add_ray_args(parser)  # --ray local|auto|ADDRESS, --workers N, --worker-threads T (per-record and --batch runs)
+
+
+def select_case_ids(records: Sequence[Any], spec: str | None) -> list[Any]:
+    """The records of `records` whose `case_id` is listed in `spec` (`--case-ids`), in file order.
+
+    Args:
+        records: loaded records (each with a `case_id`), already sliced by `--start`/`--n`.
+        spec: None (keep all), comma-separated ids such as `"3,17,40"`, or `"@FILE"` for a
+            file of ids separated by commas or whitespace.
+
+    Returns:
+        The kept records, in the order of `records`.
+
+    Raises:
+        ValueError: an id that is not an integer, an empty list, or ids absent from the
+            slice (named, so a run never scores fewer records than asked without saying so).
+        FileNotFoundError: `@FILE` does not exist.
+
+    Example:
+        >>> [r.case_id for r in select_case_ids(load_counterfact(n=10), "7,2")]
+        [2, 7]
+    """
+    if spec is None:
+        return list(records)
+    text = Path(spec[1:]).read_text() if spec.startswith("@") else spec
+    tokens = [t for t in text.replace(",", " ").split() if t]
+    try:
+        wanted = {int(t) for t in tokens}
+    except ValueError:
+        raise ValueError(f"--case-ids {spec!r}: every id must be an integer") from None
+    if not wanted:
+        raise ValueError(f"--case-ids {spec!r} lists no case_id")
+    have = {r.case_id for r in records}
+    missing = sorted(wanted - have)
+    if missing:
+        raise ValueError(f"--case-ids: {len(missing)} id(s) not in the --start/--n slice of {len(records)} records: "
+                         f"{missing[:10]}{' ...' if len(missing) > 10 else ''}")
+    return [r for r in records if r.case_id in wanted]
 
 
 def parse_overrides(items: Sequence[str], *, what: str = "--hparam") -> dict[str, Any]:

@@ -110,7 +110,7 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
-    records = load_zsre(args.data, n=args.n, start=args.start)
+    records = runner.select_case_ids(load_zsre(args.data, n=args.n, start=args.start), args.case_ids)
     run = runner.execute(args, records=records, evaluate=evaluate_zsre, desc=f"zsre {args.method}")
     rows, restored, ppl_before = run["rows"], run["restored"], run["ppl_before"]
     meta = {

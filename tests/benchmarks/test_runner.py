@@ -322,3 +322,42 @@ def test_a_missing_text_file_is_refused_before_loading(flag, tmp_path, monkeypat
         counterfact.main(["--method", "rome", "--n", "2", "--out", str(tmp_path / "x"), flag, str(tmp_path / "typo.txt"),
                           "--data", str(FIXTURES / "counterfact_tiny.json")])
     assert not (tmp_path / "x").exists()
+
+
+def test_select_case_ids_keeps_file_order_and_reads_files(records, tmp_path):
+    ids = [r.case_id for r in records]
+    assert [r.case_id for r in runner.select_case_ids(records, f"{ids[2]},{ids[0]}")] == [ids[0], ids[2]]
+    (tmp_path / "ids.txt").write_text(f"{ids[1]}\n{ids[2]}\n")
+    assert [r.case_id for r in runner.select_case_ids(records, f"@{tmp_path / 'ids.txt'}")] == ids[1:3]
+    assert runner.select_case_ids(records, None) == records
+
+
+@pytest.mark.parametrize("spec, match", [("1,x", "must be an integer"), (" , ", "lists no case_id"),
+                                         ("999999", r"not in the --start/--n slice.*999999")])
+def test_select_case_ids_bad_input(records, spec, match):
+    with pytest.raises(ValueError, match=match):
+        runner.select_case_ids(records, spec)
+
+
+def test_cli_case_ids_scores_exactly_those_records(tiny_model, tmp_path, monkeypatch):
+    # the unedited model scored on a sequential run's generation sample (final_gen_case_ids)
+    import tracer
+    from benchmarks import counterfact
+
+    monkeypatch.setattr(tracer, "load_model", lambda *a, **k: tiny_model)
+    out = tmp_path / "none"
+    s = counterfact.main(["--method", "none", "--n", "3", "--out", str(out), "--case-ids", "103,101",
+                          "--data", str(FIXTURES / "counterfact_tiny.json"), "--gen-tokens", "2", "--ppl-tokens", "0"])
+    rows = [json.loads(l) for l in (out / "records.jsonl").read_text().splitlines()]
+    assert sorted(r["case_id"] for r in rows) == [101, 103] and s["records_requested"] == 2
+
+
+def test_cli_unknown_case_id_is_refused_before_loading(tmp_path, monkeypatch):
+    import tracer
+    from benchmarks import zsre
+
+    monkeypatch.setattr(tracer, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
+    with pytest.raises(ValueError, match="not in the --start/--n slice"):
+        zsre.main(["--n", "2", "--out", str(tmp_path / "x"), "--case-ids", "424242",
+                   "--data", str(FIXTURES / "zsre_tiny.json")])
+    assert not (tmp_path / "x").exists()

@@ -207,6 +207,8 @@ def test_cli_sequential_final_generation_on_a_sample(tiny_model, tmp_path, monke
     assert len(rows) == 3 and all("es" in r and "ns" in r for r in rows)
     assert sum("ge" in r for r in rows) == 1 and s["columns"]["GE"]["n"] == 1
     assert "seeded sample of 1" in s["sequential"]["final_evaluation"]
+    # the sample is named, so the unedited model can be scored on the same records (--case-ids)
+    assert s["sequential"]["final_gen_case_ids"] == [r["case_id"] for r in rows if "ge" in r]
 
 
 @pytest.mark.parametrize("extra, match", [
