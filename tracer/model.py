@@ -52,6 +52,8 @@ import json
 import logging
 import os
 import tempfile
+import weakref
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -767,13 +769,35 @@ def run_until(model, tokens: Tensor, name: str, **kwargs) -> Tensor:
     try:
         from tracer.hooks import resolve_hook  # noqa: PLC0415  (tracer.hooks imports get_act_name from here)
 
-        with model.hooks(fwd_hooks=[(resolve_hook(model, name), grab)]):
-            model(tokens, **kwargs)
+        with model.hooks(fwd_hooks=[(resolve_hook(model, name), grab)]), _bridge_pass(model, kwargs) as kw:
+            model(tokens, **kw)
     except _Stop:
         pass
     if "act" not in seen:
         raise ValueError(f"hook point {name!r} did not run in the forward pass")
     return seen["act"]
+
+
+@contextlib.contextmanager
+def _bridge_pass(model, kwargs: dict) -> Iterator[dict]:
+    """The forward kwargs for `model` (a bridge's `past_kv_cache=` translated), with the
+    blocks before `start_at_layer` skipped where `_bridge_checks` found that exact.
+
+    The check itself runs in `prefix_kv_cache`, never here: this runs inside `run_until`'s
+    hooks, which would end the check's own passes early. Until a model has been checked,
+    its bridge runs every block (what `start_at_layer` does on its own)."""
+    if not _is_bridge(model):
+        yield kwargs
+        return
+    kw = _bridge_forward_kwargs(model, kwargs)
+    start = kw.get("start_at_layer")
+    if start is not None and start < 0:
+        start += model.cfg.n_layers
+    if start is None or start <= 0 or not _FAST.get(model, (False, False))[0]:  # checked by prefix_kv_cache
+        yield kw
+        return
+    with _skipping(model, start):
+        yield kw
 
 
 def final_resid(model, tokens: Int[Tensor, "batch pos"], **kwargs) -> Float[Tensor, "batch pos d_model"]:
@@ -859,20 +883,156 @@ def mlp_post_norm(model, layer: int) -> Callable[[Tensor], Tensor] | None:
     return norm
 
 
-def prefix_kv_cache(model, batch: int):
-    """An empty key/value cache to record a run's keys and values in, or None.
-
-    Pass it to a forward pass as `past_kv_cache=`; afterwards it holds every layer's keys
-    and values for that run. `resume_with_prefix` then reruns only a suffix of the positions
-    on top of a slice of it. Only `HookedTransformer` (3.x) supports a key/value cache
-    together with `start_at_layer`; on a 4.x bridge (or a model of another class) this
-    returns None and callers run every position instead.
-    """
+def _hooked_kv_cache(model, batch: int):
+    """A TransformerLens 3.x key/value cache for `batch` rows, or None for any other class."""
     if _Hooked is None or not isinstance(model, _Hooked):
         return None
     from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache  # noqa: PLC0415
 
     return TransformerLensKeyValueCache.init_cache(model.cfg, model_device(model), batch)
+
+
+@dataclass(frozen=True, kw_only=True)
+class BridgeKV:
+    """The keys and values of one pass of a TransformerLens 4.x bridge (`prefix_kv_cache`).
+
+    Attributes:
+        cache: a `transformers.DynamicCache` without a config (every layer keeps every
+            position, none is cropped to a sliding window), filled in place by the pass it
+            is given to: per layer, keys and values `[batch, kv_heads, pos, d_head]`.
+        masks: the attention mask of that pass, if it had one (appended by `run_until`).
+    """
+
+    cache: object
+    masks: list = field(default_factory=list)
+
+
+def _bridge_forward_kwargs(model, kwargs: dict) -> dict:
+    """`kwargs` for a bridge's forward, with `past_kv_cache=` (a `BridgeKV`) turned into what
+    the bridge and `transformers` read.
+
+    transformers 5 names the cache `cache` (its layers pass `cache=` down to attention), but
+    TransformerLens 4.3's attention bridges read `past_key_values` or `layer_past` only
+    (`AttentionBridge._update_kv_cache`, generalized_components/attention.py:424-455), so
+    the cache passed as `past_key_values=` is never filled. Passing the same object as
+    `cache` (positions and masks: transformers counts its length) and as `layer_past` (the
+    bridge's own attention fills and reads it) makes it work; `prefix_kv_cache` checks this
+    once per model.
+    """
+    kv = kwargs.get("past_kv_cache")
+    if not isinstance(kv, BridgeKV):
+        return kwargs
+    out = {k: v for k, v in kwargs.items() if k != "past_kv_cache"}
+    if out.get("attention_mask") is not None:
+        kv.masks.append(out["attention_mask"])
+    out.update(cache=kv.cache, layer_past=kv.cache, use_cache=True)
+    return out
+
+
+def _passthrough(*args, **kwargs):
+    """A skipped block: its input hidden states, unchanged."""
+    return args[0] if args and torch.is_tensor(args[0]) else kwargs["hidden_states"]
+
+
+@contextlib.contextmanager
+def _skipping(model, start: int):
+    """Blocks `0..start-1` of a bridge return their input without running.
+
+    A bridge's `start_at_layer` runs the whole `transformers` forward and lets block `start`
+    swap the given residual in for its input (`BlockBridge._maybe_inject_start_residual`,
+    generalized_components/block.py:346-369): blocks `0..start-1` run on a residual that is
+    then thrown away. Their outputs reach nothing else, so replacing each one's `forward` by
+    the identity (an instance attribute, removed on exit) changes no result.
+    """
+    blocks = list(model.blocks)[:start]
+    try:
+        for block in blocks:  # not `block.forward = ...`: a bridge component forwards that to the HF module
+            object.__setattr__(block, "forward", _passthrough)
+        yield
+    finally:
+        for block in blocks:
+            block.__dict__.pop("forward", None)
+
+
+_FAST: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+"""Per bridge: `(skip_ok, kv_ok)`, what `_bridge_checks` found."""
+
+
+def _is_bridge(model) -> bool:
+    return TL_API == 4 and hasattr(model, "blocks") and hasattr(model, "_setup_start_at_layer")
+
+
+def _bridge_checks(model) -> tuple[bool, bool]:
+    """Whether skipping blocks (`_skipping`) and resuming on a prefix's keys and values
+    (`resume_with_prefix`) give what the plain bridge gives, checked once per model.
+
+    Both rest only on what every bridge with a `blocks` stack does, but an architecture
+    could still break them (blocks that share state other than the residual, such as a key/
+    value cache shared across layers; a cache type the model cannot use), so each is tried
+    on two random 6-token rows, resuming at the middle block after 3 positions, against the
+    plain pass, and turned off (with a warning) where it differs by more than float rounding.
+    Hooks active around the first `prefix_kv_cache` call see these passes too.
+    """
+    got = _FAST.get(model)
+    if got is not None:
+        return got
+    _FAST[model] = (False, False)  # while checking, every pass below runs the plain way
+    from transformers import DynamicCache  # noqa: PLC0415
+
+    from tracer.hooks import hook_name  # noqa: PLC0415  (tracer.hooks imports get_act_name from here)
+
+    k, p = model.cfg.n_layers // 2, 3
+    g = torch.Generator().manual_seed(0)
+    toks = torch.randint(0, int(model.cfg.d_vocab), (2, 6), generator=g).to(model_device(model))
+    rows = torch.tensor([1, 0], device=toks.device)
+
+    def close(a, b) -> bool:
+        tol = 16 * torch.finfo(b.dtype).eps * float(b.abs().max()) + 1e-30
+        return a.shape == b.shape and float((a - b).abs().max()) <= tol
+
+    skip_ok = kv_ok = False
+    with torch.no_grad():
+        try:
+            kv = BridgeKV(cache=DynamicCache())
+            with recording(model, [hook_name("resid_pre", k)]) as seen:
+                full = final_resid(model, toks, past_kv_cache=kv)  # [2, 6, d_model]
+            x = seen[hook_name("resid_pre", k)]
+            plain = final_resid(model, x, start_at_layer=k)
+            with _skipping(model, k):
+                skipped = final_resid(model, x, start_at_layer=k)
+            skip_ok = close(plain, full) and close(skipped, plain)
+            _FAST[model] = (skip_ok, False)
+            resumed = resume_with_prefix(model, x[rows, p:], start_at_layer=k, cache=kv, rows=rows, prefix=p)
+            kv_ok = close(resumed, full[rows, p:])
+        except Exception as err:  # noqa: BLE001  (any failure: that shortcut stays off)
+            log.warning("bridge fast path check failed (%s: %s); using the plain forward", type(err).__name__, err)
+    if not (skip_ok and kv_ok):
+        log.warning("bridge %s: skipping blocks before start_at_layer %s, prefix key/value reuse %s",
+                    type(model).__name__, "on" if skip_ok else "off", "on" if kv_ok else "off")
+    _FAST[model] = (skip_ok, kv_ok)
+    return skip_ok, kv_ok
+
+
+def prefix_kv_cache(model, batch: int):
+    """An empty key/value cache to record a run's keys and values in, or None.
+
+    Pass it to a forward pass through `run_until` / `final_resid` as `past_kv_cache=`;
+    afterwards it holds every layer's keys and values for that run. `resume_with_prefix`
+    then reruns only a suffix of the positions on top of a slice of it.
+
+    On TransformerLens 3.x, a `HookedTransformer` cache for `batch` rows. On a 4.x bridge,
+    a `BridgeKV` (a `transformers.DynamicCache`; `batch` is not needed), where
+    `_bridge_checks` found that resuming on it reproduces the plain pass on this model.
+    Elsewhere None, and callers run every position instead.
+    """
+    hooked = _hooked_kv_cache(model, batch)
+    if hooked is not None or not _is_bridge(model):
+        return hooked
+    if not _bridge_checks(model)[1]:
+        return None
+    from transformers import DynamicCache  # noqa: PLC0415
+
+    return BridgeKV(cache=DynamicCache())
 
 
 def resume_with_prefix(
@@ -892,9 +1052,27 @@ def resume_with_prefix(
     earlier positions' states equal those of the run that filled the cache.
     Hooks see only the suffix positions (position 0 is token `prefix`).
 
+    On a 4.x bridge the slice is copied into a fresh `DynamicCache` (the bridge appends the
+    suffix's keys to it); `transformers` takes the suffix's positions (rotary angles,
+    learned position embeddings) and its causal mask offset from that cache's length.
+
     Returns:
         `[batch, suffix, d_model]`, the last block's output before `ln_final`.
+
+    Raises:
+        ValueError: (bridge) the pass that filled `cache` masked a position before `prefix`
+            in one of `rows` (left padding), which the bridge path does not carry over.
     """
+    if isinstance(cache, BridgeKV):
+        from transformers import DynamicCache  # noqa: PLC0415
+
+        for mask in cache.masks:
+            if not bool((mask[rows.to(mask.device), :prefix] != 0).all()):
+                raise ValueError(f"prefix {prefix} covers padding in the cached pass; resume_with_prefix needs real tokens there")
+        sliced = DynamicCache()
+        for i, layer in enumerate(cache.cache.layers):
+            sliced.update(layer.keys[rows, :, :prefix], layer.values[rows, :, :prefix], i)
+        return final_resid(model, x, start_at_layer=start_at_layer, past_kv_cache=BridgeKV(cache=sliced))
     from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache  # noqa: PLC0415
     from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry  # noqa: PLC0415
 
@@ -912,7 +1090,7 @@ def greedy_tokens(model, seqs: list[list[int]], n_new: int) -> list[list[int]]:
     """Greedy continuations of token sequences, `n_new` new token ids each.
 
     Only each row's last position is unembedded. On a model with a usable key/value cache
-    (TransformerLens 3.x, `prefix_kv_cache`) the sequences are left-padded into one batch
+    (TransformerLens 3.x's) the sequences are left-padded into one batch
     with an attention mask, run once, then extended one token per step on top of the cache.
     Elsewhere (a 4.x bridge) they share one right-padded batch (a causal model's positions
     before the pad are unaffected by it) and every step reruns the prefix.
@@ -938,7 +1116,7 @@ def greedy_tokens(model, seqs: list[list[int]], n_new: int) -> list[list[int]]:
     width = max(len(s) for s in seqs)
     check_context(model, width + n_new - 1, f"greedy generation of {n_new} tokens after a {width}-token prompt")  # the last new token is never fed back
     device = model_device(model)
-    cache = prefix_kv_cache(model, len(seqs))
+    cache = _hooked_kv_cache(model, len(seqs))  # a bridge's cache is for resuming traces only
     out: list[list[int]] = [[] for _ in seqs]
     if cache is None:  # no cache: right-padded, every step reruns the prefix
         tokens = torch.nn.functional.pad(pad_tokens(model, seqs, device), (0, n_new), value=pad_id(model))

@@ -33,10 +33,12 @@ Conditions (token x layer x sample) sharing a start layer go through the model i
 of at most `batch_size` rows. Only the last position is unembedded. Tokens before the first
 corrupted token carry identical clean and corrupted states, so restoring them is a no-op;
 their scores are set to `low` without running anything (exact). Positions before the
-restored token are unchanged too: where the model offers a key/value cache with
-`start_at_layer` (TransformerLens 3.x), the corrupted run's keys and values are recorded
-and a restored run at token `t` computes only positions `t..` (`tracer.model.resume_with_prefix`);
-on a 4.x bridge every position is recomputed.
+restored token are unchanged too: the corrupted run's keys and values are recorded
+(`tracer.model.prefix_kv_cache`) and a restored run at token `t` computes only positions
+`t..` (`tracer.model.resume_with_prefix`). On TransformerLens 3.x that is the
+`HookedTransformer`'s own cache; on a 4.x bridge a `transformers` `DynamicCache`, with the
+blocks before the start layer skipped, after a once-per-model check that both reproduce
+the plain pass (where it fails, every position and block is run, as before).
 
 Example:
     >>> from tracer import load_model
@@ -103,8 +105,8 @@ class Runs:
         corrupt_tokens: the corrupted run's input, `[samples, pos]`.
         embed_delta: the noise added at `hook_embed` to the subject tokens,
             `[samples, subject_len, d_model]` (None with a corrupted prompt).
-        corrupt_kv: the corrupted run's keys and values per layer (`prefix_kv_cache`), or
-            None where the model has no usable key/value cache.
+        corrupt_kv: the corrupted run's keys and values per layer (`prefix_kv_cache`: a 3.x
+            cache or a 4.x `BridgeKV`), or None where the model has no usable one.
     """
 
     prompt: PromptTokens

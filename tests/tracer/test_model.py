@@ -57,6 +57,88 @@ def test_stop_and_start_at_layer_round_trip(tiny_model):
         torch.testing.assert_close(tiny_model(mid, start_at_layer=1), full, rtol=1e-5, atol=1e-5)
 
 
+def test_start_at_layer_runs_no_earlier_block(tiny_model):
+    # a 4.x bridge's own start_at_layer runs blocks 0..k-1 and discards them; ours skips them
+    from tracer.model import prefix_kv_cache, recording
+
+    assert prefix_kv_cache(tiny_model, 1) is not None  # on a bridge, the once-per-model check turns skipping on
+    toks = _tokens(tiny_model)
+    names = [hook_name(kind, layer) for layer in range(3) for kind in ("mlp", "attn")]
+    with torch.no_grad():
+        mid = tiny_model(toks, stop_at_layer=2)
+        full = final_resid(tiny_model, toks)
+        with recording(tiny_model, names) as seen:
+            resumed = final_resid(tiny_model, mid, start_at_layer=2)
+    assert sorted(seen) == [hook_name("attn", 2), hook_name("mlp", 2)]
+    torch.testing.assert_close(resumed, full, rtol=1e-5, atol=1e-5)
+
+
+def _tiny_gemma3(tokenizer):
+    """A tiny random Gemma-3 text model: sliding-window layers (window 4) and one global layer."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    cfg = Gemma3TextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+        sliding_window=4, layer_types=["sliding_attention"] * 3 + ["full_attention"],
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, architectures=["Gemma3ForCausalLM"],
+    )
+    return Gemma3ForCausalLM(cfg).eval()
+
+
+def _arch_model(arch, tiny_model, tokenizer):
+    from tests.tracer.hf_tiny import tiny_llama
+
+    if arch == "tiny":
+        return tiny_model
+    if TL_API == 3:
+        pytest.skip("the HF-architecture bridges are TransformerLens 4.x")
+    hf = tiny_llama(tokenizer) if arch == "llama" else _tiny_gemma3(tokenizer)
+    return load_model(f"tiny-{arch}", hf_model=hf, tokenizer=tokenizer)
+
+
+@pytest.mark.parametrize("arch", ["tiny", "llama", "gemma3"])
+def test_resume_with_prefix_matches_the_full_pass(tiny_model, tokenizer, arch):
+    # positions from `prefix` on, resumed at a middle block on the first run's keys/values
+    # (rotary positions and the sliding window included), equal the full pass's
+    from tracer.model import prefix_kv_cache, recording, resume_with_prefix
+
+    model = _arch_model(arch, tiny_model, tokenizer)
+    toks = _tokens(model).expand(3, -1).clone()
+    toks[1, 4:] = toks[1, 4:].flip(0)  # rows that differ after the prefix
+    k, p = model.cfg.n_layers // 2, 6
+    kv = prefix_kv_cache(model, 3)
+    assert kv is not None
+    with torch.no_grad():
+        with recording(model, [hook_name("resid_pre", k)]) as seen:
+            full = final_resid(model, toks, past_kv_cache=kv)
+        rows = torch.tensor([2, 0, 1])
+        x = seen[hook_name("resid_pre", k)][rows, p:]
+        resumed = resume_with_prefix(model, x, start_at_layer=k, cache=kv, rows=rows, prefix=p)
+    assert resumed.shape == (3, toks.shape[1] - p, model.cfg.d_model)
+    torch.testing.assert_close(resumed, full[rows, p:], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(TL_API == 3, reason="the bridge's self-check is TransformerLens 4.x")
+def test_bridge_prefix_cache_is_refused_where_it_would_not_be_exact(tiny_model, monkeypatch):
+    # the bridge's attention fills the cache only through `layer_past`; without it a resumed
+    # run would ignore the prefix, and the once-per-model check turns the cache off
+    import tracer.model as tm
+
+    def no_layer_past(model, kwargs):
+        out = dict(kwargs)
+        kv = out.pop("past_kv_cache", None)
+        if kv is not None:
+            out.update(cache=kv.cache, use_cache=True)
+        return out
+
+    monkeypatch.setattr(tm, "_bridge_forward_kwargs", no_layer_past)
+    assert tm.prefix_kv_cache(tiny_model, 1) is None
+    assert tm._bridge_checks(tiny_model) == (True, False)
+
+
 def test_w_out_write_changes_output_and_restores(tiny_model):
     toks = _tokens(tiny_model)
     with torch.no_grad():

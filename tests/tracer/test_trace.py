@@ -67,19 +67,33 @@ def test_batched_matches_reference(tiny_model, runs, kind, window, severed):
     assert fast.std() > 0  # not a constant table
 
 
-@pytest.mark.parametrize("kind,severed", [("resid", None), ("mlp", None), ("resid", "attn")])
-def test_prefix_cache_path_matches_full_positions(tiny_model, runs, kind, severed):
-    # TransformerLens 3.x resumes from the corrupted run's keys/values and computes only the
-    # positions from the restored token on; 4.x has no such cache and recomputes every position
+def _logit_gap(logits):
+    return logits[:, -1, 5] - logits[:, -1, 7]  # O(1) on the tiny models, unlike their probabilities
+
+
+@pytest.mark.parametrize("arch", ["tiny", "llama", "gemma3"])
+@pytest.mark.parametrize("kind,severed", [("resid", None), ("mlp", None), ("attn", None), ("resid", "mlp"), ("resid", "attn")])
+def test_prefix_cache_path_matches_full_positions(tiny_model, tokenizer, arch, kind, severed, monkeypatch):
+    # both APIs resume from the corrupted run's keys/values and compute only the positions
+    # from the restored token on (a 4.x bridge also skips the blocks before the start layer);
+    # every cell equals the plain path's (all positions, every block run)
     from dataclasses import replace
 
-    from tracer.model import TL_API
+    import tracer.model as tm
+    from tests.tracer.test_model import _arch_model
 
-    assert (runs.corrupt_kv is not None) == (TL_API == 3)
-    full = restore_scores(tiny_model, replace(runs, corrupt_kv=None), kind=kind, window=3, severed=severed)
-    fast = restore_scores(tiny_model, runs, kind=kind, window=3, severed=severed, batch_size=7)
+    model = _arch_model(arch, tiny_model, tokenizer)
+    runs = prepare_runs(model, PROMPT, SUBJECT, samples=3, noise=NOISE, seed=1)
+    assert runs.corrupt_kv is not None
+    kw = dict(kind=kind, window=3, severed=severed, metric=_logit_gap)
+    fast = restore_scores(model, runs, batch_size=7, **kw)
+    fast_p = restore_scores(model, runs, batch_size=7, kind=kind, window=3, severed=severed)
+    monkeypatch.setitem(tm._FAST, model, (False, False))  # the bridge's own start_at_layer
+    full = restore_scores(model, replace(runs, corrupt_kv=None), **kw)
+    full_p = restore_scores(model, replace(runs, corrupt_kv=None), kind=kind, window=3, severed=severed)
     assert (fast - full).abs().max() < 1e-6
-    assert fast.std() > 0
+    assert (fast_p - full_p).abs().max() < 1e-6
+    assert fast.std() > 1e-4  # not a constant table
 
 
 def test_batch_size_does_not_change_scores(tiny_model, runs):
