@@ -155,12 +155,22 @@ def _apply(method, model, requests, hparams, edit_kwargs, save_to: Path | None =
     return edit.apply(model)
 
 
-def _reapply(model, path: Path):
-    """`Edit.load(path).apply(model)`: the saved batch edit, on the model it was computed for."""
+def _reapply(model, path: Path, requests: Sequence[Any]):
+    """`Edit.load(path).apply(model)`: the saved batch edit, on the model it was computed for;
+    None (nothing applied) when it was saved for other requests than `requests`.
+
+    Batch files are named by the group's position, so a rerun into the same directory over
+    another selection (`--case-ids`, or a longer `--n` whose last group grows) finds, at that
+    position, an edit computed for other records."""
     from editor import Edit  # noqa: PLC0415
 
+    edit = Edit.load(path)
+    if list(edit.requests) != list(requests):
+        log.warning("the saved batch edit %s is for other records (%d requests, this group has %d); "
+                    "computing this group's edit again", path, len(edit.requests), len(requests))
+        return None
     log.info("resuming with the saved batch edit %s", path)
-    return Edit.load(path).apply(model)
+    return edit.apply(model)
 
 
 def edit_summary(edit) -> dict:
@@ -237,9 +247,9 @@ def run_group(
     """
     t0 = time.perf_counter()
     try:
-        if saved is not None and saved.exists():  # resuming a batch: reuse its saved edit
-            edit = _reapply(model, saved)
-        else:
+        # resuming a batch: reuse its saved edit, if it was saved for this group's records
+        edit = _reapply(model, saved, requests_of(group)) if saved is not None and saved.exists() else None
+        if edit is None:
             edit = _apply(method, model, requests_of(group), hparams, edit_kwargs, save_to=saved)
         edit_seconds = time.perf_counter() - t0
     except Exception as err:  # a failed edit is recorded, not fatal

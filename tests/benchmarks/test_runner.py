@@ -361,3 +361,19 @@ def test_cli_unknown_case_id_is_refused_before_loading(tmp_path, monkeypatch):
         zsre.main(["--n", "2", "--out", str(tmp_path / "x"), "--case-ids", "424242",
                    "--data", str(FIXTURES / "zsre_tiny.json")])
     assert not (tmp_path / "x").exists()
+
+
+def test_a_saved_batch_edit_of_other_records_is_not_reapplied(tiny_model, records, tmp_path):
+    # batch files are named by position (batch0000, ...): a rerun into the same directory over
+    # another selection (--case-ids, or a longer --n whose last chunk grows) has other records
+    # at that position, and must not evaluate them on the edit saved for the first ones
+    from editor import METHODS, Edit, FTHParams
+
+    hp = FTHParams(layer=1, num_steps=3, lr=1e-2, norm_constraint=1e-2)
+    run = dict(model=tiny_model, method=METHODS["ft-l"], evaluate=evaluate, batch=2, hparams=hp)
+    runner.run_records(records=records[:2], out_dir=tmp_path / "a", **run)
+    rows = runner.run_records(records=records[2:], out_dir=tmp_path / "a", **run)  # e.g. --case-ids 103
+    fresh = runner.run_records(records=records[2:], out_dir=tmp_path / "b", **run)
+    assert rows[0]["nll"] == fresh[0]["nll"]
+    saved = Edit.load(tmp_path / "a" / "edits" / "batch0000.safetensors")
+    assert [r.subject for r in saved.requests] == [records[2].request().subject]
