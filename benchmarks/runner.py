@@ -759,7 +759,7 @@ def add_common_args(parser) -> None:
     parser.add_argument("--start", type=int, default=0, help="index of the first record")
     parser.add_argument("--case-ids", default=None, metavar="IDS",
                         help="keep only these case_ids of the --start/--n slice: comma-separated, or @FILE "
-                        "(ids separated by commas or whitespace), e.g. a sequential run's final_gen_case_ids")
+                        "(ids separated by commas or whitespace; a JSON list also), e.g. a sequential run's final_gen_case_ids")
     parser.add_argument("--out", required=True, help="run directory (resumed if it exists)")
     parser.add_argument("--data", default=None, help="records JSON (default: $ROMELENS_DATA or ../shared/data)")
     parser.add_argument("--batch", type=int, default=None, help="apply K edits at once (MEMIT); default one at a time")
@@ -796,8 +796,9 @@ def select_case_ids(records: Sequence[Any], spec: str | None) -> list[Any]:
 
     Args:
         records: loaded records (each with a `case_id`), already sliced by `--start`/`--n`.
-        spec: None (keep all), comma-separated ids such as `"3,17,40"`, or `"@FILE"` for a
-            file of ids separated by commas or whitespace.
+        spec: None (keep all), comma-separated ids such as `"3,17,40"` (or a JSON list,
+            `"[3, 17, 40]"`), or `"@FILE"` for a file of ids separated by commas or
+            whitespace (or holding a JSON list).
 
     Returns:
         The kept records, in the order of `records`.
@@ -813,7 +814,9 @@ def select_case_ids(records: Sequence[Any], spec: str | None) -> list[Any]:
     """
     if spec is None:
         return list(records)
-    text = Path(spec[1:]).read_text() if spec.startswith("@") else spec
+    text = (Path(spec[1:]).read_text() if spec.startswith("@") else spec).strip()
+    if text.startswith("[") and text.endswith("]"):  # a JSON list, as summary.json writes final_gen_case_ids
+        text = text[1:-1]
     tokens = [t for t in text.replace(",", " ").split() if t]
     try:
         wanted = {int(t) for t in tokens}

@@ -332,7 +332,16 @@ def test_select_case_ids_keeps_file_order_and_reads_files(records, tmp_path):
     assert runner.select_case_ids(records, None) == records
 
 
-@pytest.mark.parametrize("spec, match", [("1,x", "must be an integer"), (" , ", "lists no case_id"),
+def test_select_case_ids_takes_final_gen_case_ids_as_written(records, tmp_path):
+    # a sequential run's summary.json names its generation sample as a JSON list; that list,
+    # pasted or saved as it is (e.g. by jq), selects the same records
+    ids = [r.case_id for r in records]
+    (tmp_path / "ids.json").write_text(json.dumps({"ids": ids[1:]}["ids"], indent=2))
+    assert [r.case_id for r in runner.select_case_ids(records, f"@{tmp_path / 'ids.json'}")] == ids[1:]
+    assert [r.case_id for r in runner.select_case_ids(records, json.dumps(ids[:2]))] == ids[:2]
+
+
+@pytest.mark.parametrize("spec, match", [("1,x", "must be an integer"), ("[1]]", "must be an integer"), (" , ", "lists no case_id"),
                                          ("999999", r"not in the --start/--n slice.*999999")])
 def test_select_case_ids_bad_input(records, spec, match):
     with pytest.raises(ValueError, match=match):
