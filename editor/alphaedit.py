@@ -191,7 +191,9 @@ class AlphaEditSequence:
 
 def alphaedit_solve(hp: AlphaEditHParams, stats: dict[int, Tensor], sequence: AlphaEditSequence, info: dict):
     """AlphaEdit Eq. 14's left factor for layer `l`: `A = (P (K_p K_pᵀ + K Kᵀ) + α I)⁻¹ P K`
-    (`[d_mlp, n]` float64; `ΔW_out = A R`). Records each layer's null-space rank in `info`."""
+    (`[d_mlp, n]` float64; `ΔW_out = A R`). Records in `info[l]` the null-space rank and
+    `unprotected_energy`, `tr(P C) / tr(C)`: the share of the preserved keys' second moment
+    inside the edit space, which the update can still disturb (0 for an exact null space)."""
 
     def solve(layer: int, K: Tensor) -> Tensor:
         P, rank = sequence.projector(layer, stats[layer], hp.nullspace_threshold)
@@ -199,8 +201,12 @@ def alphaedit_solve(hp: AlphaEditHParams, stats: dict[int, Tensor], sequence: Al
         prior = sequence.kkt.get(layer)
         gram = K @ K.T if prior is None else prior.to(K.device) + K @ K.T
         eye = torch.eye(K.shape[0], dtype=K.dtype, device=K.device)
+        C = stats[layer].to(P)
         info[layer] = {"threshold": hp.nullspace_threshold, "rank": rank, "d_mlp": K.shape[0],
-                       "prior_keys": sequence.n_keys}
+                       "prior_keys": sequence.n_keys,
+                       # tr(P C) / tr(C) (both symmetric: the elementwise sum): the share of the
+                       # preserved keys' energy that P does not protect; 0 for a true null space
+                       "unprotected_energy": float((P * C).sum() / C.trace())}
         return torch.linalg.solve(P @ gram + hp.alpha * eye, P @ K)
 
     return solve
@@ -261,7 +267,8 @@ def compute(
     deltas, layer_info = spread_updates(model, requests, zs, hp, stats, templates, raw_targets,
                                         solve=alphaedit_solve(hp, stats, sequence, info))
     before = probe(model, requests)  # a no-grad pass last (see memit.compute)
-    log.info("AlphaEdit null-space ranks %s", {l: i["rank"] for l, i in info.items()})
+    log.info("AlphaEdit null-space ranks %s, unprotected share of tr(C) %s", {l: i["rank"] for l, i in info.items()},
+             {l: round(i["unprotected_energy"], 4) for l, i in info.items()})
     return Edit(
         method="alphaedit", requests=requests, deltas=deltas, hparams=hp, model_name=model_name(model),
         model_hash=now_hash,

@@ -52,6 +52,9 @@ def test_keys_in_the_preserved_subspace_map_as_before(tiny_model, tmp_path):
     e = alphaedit.compute(tiny_model, [REQ] + SECOND, HP, stats=stats, cache_dir=tmp_path)
     half = tiny_model.cfg.d_mlp // 2
     assert {int(l): i["rank"] for l, i in e.diagnostics["nullspace"].items()} == {0: half, 1: half}
+    # half the eigenvalues 1e-3, half 1: the edit space holds 1e-3 / (1e-3 + 1) of tr(C)
+    for i in e.diagnostics["nullspace"].values():
+        assert i["unprotected_energy"] == pytest.approx(1e-3 / 1.001, rel=1e-4)
     for layer, d in e.deltas.items():
         dw = d.matrix().double()  # [d_mlp, d_model]
         assert dw.norm() > 1e-3
