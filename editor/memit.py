@@ -62,6 +62,19 @@ log = logging.getLogger(__name__)
 HParams = MEMITHParams
 
 
+def _pinv(jac: Tensor) -> Tensor:
+    """`torch.linalg.pinv(jac, rtol=1e-6)`, retried in float64 where the float32 SVD does not
+    converge (it failed on an ill-conditioned Jacobian of Gemma's norm in a 100-request zsRE
+    batch); the float32 result is kept wherever it exists, so earlier runs are unchanged."""
+    try:
+        return torch.linalg.pinv(jac, rtol=1e-6)
+    except torch.linalg.LinAlgError:
+        if jac.dtype == torch.float64:
+            raise
+        log.warning("float32 SVD of the norm's Jacobian did not converge; retrying in float64")
+        return torch.linalg.pinv(jac.double(), rtol=1e-6).to(jac.dtype)
+
+
 def _raw_change(norm, raw: Tensor, resid: Tensor, iters: int = 8) -> Tensor:
     """Raw-output change `r` with `norm(raw + r)` as close as it can get to `norm(raw) + resid`.
 
@@ -84,7 +97,7 @@ def _raw_change(norm, raw: Tensor, resid: Tensor, iters: int = 8) -> Tensor:
         jac = torch.autograd.functional.jacobian(lambda t: norm(t).sum(0), xg)  # [d, n, d]
         jac = jac.permute(1, 0, 2)  # [n, d_out, d_in]
         err = (want - norm(x).detach()).unsqueeze(-1)  # [n, d, 1]
-        step = (torch.linalg.pinv(jac, rtol=1e-6) @ err)[..., 0]  # [n, d]
+        step = (_pinv(jac) @ err)[..., 0]  # [n, d]
         cap = 0.5 * size / step.norm(dim=-1, keepdim=True).clamp_min(1e-12)
         x = x + step * cap.clamp(max=1.0)
         x = x * (size / x.norm(dim=-1, keepdim=True).clamp_min(1e-12))

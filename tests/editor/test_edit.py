@@ -301,6 +301,28 @@ def test_raw_change_through_a_post_norm_reaches_reachable_targets_and_stays_boun
     assert ((norm(raw + r) - target).norm(dim=-1) < (norm(raw) - target).norm(dim=-1)).all()
 
 
+def test_raw_change_survives_a_float32_svd_that_does_not_converge(monkeypatch):
+    # zsRE, MEMIT, 100 requests on Gemma-3-270m: linalg.svd failed to converge on one row's
+    # Jacobian and the whole sequential run died; the float64 retry gives the same step.
+    from editor.memit import _raw_change
+
+    torch.manual_seed(0)
+    norm, raw = _RMSNorm(16), torch.randn(3, 16) * 50
+    other = raw + torch.randn(3, 16) * 20
+    resid = norm(other).detach() - norm(raw).detach()
+    expected = _raw_change(norm, raw, resid)
+    pinv = torch.linalg.pinv
+
+    def fails_in_float32(a, *args, **kwargs):
+        if a.dtype == torch.float32:
+            raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
+        return pinv(a, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "pinv", fails_in_float32)
+    r = _raw_change(norm, raw, resid)
+    assert torch.allclose(r, expected, atol=1e-3) and torch.allclose(norm(raw + r), norm(other), atol=1e-3)
+
+
 def test_memit_lambda_scales_with_d_mlp(tiny_model, monkeypatch):
     from editor import hparams
 
