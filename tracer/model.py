@@ -789,7 +789,7 @@ def _bridge_pass(model, kwargs: dict) -> Iterator[dict]:
     if not _is_bridge(model):
         yield kwargs
         return
-    kw = _bridge_forward_kwargs(model, kwargs)
+    kw = _bridge_forward_kwargs(kwargs)
     start = kw.get("start_at_layer")
     if start is not None and start < 0:
         start += model.cfg.n_layers
@@ -907,7 +907,7 @@ class BridgeKV:
     masks: list = field(default_factory=list)
 
 
-def _bridge_forward_kwargs(model, kwargs: dict) -> dict:
+def _bridge_forward_kwargs(kwargs: dict) -> dict:
     """`kwargs` for a bridge's forward, with `past_kv_cache=` (a `BridgeKV`) turned into what
     the bridge and `transformers` read.
 

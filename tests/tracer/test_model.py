@@ -127,7 +127,7 @@ def test_bridge_prefix_cache_is_refused_where_it_would_not_be_exact(tiny_model, 
     # run would ignore the prefix, and the once-per-model check turns the cache off
     import tracer.model as tm
 
-    def no_layer_past(model, kwargs):
+    def no_layer_past(kwargs):
         out = dict(kwargs)
         kv = out.pop("past_kv_cache", None)
         if kv is not None:
