@@ -346,10 +346,17 @@ def target_nll(model, prompts: Sequence[str], targets: Sequence[str], *, batch_s
 
 def _teacher_forced(model, prompts: Sequence[str], targets: Sequence[str], batch_size: int):
     """Per batch of (prompt, target) pairs: their `tracer.batching.TeacherForced` layout and
-    the logits at every position predicting a target token (`[m, vocab]`, in order)."""
+    the logits at every position predicting a target token (`[m, vocab]`, in order).
+
+    When the rows of a batch share at least `tracer.model.SHARED_PREFIX_MIN` leading tokens
+    before their first scored position (a few-shot prompt), those are run once and the rows
+    resume after them (`tracer.model.shared_prefix_run`); the same logits up to float rounding.
+    """
     from tracer import encode, target_ids  # noqa: PLC0415
     from tracer.batching import pad_tokens, teacher_forced  # noqa: PLC0415
-    from tracer.model import model_device, unembed_positions  # noqa: PLC0415
+    from tracer.model import (  # noqa: PLC0415
+        SHARED_PREFIX_MIN, common_prefix, final_logits, model_device, resume_with_prefix, shared_prefix_run,
+        unembed_positions)
 
     if len(prompts) != len(targets):
         raise ValueError(f"prompts and targets differ in length ({len(prompts)} vs {len(targets)})")
@@ -357,8 +364,16 @@ def _teacher_forced(model, prompts: Sequence[str], targets: Sequence[str], batch
     pairs = [(encode(model, p), target_ids(model, p, t)) for p, t in zip(prompts, targets)]
     for b in range(0, len(pairs), batch_size):
         tf = teacher_forced(pairs[b : b + batch_size])
-        tokens = pad_tokens(model, tf.seqs, device)
-        yield tf, unembed_positions(model, tokens, tf.rows_tensor(device), tf.cols_tensor(device))
+        rows, cols = tf.rows_tensor(device), tf.cols_tensor(device)
+        shared = common_prefix(tf.seqs, cap=min(tf.cols))  # every scored position stays in the suffix
+        cache = shared_prefix_run(model, tf.seqs[0][:shared]) if len(tf.seqs) > 1 and shared >= SHARED_PREFIX_MIN else None
+        if cache is None:
+            yield tf, unembed_positions(model, pad_tokens(model, tf.seqs, device), rows, cols)
+            continue
+        suffix = pad_tokens(model, [s[shared:] for s in tf.seqs], device)  # right-padded: unseen by real tokens
+        zeros = torch.zeros(len(tf.seqs), dtype=torch.long, device=device)
+        resid = resume_with_prefix(model, suffix, start_at_layer=None, cache=cache, rows=zeros, prefix=shared)
+        yield tf, final_logits(model, resid[rows, cols - shared][:, None])[:, 0]
 
 
 @torch.no_grad()

@@ -171,8 +171,10 @@ class MquakeEval:
     `stages` are the ones scored on this model state: `("before", "after")` for the
     unedited model of a `none` run, `("before",)` for the unedited pass of an edit run,
     `("after",)` for the edit run, whose "before" comes from `before_rows`. Greedy
-    continuations are made together for the records of one `prefetch` (one model state)
-    and reused within it.
+    continuations and teacher-forced NLLs are computed together for the records of one
+    `prefetch` (one model state; the runner calls it after each edit) and reused within
+    it, so a pair both stages need is scored once. Without `prefetch`, each call computes
+    what it lacks and keeps it: call `prefetch` again after changing the model.
 
     Args:
         stages: which stages to score ("before": original chain and answer; "after": new).
@@ -203,24 +205,43 @@ class MquakeEval:
         self.stages, self.gen_tokens, self.shots, self.gen_batch = tuple(stages), gen_tokens, shots, gen_batch
         self.before_rows = before_rows or {}
         self._texts: dict[str, str] = {}
+        self._nll: dict[tuple[str, str], float] = {}
 
     def _prompts(self, record: MquakeRecord) -> list[str]:
         hops = [h.cloze for s in self.stages for h in (record.single_hops if s == "before" else record.new_single_hops)]
         return list(dict.fromkeys(hops + [question_prompt(q, self.shots) for q in record.questions]))
 
+    def _pairs(self, record: MquakeRecord) -> list[tuple[str, str]]:
+        """The (prompt, target) pairs whose NLL `stage` needs; the same for both stages."""
+        qprompts = [question_prompt(q, self.shots) for q in record.questions]
+        return ([(rw.cloze, rw.target_new) for rw in record.rewrites]
+                + [(rw.cloze, rw.target_true) for rw in record.rewrites]
+                + [(q, record.new_answer) for q in qprompts] + [(q, record.answer) for q in qprompts])
+
     def prefetch(self, model, records: Sequence[MquakeRecord]) -> None:
-        """Generate every cloze and question prompt of `records` together, replacing the texts kept before."""
-        prompts = list(dict.fromkeys(p for r in records for p in self._prompts(r)))
-        self._texts = {}
-        for i in range(0, len(prompts), self.gen_batch):
-            chunk = prompts[i : i + self.gen_batch]
-            self._texts |= dict(zip(chunk, generate_continuations(model, chunk, self.gen_tokens)))
+        """Generate every cloze and question prompt of `records`, and score every (prompt,
+        target) pair, together, replacing what was kept before (another model state).
+
+        Prompts and pairs go in batches of similar length (sorted by characters), so that a
+        few-shot question prompt does not pad a batch of short clozes; each pair is scored
+        once for both stages.
+        """
+        self._texts, self._nll = {}, {}
+        self._generate(model, [p for r in records for p in self._prompts(r)])
+        self._pair_nll(model, [p for r in records for p in self._pairs(r)])
 
     def _generate(self, model, prompts: Sequence[str]) -> list[str]:
-        todo = [p for p in dict.fromkeys(prompts) if p not in self._texts]
-        if todo:
-            self._texts |= dict(zip(todo, generate_continuations(model, todo, self.gen_tokens)))
+        todo = sorted((p for p in dict.fromkeys(prompts) if p not in self._texts), key=len)
+        for i in range(0, len(todo), self.gen_batch):
+            chunk = todo[i : i + self.gen_batch]
+            self._texts |= dict(zip(chunk, generate_continuations(model, chunk, self.gen_tokens)))
         return [self._texts[p] for p in prompts]
+
+    def _pair_nll(self, model, pairs: Sequence[tuple[str, str]]) -> list[float]:
+        todo = sorted((p for p in dict.fromkeys(pairs) if p not in self._nll), key=lambda p: len(p[0]) + len(p[1]))
+        if todo:
+            self._nll |= dict(zip(todo, M.target_nll(model, [p for p, _ in todo], [t for _, t in todo])))
+        return [self._nll[p] for p in pairs]
 
     def __call__(self, model, record: MquakeRecord) -> dict:
         demo_qs = {q for q, _ in DEMOS[: self.shots]}
@@ -251,14 +272,8 @@ class MquakeEval:
         hop_text, q_text = texts[: len(hops)], [first_line(t) for t in texts[len(hops) :]]
         hop = [float(matches(t, h.answers)) for t, h in zip(hop_text, hops)]
         mh_q = [float(matches(t, answers)) for t in q_text]
-        clozes = [rw.cloze for rw in record.rewrites]
-        nq, nr = len(qprompts), len(clozes)
-        nll = M.target_nll(
-            model,
-            clozes + clozes + qprompts + qprompts,
-            [rw.target_new for rw in record.rewrites] + [rw.target_true for rw in record.rewrites]
-            + [record.new_answer] * nq + [record.answer] * nq,
-        )
+        nq, nr = len(qprompts), len(record.rewrites)
+        nll = self._pair_nll(model, self._pairs(record))
         rw_new, rw_true = nll[:nr], nll[nr : 2 * nr]
         a_new, a_old = nll[2 * nr : 2 * nr + nq], nll[2 * nr + nq :]
         return {

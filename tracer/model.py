@@ -1037,9 +1037,9 @@ def prefix_kv_cache(model, batch: int):
 
 def resume_with_prefix(
     model,
-    x: Float[Tensor, "batch suffix d_model"],
+    x: Float[Tensor, "batch suffix d_model"] | Int[Tensor, "batch suffix"],
     *,
-    start_at_layer: int,
+    start_at_layer: int | None,
     cache,
     rows: Int[Tensor, " batch"],
     prefix: int,
@@ -1047,10 +1047,13 @@ def resume_with_prefix(
     """The last block's output for positions `prefix..` resumed from `start_at_layer`.
 
     `x` is the residual stream entering block `start_at_layer` at positions `prefix..`
-    only; the earlier positions attend from `cache` (from `prefix_kv_cache`), whose batch
+    only (with `start_at_layer=None`: the token ids there, run from the embedding); the
+    earlier positions attend from `cache` (from `prefix_kv_cache`), whose batch
     rows `rows` and first `prefix` positions are used, frozen. This is exact when the
     earlier positions' states equal those of the run that filled the cache.
-    Hooks see only the suffix positions (position 0 is token `prefix`).
+    Hooks see only the suffix positions (position 0 is token `prefix`). Every suffix
+    position is a real token: pad a batch of token suffixes on the right, where a causal
+    model's earlier positions do not see it.
 
     On a 4.x bridge the slice is copied into a fresh `DynamicCache` (the bridge appends the
     suffix's keys to it); `transformers` takes the suffix's positions (rotary angles,
@@ -1072,7 +1075,8 @@ def resume_with_prefix(
         sliced = DynamicCache()
         for i, layer in enumerate(cache.cache.layers):
             sliced.update(layer.keys[rows, :, :prefix], layer.values[rows, :, :prefix], i)
-        return final_resid(model, x, start_at_layer=start_at_layer, past_kv_cache=BridgeKV(cache=sliced))
+        start = {} if start_at_layer is None else {"start_at_layer": start_at_layer}
+        return final_resid(model, x, past_kv_cache=BridgeKV(cache=sliced), **start)
     from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache  # noqa: PLC0415
     from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry  # noqa: PLC0415
 
@@ -1082,7 +1086,75 @@ def resume_with_prefix(
     ]
     mask = cache.previous_attention_mask[rows, :prefix]
     sliced = TransformerLensKeyValueCache(entries=entries, previous_attention_mask=mask, frozen=True)
+    if start_at_layer is None:  # tokens: an explicit mask, or TransformerLens derives one from the pad id
+        ones = torch.ones(x.shape[:2], dtype=torch.long, device=x.device)
+        return final_resid(model, x, attention_mask=ones, past_kv_cache=sliced)
     return final_resid(model, x, start_at_layer=start_at_layer, past_kv_cache=sliced)
+
+
+SHARED_PREFIX_MIN = 16
+"""Fewest shared leading tokens for which `shared_prefix_run` runs them once for a batch."""
+
+
+def common_prefix(seqs: Sequence[Sequence[int]], cap: int) -> int:
+    """The number of leading token ids that every sequence in `seqs` shares, at most `cap`.
+
+    Example:
+        >>> common_prefix([[2, 5, 7, 9], [2, 5, 7, 1], [2, 5, 8]], cap=10)
+        2
+    """
+    n = min([cap, *(len(s) for s in seqs)])
+    first = seqs[0]
+    for i in range(n):
+        if any(s[i] != first[i] for s in seqs):
+            return i
+    return n
+
+
+def shared_prefix_run(model, prefix: Sequence[int], *, batch: int | None = None):
+    """Run the token ids `prefix` once and keep their keys and values, for a batch that shares them.
+
+    The few-shot prompts of a benchmark share a long demonstration prefix; running it once
+    instead of once per row is exact up to float rounding (a batch of one row is
+    reduced in another order than a batch of many). Callers go on from position
+    `len(prefix)` with `resume_with_prefix(..., start_at_layer=None, rows=zeros, prefix=...)`
+    (teacher forcing: frozen), or, with `batch`, by passing the returned cache to further
+    forward passes with an attention mask (generation, TransformerLens 3.x only).
+
+    Args:
+        model: a TransformerLens model.
+        prefix: token ids (BOS included where the model uses one).
+        batch: None for a cache to resume from (`prefix_kv_cache`'s kind, one row); an int
+            for a growing TransformerLens 3.x cache of `batch` rows, each holding the prefix.
+
+    Returns:
+        The cache, or None where the model has no usable key/value cache (then run every
+        position instead): a 4.x bridge whose `_bridge_checks` failed, or any bridge when
+        `batch` is given.
+    """
+    device = model_device(model)
+    tokens = torch.tensor([list(prefix)], dtype=torch.long, device=device)
+    ones = torch.ones_like(tokens)
+    if batch is None:
+        cache = prefix_kv_cache(model, 1)
+        if cache is None:
+            return None
+        final_resid(model, tokens, past_kv_cache=cache, **({} if isinstance(cache, BridgeKV) else {"attention_mask": ones}))
+        return cache
+    one = _hooked_kv_cache(model, 1)
+    if one is None:
+        return None
+    final_resid(model, tokens, attention_mask=ones, past_kv_cache=one)
+    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache  # noqa: PLC0415
+    from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry  # noqa: PLC0415
+
+    entries = [  # appending concatenates (new tensors), so expanded views are safe
+        TransformerLensKeyValueCacheEntry(past_keys=e.past_keys.expand(batch, -1, -1, -1),
+                                          past_values=e.past_values.expand(batch, -1, -1, -1), frozen=False)
+        for e in one.entries
+    ]
+    mask = one.previous_attention_mask.expand(batch, -1)
+    return TransformerLensKeyValueCache(entries=entries, previous_attention_mask=mask, frozen=False)
 
 
 @torch.no_grad()
@@ -1091,7 +1163,9 @@ def greedy_tokens(model, seqs: list[list[int]], n_new: int) -> list[list[int]]:
 
     Only each row's last position is unembedded. On a model with a usable key/value cache
     (TransformerLens 3.x's) the sequences are left-padded into one batch
-    with an attention mask, run once, then extended one token per step on top of the cache.
+    with an attention mask, run once, then extended one token per step on top of the cache;
+    leading tokens that every sequence shares (at least `SHARED_PREFIX_MIN`, e.g. few-shot
+    demonstrations) are run once for the batch (`shared_prefix_run`).
     Elsewhere (a 4.x bridge) they share one right-padded batch (a causal model's positions
     before the pad are unaffected by it) and every step reruns the prefix.
 
@@ -1130,6 +1204,10 @@ def greedy_tokens(model, seqs: list[list[int]], n_new: int) -> list[list[int]]:
             for i, t in enumerate(nxt.tolist()):
                 out[i].append(t)
         return out
+    shared = common_prefix(seqs, cap=min(len(s) for s in seqs) - 1)  # each row keeps >= 1 token to run
+    if len(seqs) > 1 and shared >= SHARED_PREFIX_MIN:  # a few-shot prefix: run it once for every row
+        cache = shared_prefix_run(model, seqs[0][:shared], batch=len(seqs))
+        seqs = [s[shared:] for s in seqs]
     tokens, mask = pad_left(model, seqs, device)
     resid = final_resid(model, tokens, attention_mask=mask, past_kv_cache=cache)[:, -1]
     ones = torch.ones(len(seqs), 1, dtype=torch.long, device=device)

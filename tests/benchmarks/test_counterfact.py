@@ -120,3 +120,37 @@ def test_target_nll_matches_tracer(tiny_model):
         full = tiny_model(tokens)[0]
         ours = tracer.final_logits(tiny_model, tracer.final_resid(tiny_model, tokens))[0]
     assert torch.allclose(ours, full, atol=1e-5)
+
+
+FEW_SHOT = "Q: Where is the Eiffel Tower? A: Paris. Q: Where is the Colosseum? A: Rome. Q: "
+
+
+def test_a_shared_few_shot_prefix_is_run_once_and_changes_nothing(tiny_model, monkeypatch):
+    # few-shot prompts share a long prefix: teacher forcing (both APIs) and generation
+    # (TransformerLens 3.x's cache) run it once per batch and resume after it
+    import tracer.model as tm
+
+    calls = []
+    real = tm.shared_prefix_run
+    monkeypatch.setattr(tm, "shared_prefix_run", lambda *a, **k: calls.append(k.get("batch")) or real(*a, **k))
+    prompts = [FEW_SHOT + q for q in ("Where is Tokyo? A:", "Where is the Louvre? A:", "Where? A:")]
+    seqs = [encode(tiny_model, p) for p in prompts]
+    assert tm.common_prefix(seqs, cap=99) >= tm.SHARED_PREFIX_MIN
+    targets = [" Japan", " Paris France", " Rome"]
+    batched = metrics.target_nll(tiny_model, prompts, targets)
+    assert None in calls  # the teacher-forced batch resumed after the prefix
+    one_by_one = [metrics.target_nll(tiny_model, [p], [t])[0] for p, t in zip(prompts, targets)]
+    assert batched == pytest.approx(one_by_one, abs=1e-5)
+    got = tm.greedy_tokens(tiny_model, seqs, 5)
+    assert (len(seqs) in calls) == (tm._hooked_kv_cache(tiny_model, 1) is not None)
+    for p, s, g in zip(prompts, seqs, got):
+        assert tiny_model.tokenizer.decode(s + g, skip_special_tokens=True) == _slow_greedy(tiny_model, p, 5)
+
+
+def test_common_prefix():
+    from tracer.model import common_prefix
+
+    assert common_prefix([[2, 5, 7, 9], [2, 5, 7, 1], [2, 5, 8]], cap=10) == 2
+    assert common_prefix([[2, 5, 7], [2, 5, 7, 1]], cap=10) == 3
+    assert common_prefix([[2, 5, 7], [2, 5, 7, 1]], cap=1) == 1
+    assert common_prefix([[3], [2]], cap=5) == 0
