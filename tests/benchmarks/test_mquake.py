@@ -126,7 +126,11 @@ def _fake_model_calls(monkeypatch, texts, nll):
         return [texts.get(p, " nothing") for p in prompts]
 
     monkeypatch.setattr(mquake, "generate_continuations", gen)
-    monkeypatch.setattr(metrics, "target_nll", lambda model, ps, ts: [nll[(p, t)] for p, t in zip(ps, ts)])
+    def target_nll(model, ps, ts):
+        calls.extend(zip(ps, ts))
+        return [nll[(p, t)] for p, t in zip(ps, ts)]
+
+    monkeypatch.setattr(metrics, "target_nll", target_nll)
     return calls
 
 
@@ -173,10 +177,13 @@ def test_prefetch_generates_once(monkeypatch, records):
     ev = MquakeEval(stages=("before", "after"), shots=0)
     ev.prefetch(None, records)
     n = len(calls)
-    assert n == len(set(calls))  # each distinct prompt once (shared clozes and questions)
+    assert n == len(set(calls))  # each distinct prompt, and each (prompt, target) pair, once
+    wanted = {(rw.cloze, t) for r in records for rw in r.rewrites for t in (rw.target_new, rw.target_true)}
+    wanted |= {(question_prompt(x, 0), a) for r in records for x in r.questions for a in (r.new_answer, r.answer)}
+    assert {c for c in calls if isinstance(c, tuple)} == wanted  # both stages' pairs are the same ones
     for r in records:
         ev(None, r)
-    assert len(calls) == n  # the evaluations reuse the prefetched texts
+    assert len(calls) == n  # the evaluations reuse the prefetched texts and NLLs
 
 
 def _row(hops, known, es_b, es_a, inst, mh, lik):
