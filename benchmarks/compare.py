@@ -33,7 +33,12 @@ def _summarizer(benchmark: str):
         from benchmarks.zsre import summarize_zsre  # noqa: PLC0415
 
         return summarize_zsre
-    raise ValueError(f"benchmark {benchmark!r} has no summarizer; expected 'counterfact', 'counterfact-sweep' or 'zsre'")
+    if benchmark == "mquake":
+        from benchmarks.mquake import summarize_mquake  # noqa: PLC0415
+
+        return lambda rows: summarize_mquake(rows)["columns"]
+    raise ValueError(f"benchmark {benchmark!r} has no summarizer; expected 'counterfact', 'counterfact-sweep', "
+                     "'zsre' or 'mquake'")
 
 
 def restrict_to_common(run_dirs: Sequence[str | os.PathLike], summaries: list[dict]) -> list[dict]:
@@ -49,7 +54,7 @@ def restrict_to_common(run_dirs: Sequence[str | os.PathLike], summaries: list[di
 
     Raises:
         ValueError: the runs share no finished record, a summary names a benchmark other
-            than "counterfact" or "zsre", or a `records.jsonl` is corrupt (`read_rows`).
+            than "counterfact", "zsre" or "mquake", or a `records.jsonl` is corrupt (`read_rows`).
 
     Example:
         >>> restrict_to_common(["results/cf-none", "results/cf-rome"], load_summaries([...]))

@@ -42,3 +42,21 @@ def test_compare_common_records(tmp_path, capsys, benchmark):
     assert table[0].startswith("| run | method | S | ES | PS | NS |")
     assert "| a | none | 0.0 | 0.0 ± 0.0 |" in table[2]
     assert "| b | rome | 75.0 | 100.0 ± 0.0 |" in table[3]
+
+
+def test_compare_common_mquake_cases(tmp_path):
+    # a run stopped early (ROME k=1 after 2 cases) against a finished one: both scored on those 2
+    def row(i, es, known):
+        stage = {"es": es, "instance": float(known), "mh_gen": 0.0, "mh_lik": 1.0}
+        return {"case_id": i, "n_hops": 2, "known_chain": known, "before": stage, "after": stage}
+
+    _summary(tmp_path / "a", "none", 20.0, "mquake")
+    _summary(tmp_path / "b", "rome", 99.0, "mquake")
+    rows_a = [row(i, [0.0], i == 0) for i in range(4)]
+    rows_b = [row(0, [1.0, 1.0], True), row(1, [1.0, 0.0], False)]
+    (tmp_path / "a" / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows_a))
+    (tmp_path / "b" / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows_b))
+    a, b = compare.restrict_to_common([tmp_path / "a", tmp_path / "b"], compare.load_summaries([tmp_path / "a", tmp_path / "b"]))
+    assert a["records_evaluated"] == b["records_evaluated"] == 2
+    assert a["columns"]["ES"]["mean"] == 0.0 and b["columns"]["ES"]["mean"] == 75.0  # pooled over 4 rewrites
+    assert b["columns"]["Hop (known)"]["n"] == 1 and a["columns"]["MH-lik"]["mean"] == 100.0
