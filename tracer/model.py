@@ -1157,6 +1157,22 @@ def shared_prefix_run(model, prefix: Sequence[int], *, batch: int | None = None)
     return TransformerLensKeyValueCache(entries=entries, previous_attention_mask=mask, frozen=False)
 
 
+def _gap_is_exact(model, n_tokens: int) -> bool:
+    """Whether left padding between a cached shared prefix and each row's suffix (what
+    `greedy_tokens` builds) leaves a TransformerLens 3.x model's outputs as they are.
+
+    Rotary angles and learned positions follow the attention mask (`get_offset_position_ids`),
+    so the pads do not count. ALiBi's bias and a local attention window measure the distance
+    between a query and a key in the padded batch instead: a row's pads would add to its
+    distance to every prefix key. A window that holds all `n_tokens` positions cuts nothing.
+    """
+    cfg = model.cfg
+    if getattr(cfg, "positional_embedding_type", "standard") == "alibi":
+        return False
+    local = "local" in (getattr(cfg, "attn_types", None) or ())
+    return not local or (isinstance(cfg.window_size, int) and n_tokens <= cfg.window_size)
+
+
 @torch.no_grad()
 def greedy_tokens(model, seqs: list[list[int]], n_new: int) -> list[list[int]]:
     """Greedy continuations of token sequences, `n_new` new token ids each.
@@ -1165,7 +1181,9 @@ def greedy_tokens(model, seqs: list[list[int]], n_new: int) -> list[list[int]]:
     (TransformerLens 3.x's) the sequences are left-padded into one batch
     with an attention mask, run once, then extended one token per step on top of the cache;
     leading tokens that every sequence shares (at least `SHARED_PREFIX_MIN`, e.g. few-shot
-    demonstrations) are run once for the batch (`shared_prefix_run`).
+    demonstrations) are run once for the batch (`shared_prefix_run`), except where the pads
+    between them and the rest would change the result (`_gap_is_exact`: ALiBi, or a local
+    attention window shorter than the sequences).
     Elsewhere (a 4.x bridge) they share one right-padded batch (a causal model's positions
     before the pad are unaffected by it) and every step reruns the prefix.
 
@@ -1205,7 +1223,7 @@ def greedy_tokens(model, seqs: list[list[int]], n_new: int) -> list[list[int]]:
                 out[i].append(t)
         return out
     shared = common_prefix(seqs, cap=min(len(s) for s in seqs) - 1)  # each row keeps >= 1 token to run
-    if len(seqs) > 1 and shared >= SHARED_PREFIX_MIN:  # a few-shot prefix: run it once for every row
+    if len(seqs) > 1 and shared >= SHARED_PREFIX_MIN and _gap_is_exact(model, width + n_new - 1):  # few-shot
         cache = shared_prefix_run(model, seqs[0][:shared], batch=len(seqs))
         seqs = [s[shared:] for s in seqs]
     tokens, mask = pad_left(model, seqs, device)

@@ -498,3 +498,38 @@ def test_only_the_adapter_imports_transformer_lens():
                 mods = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""] if isinstance(node, ast.ImportFrom) else []
                 offenders += [f"{path.relative_to(root)}:{node.lineno}" for m in mods if m.split(".")[0] == "transformer_lens"]
     assert offenders == []
+
+
+@pytest.mark.parametrize("attn, shared_run", [("alibi", False), ("local 8", False), ("local 128", True), ("rotary", True)])
+def test_greedy_shared_prefix_only_where_the_pads_between_change_nothing(tokenizer, monkeypatch, attn, shared_run):
+    """greedy_tokens' shared few-shot prefix leaves pads between it and shorter suffixes: ALiBi
+    and a local window count them as distance, so there every row is run whole."""
+    if TL_API != 3:
+        pytest.skip("greedy generation on a key/value cache is TransformerLens 3.x only")
+    import tracer.model as tm
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    from tracer import encode
+
+    kind, _, window = attn.partition(" ")
+    extra = {"positional_embedding_type": "alibi"} if kind == "alibi" else {"positional_embedding_type": "rotary", "rotary_dim": 8}
+    if kind == "local":
+        extra |= {"attn_types": ["local", "local"], "window_size": int(window), "use_local_attn": True}
+    torch.manual_seed(0)
+    cfg = HookedTransformerConfig(n_layers=2, d_model=32, d_head=8, n_heads=4, d_mlp=64, n_ctx=128,
+                                  d_vocab=len(tokenizer), act_fn="gelu_new", normalization_type="LN", seed=0, **extra)
+    model = prepare_model(HookedTransformer(cfg, tokenizer=tokenizer))
+    few = "Q: Where is the Eiffel Tower? A: Paris. Q: Where is the Colosseum? A: Rome. Q: "
+    seqs = [encode(model, few + q) for q in ("Where is Tokyo? A:", "Where is the Louvre? A:", "Where? A:")]
+    assert tm.common_prefix(seqs, cap=99) >= tm.SHARED_PREFIX_MIN and len({len(s) for s in seqs}) == 3
+    resids, calls = [], []
+    real_logits, real_run = tm.final_logits, tm.shared_prefix_run
+    monkeypatch.setattr(tm, "final_logits", lambda m, r: resids.append(r) or real_logits(m, r))
+    monkeypatch.setattr(tm, "shared_prefix_run", lambda *a, **k: calls.append(1) or real_run(*a, **k))
+    got = tm.greedy_tokens(model, seqs, 4)
+    batched, resids = torch.stack(resids), []  # [step, batch, d_model]: the residuals each step unembeds
+    alone = [tm.greedy_tokens(model, [s], 4)[0] for s in seqs]
+    one_by_one = torch.stack(resids).view(len(seqs), 4, -1).transpose(0, 1)
+    assert got == alone
+    assert torch.allclose(batched, one_by_one, atol=1e-4)
+    assert bool(calls) == shared_run  # the shortcut stays where it is exact
