@@ -351,6 +351,8 @@ def _teacher_forced(model, prompts: Sequence[str], targets: Sequence[str], batch
     When the rows of a batch share at least `tracer.model.SHARED_PREFIX_MIN` leading tokens
     before their first scored position (a few-shot prompt), those are run once and the rows
     resume after them (`tracer.model.shared_prefix_run`); the same logits up to float rounding.
+    Hooks active around it then see two passes: the prefix (one row) and the rest (every row,
+    position 0 being the first token after the prefix).
     """
     from tracer import encode, target_ids  # noqa: PLC0415
     from tracer.batching import pad_tokens, teacher_forced  # noqa: PLC0415

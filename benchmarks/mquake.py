@@ -212,7 +212,9 @@ class MquakeEval:
         return list(dict.fromkeys(hops + [question_prompt(q, self.shots) for q in record.questions]))
 
     def _pairs(self, record: MquakeRecord) -> list[tuple[str, str]]:
-        """The (prompt, target) pairs whose NLL `stage` needs; the same for both stages."""
+        """The (prompt, target) pairs `__call__` scores, in its order: each rewrite's cloze with
+        its new then its true target, then each question prompt with the new then the old
+        answer. Both stages need the same pairs."""
         qprompts = [question_prompt(q, self.shots) for q in record.questions]
         return ([(rw.cloze, rw.target_new) for rw in record.rewrites]
                 + [(rw.cloze, rw.target_true) for rw in record.rewrites]

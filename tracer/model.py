@@ -1052,8 +1052,8 @@ def resume_with_prefix(
     rows `rows` and first `prefix` positions are used, frozen. This is exact when the
     earlier positions' states equal those of the run that filled the cache.
     Hooks see only the suffix positions (position 0 is token `prefix`). Every suffix
-    position is a real token: pad a batch of token suffixes on the right, where a causal
-    model's earlier positions do not see it.
+    position is attended as a real token (no padding mask): pad a batch of token suffixes
+    on the right only, where a causal model's real positions do not see it.
 
     On a 4.x bridge the slice is copied into a fresh `DynamicCache` (the bridge appends the
     suffix's keys to it); `transformers` takes the suffix's positions (rotary angles,

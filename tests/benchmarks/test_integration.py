@@ -1,4 +1,5 @@
-"""Gemma-3-270m end to end: a ROME run on 3 CounterFact dev records writes JSONL and every column."""
+"""Gemma-3-270m end to end: ROME runs on 3 CounterFact dev records and on 5 MQuAKE cases write
+JSONL and every column, and restore the weights."""
 
 import json
 
