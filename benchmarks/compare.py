@@ -69,7 +69,13 @@ def restrict_to_common(run_dirs: Sequence[str | os.PathLike], summaries: list[di
         summarize = _summarizer(s["benchmark"])
         rs_col = next((c for c in s["columns"] if c.startswith("RS")), "RS")
         cols = summarize(keep, rs_column=rs_col) if s["benchmark"] == "counterfact" else summarize(keep)
-        out.append({**s, "columns": cols, "records_evaluated": len(keep)})
+        extra = {}
+        if s["benchmark"] == "mquake":  # its breakdown (known chains, hops) over the same cases
+            from benchmarks.mquake import summarize_mquake  # noqa: PLC0415
+
+            extra["breakdown"] = summarize_mquake(keep)["breakdown"]
+            extra["cases_known_chain"] = extra["breakdown"]["known"]["cases"]
+        out.append({**s, "columns": cols, "records_evaluated": len(keep), **extra})
     return out
 
 

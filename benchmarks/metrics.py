@@ -375,7 +375,8 @@ def _teacher_forced(model, prompts: Sequence[str], targets: Sequence[str], batch
         suffix = pad_tokens(model, [s[shared:] for s in tf.seqs], device)  # right-padded: unseen by real tokens
         zeros = torch.zeros(len(tf.seqs), dtype=torch.long, device=device)
         resid = resume_with_prefix(model, suffix, start_at_layer=None, cache=cache, rows=zeros, prefix=shared)
-        yield tf, final_logits(model, resid[rows, cols - shared][:, None])[:, 0]
+        dev = resid.device  # the last block's device (a model split over GPUs)
+        yield tf, final_logits(model, resid[rows.to(dev), (cols - shared).to(dev)][:, None])[:, 0]
 
 
 @torch.no_grad()

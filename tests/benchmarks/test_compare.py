@@ -60,3 +60,4 @@ def test_compare_common_mquake_cases(tmp_path):
     assert a["records_evaluated"] == b["records_evaluated"] == 2
     assert a["columns"]["ES"]["mean"] == 0.0 and b["columns"]["ES"]["mean"] == 75.0  # pooled over 4 rewrites
     assert b["columns"]["Hop (known)"]["n"] == 1 and a["columns"]["MH-lik"]["mean"] == 100.0
+    assert a["breakdown"]["all"]["cases"] == 2 and a["cases_known_chain"] == 1  # not the whole run's 4
