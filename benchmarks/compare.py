@@ -24,23 +24,6 @@ from benchmarks.runner import RECORDS, comparison_figure, load_summaries, markdo
 from tracer.result import save_figure
 
 
-def _summarizer(benchmark: str):
-    if benchmark in ("counterfact", "counterfact-sweep"):  # a sweep's folders hold CounterFact rows
-        from benchmarks.counterfact import summarize_counterfact  # noqa: PLC0415
-
-        return summarize_counterfact
-    if benchmark == "zsre":
-        from benchmarks.zsre import summarize_zsre  # noqa: PLC0415
-
-        return summarize_zsre
-    if benchmark == "mquake":
-        from benchmarks.mquake import summarize_mquake  # noqa: PLC0415
-
-        return lambda rows: summarize_mquake(rows)["columns"]
-    raise ValueError(f"benchmark {benchmark!r} has no summarizer; expected 'counterfact', 'counterfact-sweep', "
-                     "'zsre' or 'mquake'")
-
-
 def restrict_to_common(run_dirs: Sequence[str | os.PathLike], summaries: list[dict]) -> list[dict]:
     """Summaries recomputed over the case_ids that every run finished without error (a paired comparison).
 
@@ -66,17 +49,30 @@ def restrict_to_common(run_dirs: Sequence[str | os.PathLike], summaries: list[di
     out = []
     for s, rs in zip(summaries, rows):
         keep = [r for r in rs if r["case_id"] in common]
-        summarize = _summarizer(s["benchmark"])
-        rs_col = next((c for c in s["columns"] if c.startswith("RS")), "RS")
-        cols = summarize(keep, rs_column=rs_col) if s["benchmark"] == "counterfact" else summarize(keep)
-        extra = {}
-        if s["benchmark"] == "mquake":  # its breakdown (known chains, hops) over the same cases
-            from benchmarks.mquake import summarize_mquake  # noqa: PLC0415
-
-            extra["breakdown"] = summarize_mquake(keep)["breakdown"]
-            extra["cases_known_chain"] = extra["breakdown"]["known"]["cases"]
-        out.append({**s, "columns": cols, "records_evaluated": len(keep), **extra})
+        out.append({**s, **_summarize_rows(s, keep), "records_evaluated": len(keep)})
     return out
+
+
+def _summarize_rows(summary: dict, rows: list[dict]) -> dict:
+    """`columns` of `summary`'s benchmark recomputed over `rows`; for MQuAKE also its breakdown."""
+    bench = summary["benchmark"]
+    if bench in ("counterfact", "counterfact-sweep"):  # a sweep's folders hold CounterFact rows
+        from benchmarks.counterfact import summarize_counterfact  # noqa: PLC0415
+
+        rs_col = next((c for c in summary["columns"] if c.startswith("RS")), "RS")  # keep the run's RS@k
+        return {"columns": summarize_counterfact(rows, rs_column=rs_col)}
+    if bench == "zsre":
+        from benchmarks.zsre import summarize_zsre  # noqa: PLC0415
+
+        return {"columns": summarize_zsre(rows)}
+    if bench == "mquake":  # one pass gives the columns and the breakdown (known chains, hops)
+        from benchmarks.mquake import summarize_mquake  # noqa: PLC0415
+
+        full = summarize_mquake(rows)
+        return {"columns": full["columns"], "breakdown": full["breakdown"],
+                "cases_known_chain": full["breakdown"]["known"]["cases"]}
+    raise ValueError(f"benchmark {bench!r} has no summarizer; expected 'counterfact', 'counterfact-sweep', "
+                     "'zsre' or 'mquake'")
 
 
 def _columns(summaries: Sequence[dict]) -> list[str]:

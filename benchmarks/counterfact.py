@@ -286,6 +286,8 @@ def _run(args, argv, *, parser_module, load) -> dict:
     from tracer import TL_API  # noqa: PLC0415
 
     records = runner.select_case_ids(load(args.data, n=args.n, start=args.start), args.case_ids)
+    checkpoint_evaluate = CounterFactEval(gen_tokens=0)  # checkpoints: teacher-forced only
+    runner.check_args(args, records, checkpoint_evaluate=checkpoint_evaluate)  # before the TF-IDF reads WikiText
     gen_tokens = 0 if args.no_generation else args.gen_tokens
     if getattr(args, "final_gen_sample", None) is not None and gen_tokens <= 0:
         raise ValueError(f"--final-gen-sample {args.final_gen_sample} samples the records to generate for, but this run "
@@ -293,7 +295,7 @@ def _run(args, argv, *, parser_module, load) -> dict:
     reference = build_reference(args) if gen_tokens > 0 else None
     run = runner.execute(args, records=records, desc=f"counterfact {args.method}",
                          evaluate=CounterFactEval(gen_tokens=gen_tokens, reference=reference),
-                         checkpoint_evaluate=CounterFactEval(gen_tokens=0))  # checkpoints: teacher-forced only
+                         checkpoint_evaluate=checkpoint_evaluate)
     rows, restored, ppl_before = run["rows"], run["restored"], run["ppl_before"]
     rs_column = reference.column if reference else "RS"
     notes = [

@@ -433,6 +433,53 @@ def run_records(
     return [done[r.case_id] for r in records if r.case_id in done]
 
 
+def check_args(args, records: Sequence[Any], *, checkpoint_evaluate: Callable | None = None):
+    """Refuse a bad combination of run options before anything slow is loaded; returns the method.
+
+    `execute` calls it first; a benchmark calls it itself before its own slow set-up (the
+    CounterFact TF-IDF reference reads WikiText), so the error a user sees is about the
+    option they got wrong.
+
+    Raises:
+        ValueError: an unknown `--method` (`get_method`); `--sequential` with the `none`
+            method or a bad `--batch`, `--checkpoint-every` or `--checkpoint-sample`;
+            `--checkpoint-every` / `--checkpoint-sample` / `--final-gen-sample` without
+            `--sequential`, or a `--final-gen-sample` that is not an integer >= 1 or that
+            `checkpoint_evaluate` None leaves nothing to sample for; `--sequential` with
+            `--ray`, or `--workers` without `--ray`; a `--corpus` or `--wikitext` that is
+            not a file.
+    """
+    from benchmarks.sequential import CHECKPOINT_SAMPLE, check_sequential_args  # noqa: PLC0415
+
+    method = get_method(args.method)
+    sequential = getattr(args, "sequential", False)
+    given = [f for f, v, default in (("--checkpoint-every", getattr(args, "checkpoint_every", None), None),
+                                     ("--checkpoint-sample", getattr(args, "checkpoint_sample", CHECKPOINT_SAMPLE),
+                                      CHECKPOINT_SAMPLE),
+                                     ("--final-gen-sample", getattr(args, "final_gen_sample", None), None)) if v != default]
+    if given and not sequential:
+        raise ValueError(f"{given} only apply with --sequential")
+    gen_sample = getattr(args, "final_gen_sample", None)
+    if gen_sample is not None:
+        if isinstance(gen_sample, bool) or not isinstance(gen_sample, int) or gen_sample < 1:
+            raise ValueError(f"--final-gen-sample {gen_sample!r} must be an integer >= 1")
+        if checkpoint_evaluate is None:
+            raise ValueError("--final-gen-sample: this benchmark's evaluation has no generation to sample")
+    seq_batch = 1 if args.batch is None else args.batch  # a sequential run edits one record at a time by default
+    if sequential:
+        check_sequential_args(method, records, seq_batch, args.checkpoint_every, args.checkpoint_sample)
+    if getattr(args, "ray", None) is not None and sequential:
+        raise ValueError(f"--ray {args.ray} cannot run --sequential: lifelong edits accumulate on one model, batch "
+                         "after batch, so they cannot be split across workers; drop --ray (or --sequential)")
+    if getattr(args, "ray", None) is None and getattr(args, "workers", None) is not None:
+        raise ValueError(f"--workers {args.workers} needs --ray local|auto|ADDRESS")
+    for flag in ("corpus", "wikitext"):  # a bad path now, not as an error row for every record later
+        path = getattr(args, flag, None)
+        if path and not str(path).startswith("hf:") and not Path(path).is_file():
+            raise ValueError(f"--{flag} {path!r} is not a file")
+    return method
+
+
 def execute(
     args, *, records: Sequence[Any], evaluate: Callable[[Any, Any], dict], desc: str,
     checkpoint_evaluate: Callable[[Any, Any], dict] | None = None,
@@ -465,43 +512,17 @@ def execute(
     `restored` is then also False when a worker reported a model it did not restore.
 
     Raises:
-        ValueError: `--sequential` with the `none` method or a bad `--batch`,
-            `--checkpoint-every` or `--checkpoint-sample`; `--sequential` with `--ray`, or
-            `--workers` without `--ray` (all before the model is loaded).
+        ValueError: the options `check_args` refuses, before the model is loaded.
     """
     import torch  # noqa: PLC0415
 
     from benchmarks.perplexity import wikitext_perplexity  # noqa: PLC0415
-    from benchmarks.sequential import CHECKPOINT_SAMPLE, check_sequential_args  # noqa: PLC0415
     from tracer import load_model, weights_hash  # noqa: PLC0415
     from tracer.model import load_any  # noqa: PLC0415
 
-    method = get_method(args.method)
+    method = check_args(args, records, checkpoint_evaluate=checkpoint_evaluate)
     sequential = getattr(args, "sequential", False)
-    given = [f for f, v, default in (("--checkpoint-every", getattr(args, "checkpoint_every", None), None),
-                                     ("--checkpoint-sample", getattr(args, "checkpoint_sample", CHECKPOINT_SAMPLE),
-                                      CHECKPOINT_SAMPLE),
-                                     ("--final-gen-sample", getattr(args, "final_gen_sample", None), None)) if v != default]
-    if given and not sequential:
-        raise ValueError(f"{given} only apply with --sequential")
-    gen_sample = getattr(args, "final_gen_sample", None)
-    if gen_sample is not None:
-        if isinstance(gen_sample, bool) or not isinstance(gen_sample, int) or gen_sample < 1:
-            raise ValueError(f"--final-gen-sample {gen_sample!r} must be an integer >= 1")
-        if checkpoint_evaluate is None:
-            raise ValueError("--final-gen-sample: this benchmark's evaluation has no generation to sample")
     seq_batch = 1 if args.batch is None else args.batch  # a sequential run edits one record at a time by default
-    if sequential:
-        check_sequential_args(method, records, seq_batch, args.checkpoint_every, args.checkpoint_sample)
-    if getattr(args, "ray", None) is not None and sequential:
-        raise ValueError(f"--ray {args.ray} cannot run --sequential: lifelong edits accumulate on one model, batch "
-                         "after batch, so they cannot be split across workers; drop --ray (or --sequential)")
-    if getattr(args, "ray", None) is None and getattr(args, "workers", None) is not None:
-        raise ValueError(f"--workers {args.workers} needs --ray local|auto|ADDRESS")
-    for flag in ("corpus", "wikitext"):  # a bad path now, not as an error row for every record later
-        path = getattr(args, flag, None)
-        if path and not str(path).startswith("hf:") and not Path(path).is_file():
-            raise ValueError(f"--{flag} {path!r} is not a file")
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     loader = getattr(args, "model_loader", None)

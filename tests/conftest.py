@@ -150,4 +150,12 @@ def shared_data() -> Path:
     return root
 
 
+@pytest.fixture
+def tiny_wikitext(tmp_path) -> Path:
+    """A few WikiText-style lines for `--wikitext` (TF-IDF, perplexity): CLI tests run without the shared data."""
+    path = tmp_path / "wiki.txt"
+    path.write_text("= Heading =\n The Eiffel Tower is located in the city of Paris .\n Tokyo is the capital of Japan .\n" * 5)
+    return path
+
+
 FIXTURES = Path(__file__).parent / "fixtures"

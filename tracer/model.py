@@ -1208,9 +1208,10 @@ def greedy_tokens(model, seqs: list[list[int]], n_new: int) -> list[list[int]]:
     width = max(len(s) for s in seqs)
     check_context(model, width + n_new - 1, f"greedy generation of {n_new} tokens after a {width}-token prompt")  # the last new token is never fed back
     device = model_device(model)
-    cache = _hooked_kv_cache(model, len(seqs))  # a bridge's cache is for resuming traces only
     out: list[list[int]] = [[] for _ in seqs]
-    if cache is None:  # no cache: right-padded, every step reruns the prefix
+    # No key/value cache to generate on (a bridge's is for resuming traces only): right-padded,
+    # every step reruns the prefix.
+    if _Hooked is None or not isinstance(model, _Hooked):
         tokens = torch.nn.functional.pad(pad_tokens(model, seqs, device), (0, n_new), value=pad_id(model))
         lens = torch.tensor([len(s) for s in seqs], device=device)
         rows = torch.arange(len(seqs), device=device)
@@ -1226,6 +1227,8 @@ def greedy_tokens(model, seqs: list[list[int]], n_new: int) -> list[list[int]]:
     if len(seqs) > 1 and shared >= SHARED_PREFIX_MIN and _gap_is_exact(model, width + n_new - 1):  # few-shot
         cache = shared_prefix_run(model, seqs[0][:shared], batch=len(seqs))
         seqs = [s[shared:] for s in seqs]
+    else:
+        cache = _hooked_kv_cache(model, len(seqs))
     tokens, mask = pad_left(model, seqs, device)
     resid = final_resid(model, tokens, attention_mask=mask, past_kv_cache=cache)[:, -1]
     ones = torch.ones(len(seqs), 1, dtype=torch.long, device=device)

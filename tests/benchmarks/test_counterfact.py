@@ -77,13 +77,11 @@ def test_prefetched_generation_gives_the_same_rows(tiny_model, records):
     assert set(ev._texts) == set(records[0].generation_prompts)
 
 
-def test_cli_end_to_end_and_resume(tiny_model, tmp_path, monkeypatch, capsys):
+def test_cli_end_to_end_and_resume(tiny_model, tmp_path, monkeypatch, capsys, tiny_wikitext):
     monkeypatch.setattr(tracer, "load_model", lambda *a, **k: tiny_model)
-    wiki = tmp_path / "wiki.txt"
-    wiki.write_text("= Heading =\n The Eiffel Tower is located in the city of Paris .\n Tokyo is the capital of Japan .\n" * 5)
     out = tmp_path / "run"
     argv = ["--method", "none", "--n", "2", "--out", str(out), "--data", str(FIXTURES / "counterfact_tiny.json"),
-            "--gen-tokens", "3", "--wikitext", str(wiki), "--ppl-tokens", "40", "--ppl-every", "1"]
+            "--gen-tokens", "3", "--wikitext", str(tiny_wikitext), "--ppl-tokens", "40", "--ppl-every", "1"]
     s1 = counterfact.main(argv)
     printed = capsys.readouterr().out
     assert "| S | ES | PS | NS | GE |" in printed and RS_FALLBACK in printed
@@ -105,8 +103,10 @@ def test_cli_end_to_end_and_resume(tiny_model, tmp_path, monkeypatch, capsys):
 
 
 def test_cli_unknown_method(tmp_path):
+    # refused before the TF-IDF reference reads WikiText (absent here): the error names the method
     with pytest.raises(ValueError, match="method 'bogus'"):
-        counterfact.main(["--method", "bogus", "--out", str(tmp_path), "--data", str(FIXTURES / "counterfact_tiny.json")])
+        counterfact.main(["--method", "bogus", "--out", str(tmp_path), "--data", str(FIXTURES / "counterfact_tiny.json"),
+                          "--wikitext", str(tmp_path / "absent.txt")])
 
 
 def test_target_nll_matches_tracer(tiny_model):

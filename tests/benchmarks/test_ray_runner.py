@@ -59,7 +59,7 @@ def test_sequential_refuses_ray_before_the_model_loads(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="--sequential.*cannot be split across workers"):
         counterfact.main(argv)
     with pytest.raises(ValueError, match="--workers 2 needs --ray"):
-        counterfact.main([*argv[:6], "--workers", "2"])
+        counterfact.main([*argv[:8], "--workers", "2"])
 
 
 @pytest.mark.parametrize("method, batch", [("rank-one", None), ("rank-one", 2), ("none", None)])
@@ -83,7 +83,7 @@ def _w_norm(model) -> float:
     return float(w_out(model, 0).abs().mean())
 
 
-def test_counterfact_rome_with_ray_gives_the_single_process_rows(pool, model, tmp_path, monkeypatch):
+def test_counterfact_rome_with_ray_gives_the_single_process_rows(pool, model, tmp_path, monkeypatch, tiny_wikitext):
     import tracer
     from tests.tracer.ray_models import KeepOpen
     from tracer import workers
@@ -92,10 +92,8 @@ def test_counterfact_rome_with_ray_gives_the_single_process_rows(pool, model, tm
     asked = []
     monkeypatch.setattr(workers, "pool_from_args",
                         lambda args: None if args.ray is None else asked.append((args.ray, args.workers)) or KeepOpen(pool))
-    wiki = tmp_path / "wiki.txt"
-    wiki.write_text("= Heading =\n The Eiffel Tower is located in the city of Paris .\n Tokyo is the capital of Japan .\n" * 5)
     argv = ["--model", "tiny", "--model-loader", LOADER, "--method", "rome", "--n", "3", "--gen-tokens", "3",
-            "--data", str(FIXTURES / "counterfact_tiny.json"), "--wikitext", str(wiki), "--ppl-tokens", "40",
+            "--data", str(FIXTURES / "counterfact_tiny.json"), "--wikitext", str(tiny_wikitext), "--ppl-tokens", "40",
             "--ppl-every", "2", "--threads", "1"]
     for hp in ("layer=1", "v_lr=1.0", "v_num_grad_steps=5", "clamp_norm_factor=50.0", "kl_factor=0.0",
                "context_lengths=[[4,2]]", "mom2_n_tokens=300"):

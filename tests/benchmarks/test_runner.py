@@ -348,7 +348,7 @@ def test_select_case_ids_bad_input(records, spec, match):
         runner.select_case_ids(records, spec)
 
 
-def test_cli_case_ids_scores_exactly_those_records(tiny_model, tmp_path, monkeypatch):
+def test_cli_case_ids_scores_exactly_those_records(tiny_model, tmp_path, monkeypatch, tiny_wikitext):
     # the unedited model scored on a sequential run's generation sample (final_gen_case_ids)
     import tracer
     from benchmarks import counterfact
@@ -356,7 +356,8 @@ def test_cli_case_ids_scores_exactly_those_records(tiny_model, tmp_path, monkeyp
     monkeypatch.setattr(tracer, "load_model", lambda *a, **k: tiny_model)
     out = tmp_path / "none"
     s = counterfact.main(["--method", "none", "--n", "3", "--out", str(out), "--case-ids", "103,101",
-                          "--data", str(FIXTURES / "counterfact_tiny.json"), "--gen-tokens", "2", "--ppl-tokens", "0"])
+                          "--data", str(FIXTURES / "counterfact_tiny.json"), "--gen-tokens", "2", "--ppl-tokens", "0",
+                          "--wikitext", str(tiny_wikitext)])
     rows = [json.loads(l) for l in (out / "records.jsonl").read_text().splitlines()]
     assert sorted(r["case_id"] for r in rows) == [101, 103] and s["records_requested"] == 2
 

@@ -136,17 +136,15 @@ def test_bad_arguments_change_nothing(tiny_model, records, tmp_path):
     assert weights_hash(tiny_model) == before
 
 
-def test_cli_sequential_end_to_end_resume_and_collapse_figure(tiny_model, tmp_path, monkeypatch, capsys):
+def test_cli_sequential_end_to_end_resume_and_collapse_figure(tiny_model, tmp_path, monkeypatch, capsys, tiny_wikitext):
     import tracer
     from benchmarks import compare, counterfact, runner
 
     monkeypatch.setattr(tracer, "load_model", lambda *a, **k: tiny_model)
     monkeypatch.setattr(runner, "edit_kwargs", lambda args: kw(tiny_model, tmp_path))
-    wiki = tmp_path / "wiki.txt"
-    wiki.write_text("= Heading =\n The Eiffel Tower is located in the city of Paris .\n Tokyo is the capital of Japan .\n" * 5)
     out = tmp_path / "seq"
     argv = ["--method", "rome", "--sequential", "--batch", "1", "--n", "3", "--out", str(out),
-            "--data", str(FIXTURES / "counterfact_tiny.json"), "--gen-tokens", "2", "--wikitext", str(wiki),
+            "--data", str(FIXTURES / "counterfact_tiny.json"), "--gen-tokens", "2", "--wikitext", str(tiny_wikitext),
             "--ppl-tokens", "40", "--hparam", "layer=1", "--hparam", "v_num_grad_steps=5", "--hparam", "kl_factor=0.0"]
     before = weights_hash(tiny_model)
     s = counterfact.main(argv)
@@ -190,7 +188,7 @@ def test_cli_checkpoint_flags_need_sequential(tmp_path, monkeypatch):
                           "--data", str(FIXTURES / "counterfact_tiny.json")])
 
 
-def test_cli_sequential_final_generation_on_a_sample(tiny_model, tmp_path, monkeypatch):
+def test_cli_sequential_final_generation_on_a_sample(tiny_model, tmp_path, monkeypatch, tiny_wikitext):
     # 500 edited records with generation cost hours on a CPU; --final-gen-sample N generates
     # for a seeded N of them and still scores ES/PS/NS on all.
     import tracer
@@ -201,7 +199,7 @@ def test_cli_sequential_final_generation_on_a_sample(tiny_model, tmp_path, monke
     out = tmp_path / "seq"
     s = counterfact.main(["--method", "rome", "--sequential", "--batch", "3", "--n", "3", "--out", str(out),
                           "--data", str(FIXTURES / "counterfact_tiny.json"), "--gen-tokens", "2", "--ppl-tokens", "0",
-                          "--final-gen-sample", "1", "--hparam", "layer=1", "--hparam", "v_num_grad_steps=3",
+                          "--wikitext", str(tiny_wikitext), "--final-gen-sample", "1", "--hparam", "layer=1", "--hparam", "v_num_grad_steps=3",
                           "--hparam", "kl_factor=0.0"])
     rows = [json.loads(l) for l in (out / "records.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and all("es" in r and "ns" in r for r in rows)
