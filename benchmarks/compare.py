@@ -33,11 +33,13 @@ def restrict_to_common(run_dirs: Sequence[str | os.PathLike], summaries: list[di
 
     Returns:
         One summary per run with `columns` (means ×100 with 95% CIs, as the benchmark's
-        summarizer gives them) and `records_evaluated` recomputed over the common records.
+        summarizer gives them) and `records_evaluated` recomputed over the common records;
+        for MQuAKE also `breakdown` (known chains, hops) and `cases_known_chain`.
 
     Raises:
         ValueError: the runs share no finished record, a summary names a benchmark other
-            than "counterfact", "zsre" or "mquake", or a `records.jsonl` is corrupt (`read_rows`).
+            than "counterfact", "counterfact-sweep", "zsre" or "mquake", or a `records.jsonl`
+            is corrupt (`read_rows`).
 
     Example:
         >>> restrict_to_common(["results/cf-none", "results/cf-rome"], load_summaries([...]))

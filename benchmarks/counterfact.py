@@ -287,7 +287,7 @@ def _run(args, argv, *, parser_module, load) -> dict:
 
     records = runner.select_case_ids(load(args.data, n=args.n, start=args.start), args.case_ids)
     checkpoint_evaluate = CounterFactEval(gen_tokens=0)  # checkpoints: teacher-forced only
-    runner.check_args(args, records, checkpoint_evaluate=checkpoint_evaluate)  # before the TF-IDF reads WikiText
+    runner.check_run_args(args, records, checkpoint_evaluate=checkpoint_evaluate)  # before the TF-IDF reads WikiText
     gen_tokens = 0 if args.no_generation else args.gen_tokens
     if getattr(args, "final_gen_sample", None) is not None and gen_tokens <= 0:
         raise ValueError(f"--final-gen-sample {args.final_gen_sample} samples the records to generate for, but this run "

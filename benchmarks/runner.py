@@ -433,7 +433,7 @@ def run_records(
     return [done[r.case_id] for r in records if r.case_id in done]
 
 
-def check_args(args, records: Sequence[Any], *, checkpoint_evaluate: Callable | None = None):
+def check_run_args(args, records: Sequence[Any], *, checkpoint_evaluate: Callable | None = None):
     """Refuse a bad combination of run options before anything slow is loaded; returns the method.
 
     `execute` calls it first; a benchmark calls it itself before its own slow set-up (the
@@ -512,7 +512,7 @@ def execute(
     `restored` is then also False when a worker reported a model it did not restore.
 
     Raises:
-        ValueError: the options `check_args` refuses, before the model is loaded.
+        ValueError: the options `check_run_args` refuses, before the model is loaded.
     """
     import torch  # noqa: PLC0415
 
@@ -520,7 +520,7 @@ def execute(
     from tracer import load_model, weights_hash  # noqa: PLC0415
     from tracer.model import load_any  # noqa: PLC0415
 
-    method = check_args(args, records, checkpoint_evaluate=checkpoint_evaluate)
+    method = check_run_args(args, records, checkpoint_evaluate=checkpoint_evaluate)
     sequential = getattr(args, "sequential", False)
     seq_batch = 1 if args.batch is None else args.batch  # a sequential run edits one record at a time by default
     if args.threads > 0:
