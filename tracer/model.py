@@ -73,6 +73,11 @@ except ImportError:  # TransformerLens 4.x
     _Hooked = None
     TL_API = 4
 
+def _is_hooked(model) -> bool:
+    """Whether `model` is a TransformerLens 3.x `HookedTransformer` (never on 4.x)."""
+    return _Hooked is not None and isinstance(model, _Hooked)
+
+
 try:  # TransformerLens 3.x
     from transformer_lens.utils import get_act_name
 except ImportError:  # 4.x moved it
@@ -542,7 +547,7 @@ def prepare_model(model):
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    if _Hooked is not None and isinstance(model, _Hooked):
+    if _is_hooked(model):
         _store_as_used(model)
     return model
 
@@ -885,7 +890,7 @@ def mlp_post_norm(model, layer: int) -> Callable[[Tensor], Tensor] | None:
 
 def _hooked_kv_cache(model, batch: int):
     """A TransformerLens 3.x key/value cache for `batch` rows, or None for any other class."""
-    if _Hooked is None or not isinstance(model, _Hooked):
+    if not _is_hooked(model):
         return None
     from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache  # noqa: PLC0415
 
@@ -1211,7 +1216,7 @@ def greedy_tokens(model, seqs: list[list[int]], n_new: int) -> list[list[int]]:
     out: list[list[int]] = [[] for _ in seqs]
     # No key/value cache to generate on (a bridge's is for resuming traces only): right-padded,
     # every step reruns the prefix.
-    if _Hooked is None or not isinstance(model, _Hooked):
+    if not _is_hooked(model):
         tokens = torch.nn.functional.pad(pad_tokens(model, seqs, device), (0, n_new), value=pad_id(model))
         lens = torch.tensor([len(s) for s in seqs], device=device)
         rows = torch.arange(len(seqs), device=device)
