@@ -13,7 +13,8 @@ residuals `R: [d_out, n]`):
 - `P = Û Ûᵀ`, where `Û` are the eigenvectors of the preserved keys' second moment
   `K₀K₀ᵀ` (here `C = E[k kᵀ]` over text, `editor.stats`) whose eigenvalues fall below
   `nullspace_threshold` (the paper's section 3.2; the threshold and the rank of `P` are
-  recorded in the edit's diagnostics). Then `K₀ᵀ P ≈ 0`: the update `ΔP` cannot move the
+  recorded in the edit's diagnostics). Or, with `nullspace_energy` (ours), a threshold per
+  layer: the largest null space whose eigenvalues sum to at most that share of `tr(C)`. Then `K₀ᵀ P ≈ 0`: the update `ΔP` cannot move the
   preserved keys' outputs.
 - `Δ = R Kᵀ P (K_p K_pᵀ P + K Kᵀ P + α I)⁻¹` (the paper's Eq. 14), with `K_p` the keys of
   every earlier batch of the sequence, accumulated as a running `K_p K_pᵀ` (an
@@ -72,20 +73,42 @@ class AlphaEditHParams(MEMITHParams):
             `P` projects onto (the authors' default 2e-2). Its rank depends on the model's key
             scale: on Gemma-3-270m layer 4 (100k WikiText-2 tokens), 2e-2 keeps 1593 of 2048
             directions, 1e-2 keeps 1199.
+        nullspace_energy: None (the default) uses `nullspace_threshold`. A share in (0, 1)
+            replaces it, layer by layer, with the threshold `energy_threshold(C, share)`: the
+            largest null space whose eigenvalues sum to at most `share · tr(C)`, so that
+            `tr(P C) / tr(C) ≤ share` at every layer. Ours, not the paper's: one absolute
+            threshold means different things at layers whose key scales differ (on
+            Gemma-3-270m `tr(C)` runs from 28 to 238 over layers 2–6, and 2e-2 leaves 4.5% to
+            28.8% of it unprotected).
         alpha: `α` of `(K_p K_pᵀ P + K Kᵀ P + α I)⁻¹` (the authors' `L2`, 10).
 
     Raises:
         ValueError: as `MEMITHParams`, or a non-positive or non-finite `nullspace_threshold`
-            or `alpha`.
+            or `alpha`, or a `nullspace_energy` outside (0, 1).
     """
 
     nullspace_threshold: float = 2e-2
+    nullspace_energy: float | None = None
     alpha: float = 10.0
 
     def __post_init__(self):
         super().__post_init__()
         object.__setattr__(self, "nullspace_threshold", check_real(self.nullspace_threshold, "nullspace_threshold", positive=True))
         object.__setattr__(self, "alpha", check_real(self.alpha, "alpha", positive=True))
+        if self.nullspace_energy is not None:
+            share = check_real(self.nullspace_energy, "nullspace_energy", positive=True)
+            if share >= 1:
+                raise ValueError(f"nullspace_energy {share} must be a share of tr(C) below 1 (e.g. 0.02)")
+            object.__setattr__(self, "nullspace_energy", share)
+
+    def threshold(self, C: Tensor) -> float:
+        """The eigenvalue threshold for a layer whose key second moment is `C`:
+        `nullspace_threshold`, or `energy_threshold(C, nullspace_energy)` when that is set.
+
+        Raises:
+            ValueError: from `energy_threshold` (a share below the smallest eigenvalue's).
+        """
+        return self.nullspace_threshold if self.nullspace_energy is None else energy_threshold(C, self.nullspace_energy)
 
 
 def alphaedit_hparams(model_or_name, *, layer: int | None = None, cache_dir=None) -> AlphaEditHParams:
@@ -121,6 +144,30 @@ def null_space_projector(C: Tensor, threshold: float) -> tuple[Tensor, int]:
         )
     U = evecs[:, keep]
     return U @ U.T, rank
+
+
+def energy_threshold(C: Tensor, share: float) -> float:
+    """The eigenvalue threshold whose null space holds at most `share` of the keys' energy.
+
+    Args:
+        C: the keys' second moment `E[k kᵀ]`, `[d_mlp, d_mlp]`, symmetric.
+        share: the largest `tr(P C) / tr(C)` allowed, in (0, 1).
+
+    Returns:
+        `t` such that the eigenvalues of `C` below `t` are the `r` smallest and sum to at most
+        `share · tr(C)` with `r` as large as possible: `t` is the `(r+1)`-th smallest
+        eigenvalue, so `null_space_projector(C, t)` has rank `r` (in `C`'s units).
+
+    Raises:
+        ValueError: `share` is below the smallest eigenvalue's share of `tr(C)` (rank 0).
+    """
+    evals = torch.linalg.eigvalsh(C.double())
+    within = torch.cumsum(evals, 0) <= share * evals.sum()
+    r = int(within.sum())
+    if r == 0:
+        raise ValueError(f"nullspace_energy {share} leaves a null space of rank 0 (the smallest eigenvalue alone is "
+                         f"{float(evals[0] / evals.sum()):.3g} of tr(C)): no update could be made; raise it")
+    return float(evals[r]) if r < len(evals) else float("inf")  # r = d only for C = 0
 
 
 class AlphaEditSequence:
@@ -196,13 +243,14 @@ def alphaedit_solve(hp: AlphaEditHParams, stats: dict[int, Tensor], sequence: Al
     inside the edit space, which the update can still disturb (0 for an exact null space)."""
 
     def solve(layer: int, K: Tensor) -> Tensor:
-        P, rank = sequence.projector(layer, stats[layer], hp.nullspace_threshold)
+        threshold = hp.threshold(stats[layer])
+        P, rank = sequence.projector(layer, stats[layer], threshold)
         P = P.to(K.device)
         prior = sequence.kkt.get(layer)
         gram = K @ K.T if prior is None else prior.to(K.device) + K @ K.T
         eye = torch.eye(K.shape[0], dtype=K.dtype, device=K.device)
         C = stats[layer].to(P)
-        info[layer] = {"threshold": hp.nullspace_threshold, "rank": rank, "d_mlp": K.shape[0],
+        info[layer] = {"threshold": threshold, "energy": hp.nullspace_energy, "rank": rank, "d_mlp": K.shape[0],
                        "prior_keys": sequence.n_keys,
                        # tr(P C) / tr(C) (both symmetric: the elementwise sum): the share of the
                        # preserved keys' energy that P does not protect; 0 for a true null space
@@ -237,11 +285,12 @@ def compute(
 
     Returns:
         An `Edit` (not applied), as MEMIT's, whose diagnostics add `nullspace`:
-        `{layer: {"threshold", "rank", "d_mlp", "prior_keys"}}`.
+        `{layer: {"threshold", "energy", "rank", "d_mlp", "prior_keys", "unprotected_energy"}}`.
 
     Raises:
         ValueError: what `memit.compute` raises before anything runs; a `sequence` that is
-            not an `AlphaEditSequence`; a threshold that leaves a null space of rank 0.
+            not an `AlphaEditSequence`; a threshold (or `nullspace_energy`) that leaves a null
+            space of rank 0.
     """
     requests, hp = start_compute(model, "alphaedit", requests, hparams, preset=alphaedit_hparams,
                                  kind=AlphaEditHParams, stats=stats, device=device, cache_dir=cache_dir)
@@ -260,7 +309,7 @@ def compute(
     if stats is None:
         stats = layer_stats(model, list(hp.layers), corpus=corpus, n_tokens=hp.mom2_n_tokens, cache_dir=cache_dir, model_hash=bh)
     for layer in hp.layers:  # refuse a rank-0 null space before the (slow) optimisation
-        sequence.projector(layer, stats[layer], hp.nullspace_threshold)
+        sequence.projector(layer, stats[layer], hp.threshold(stats[layer]))
     templates = templates_for(model, hp.context_lengths, cache_dir=cache_dir, model_hash=bh)
     zs, curves, raw_targets = compute_zs(model, requests, hp, templates)
     info: dict[int, dict] = {}
@@ -285,4 +334,4 @@ def new_sequence() -> AlphaEditSequence:
 edit_many, edit = conveniences(compute, "alphaedit")
 
 __all__: Sequence[str] = ("AlphaEditHParams", "AlphaEditSequence", "alphaedit_hparams", "compute", "edit", "edit_many",
-                          "new_sequence", "null_space_projector")
+                          "energy_threshold", "new_sequence", "null_space_projector")

@@ -11,7 +11,7 @@ from benchmarks.counterfact import evaluate_counterfact
 from benchmarks.data import load_counterfact
 from benchmarks.sequential import run_sequential
 from editor import METHODS, AlphaEditHParams, AlphaEditSequence, Edit, EditRequest, alphaedit
-from editor.alphaedit import alphaedit_solve, null_space_projector
+from editor.alphaedit import alphaedit_solve, energy_threshold, null_space_projector
 from editor.common import probe
 from editor.optimize import subject_keys
 from tests.conftest import FIXTURES
@@ -45,6 +45,28 @@ def test_projector_spans_the_small_eigenvalues_and_refuses_rank_zero():
     assert rank == 8 and torch.allclose(P @ P, P, atol=1e-10) and torch.allclose(P @ kept, torch.zeros_like(kept), atol=1e-10)
     with pytest.raises(ValueError, match="rank 0"):
         null_space_projector(C, 1e-4)
+
+
+def test_an_energy_share_picks_the_largest_null_space_within_it():
+    gen = torch.Generator().manual_seed(3)
+    Q, _ = torch.linalg.qr(torch.randn(10, 10, generator=gen, dtype=torch.float64))
+    lam = torch.tensor([1, 2, 3, 4, 10, 20, 40, 80, 160, 680], dtype=torch.float64) / 1000  # tr(C) = 1
+    C = (Q * lam) @ Q.T
+    for share, rank in [(0.0061, 3), (0.0101, 4), (0.0201, 5), (0.0009, 0)]:
+        if rank == 0:
+            with pytest.raises(ValueError, match="nullspace_energy .* rank 0"):
+                energy_threshold(C, share)
+            continue
+        P, r = null_space_projector(C, energy_threshold(C, share))
+        assert r == rank and float((P * C).sum() / C.trace()) <= share  # within the share, and
+        assert float(lam[: rank + 1].sum()) > share                       # one more direction would not be
+    # per layer: the same share means a different threshold where the key scale differs
+    hp = replace(HP, nullspace_energy=0.0201)
+    assert hp.threshold(C) == pytest.approx(0.02) and hp.threshold(10 * C) == pytest.approx(0.2)
+    assert HP.threshold(10 * C) == HP.nullspace_threshold
+    for bad in (0.0, 1.0, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="nullspace_energy"):
+            replace(HP, nullspace_energy=bad)
 
 
 def test_keys_in_the_preserved_subspace_map_as_before(tiny_model, tmp_path):
@@ -110,6 +132,8 @@ def test_bad_input_is_refused_before_the_optimisation(tiny_model, tmp_path, monk
         alphaedit.compute(tiny_model, [REQ], replace(HP, layers=(2, 3)), stats={2: stats[0], 3: stats[0]}, cache_dir=tmp_path)
     with pytest.raises(ValueError, match="rank 0"):
         alphaedit.compute(tiny_model, [REQ], replace(HP, nullspace_threshold=1e-5), stats=stats, cache_dir=tmp_path)
+    with pytest.raises(ValueError, match="nullspace_energy .* rank 0"):
+        alphaedit.compute(tiny_model, [REQ], replace(HP, nullspace_energy=1e-6), stats=stats, cache_dir=tmp_path)
     with pytest.raises(ValueError, match="nullspace_threshold"):
         replace(HP, nullspace_threshold=0.0)
     with pytest.raises(ValueError, match="AlphaEditSequence"):
