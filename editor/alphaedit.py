@@ -20,12 +20,17 @@ residuals `R: [d_out, n]`):
   every earlier batch of the sequence, accumulated as a running `K_p K_pᵀ` (an
   `AlphaEditSequence`, passed along by the caller, never hidden global state); the update
   written is `ΔP`. MEMIT's preservation term `λC` is dropped: `P` protects those keys.
+- Where `P` is not an exact null space (its directions still carry some of `tr(C)`), an
+  optional soft term (ours, `preserve_weight` `λ₀`, default 0, the paper's update) adds
+  `λ₀ ‖ΔP K₀‖²` (per preserved key, `λ₀ C`) to the objective:
+  `Δ = R Kᵀ P ((K_p K_pᵀ + K Kᵀ + λ₀ C) P + α I)⁻¹`, MEMIT's preservation acting only
+  inside the edit space.
 
 In our `[d_mlp, d_model]` orientation (`W_out` is the transpose), with `P` symmetric, the
-written update is `ΔW_out = (P (K_p K_pᵀ + K Kᵀ) + α I)⁻¹ P K Rᵀ`, kept factored as
-`LayerDelta(u=A, v=Rᵀ)` with `A = (P (K_p K_pᵀ + K Kᵀ) + α I)⁻¹ P K` (`[d_mlp, n]`). This is
-the same solve as the authors' code. Its columns lie in the range of `P` exactly
-(`α A = P (K − (K_p K_pᵀ + K Kᵀ) A)`), so keys with `kᵀP = 0` map as before.
+written update is `ΔW_out = (P G + α I)⁻¹ P K Rᵀ` with `G = K_p K_pᵀ + K Kᵀ (+ λ₀ C)`, kept
+factored as `LayerDelta(u=A, v=Rᵀ)` with `A = (P G + α I)⁻¹ P K` (`[d_mlp, n]`). With
+`λ₀ = 0` this is the same solve as the authors' code. Its columns lie in the range of `P`
+exactly (`α A = P (K − G A)`), so keys with `kᵀP = 0` map as before.
 
 Everything else is MEMIT's (`editor.memit`): the target residuals `z`, the layer spread
 (including our joint spread for post-norm models) and the keys averaged over context
@@ -81,20 +86,25 @@ class AlphaEditHParams(MEMITHParams):
             Gemma-3-270m `tr(C)` runs from 28 to 238 over layers 2–6, and 2e-2 leaves 4.5% to
             28.8% of it unprotected).
         alpha: `α` of `(K_p K_pᵀ P + K Kᵀ P + α I)⁻¹` (the authors' `L2`, 10).
+        preserve_weight: `λ₀` of the soft preservation term inside the edit space (module
+            docstring; ours). 0, the default, is the paper's update; in the units of
+            MEMIT's `mom2_update_weight` (`C = E[k kᵀ]` per preserved key).
 
     Raises:
         ValueError: as `MEMITHParams`, or a non-positive or non-finite `nullspace_threshold`
-            or `alpha`, or a `nullspace_energy` outside (0, 1).
+            or `alpha`, a `nullspace_energy` outside (0, 1), or a negative `preserve_weight`.
     """
 
     nullspace_threshold: float = 2e-2
     nullspace_energy: float | None = None
     alpha: float = 10.0
+    preserve_weight: float = 0.0
 
     def __post_init__(self):
         super().__post_init__()
         object.__setattr__(self, "nullspace_threshold", check_real(self.nullspace_threshold, "nullspace_threshold", positive=True))
         object.__setattr__(self, "alpha", check_real(self.alpha, "alpha", positive=True))
+        object.__setattr__(self, "preserve_weight", check_real(self.preserve_weight, "preserve_weight", minimum=0.0))
         if self.nullspace_energy is not None:
             share = check_real(self.nullspace_energy, "nullspace_energy", positive=True)
             if share >= 1:
@@ -237,8 +247,8 @@ class AlphaEditSequence:
 
 
 def alphaedit_solve(hp: AlphaEditHParams, stats: dict[int, Tensor], sequence: AlphaEditSequence, info: dict):
-    """AlphaEdit Eq. 14's left factor for layer `l`: `A = (P (K_p K_pᵀ + K Kᵀ) + α I)⁻¹ P K`
-    (`[d_mlp, n]` float64; `ΔW_out = A R`). Records in `info[l]` the null-space rank and
+    """AlphaEdit Eq. 14's left factor for layer `l`: `A = (P (K_p K_pᵀ + K Kᵀ + λ₀ C) + α I)⁻¹ P K`
+    (`[d_mlp, n]` float64; `ΔW_out = A R`; `λ₀ = preserve_weight`, 0 in the paper). Records in `info[l]` the null-space rank and
     `unprotected_energy`, `tr(P C) / tr(C)`: the share of the preserved keys' second moment
     inside the edit space, which the update can still disturb (0 for an exact null space)."""
 
@@ -250,6 +260,8 @@ def alphaedit_solve(hp: AlphaEditHParams, stats: dict[int, Tensor], sequence: Al
         gram = K @ K.T if prior is None else prior.to(K.device) + K @ K.T
         eye = torch.eye(K.shape[0], dtype=K.dtype, device=K.device)
         C = stats[layer].to(P)
+        if hp.preserve_weight:
+            gram = gram + hp.preserve_weight * C
         info[layer] = {"threshold": threshold, "energy": hp.nullspace_energy, "rank": rank, "d_mlp": K.shape[0],
                        "prior_keys": sequence.n_keys,
                        # tr(P C) / tr(C) (both symmetric: the elementwise sum): the share of the

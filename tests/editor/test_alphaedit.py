@@ -106,6 +106,31 @@ def test_solve_is_the_papers_equation_14():
     assert torch.allclose((A @ R.T).T, paper, atol=1e-9)      # and ΔP = Δ: Δ already lies in range(P)
 
 
+def test_the_soft_preservation_term_is_a_stationary_point_and_protects_general_keys():
+    gen = torch.Generator().manual_seed(4)
+    d_in, d_out, n = 12, 5, 3
+    C, _ = designed_stats(d_in, seed=5)
+    C = C + 0.004 * torch.eye(d_in, dtype=torch.float64)  # a null space that still holds some energy
+    K = torch.randn(d_in, n, generator=gen, dtype=torch.float64)
+    R = torch.randn(d_out, n, generator=gen, dtype=torch.float64)
+    Kp = torch.randn(d_in, 2, generator=gen, dtype=torch.float64)
+    seq = AlphaEditSequence()
+    seq.kkt[0] = Kp @ Kp.T
+    P, _ = null_space_projector(C, 1e-2)
+    moved = {}
+    for lam in (0.0, 500.0):
+        hp = replace(HP, layers=(0,), alpha=0.7, preserve_weight=lam)
+        D = (alphaedit_solve(hp, {0: C}, seq, {})(0, K) @ R.T).T  # the paper's ΔP, [d_out, d_in]
+        assert torch.allclose(D @ P, D, atol=1e-9)
+        # the gradient of ‖D K − R‖² + ‖D K_p‖² + λ₀ tr(D C Dᵀ) + α ‖D‖² over D = ΔP vanishes in range(P)
+        grad = (D @ K - R) @ K.T + D @ Kp @ Kp.T + lam * D @ C + 0.7 * D
+        assert (grad @ P).norm() < 1e-8 * R.norm()
+        moved[lam] = float(torch.trace(D @ C @ D.T))  # mean squared change of a preserved key's output
+    assert moved[500.0] < 0.5 * moved[0.0]
+    with pytest.raises(ValueError, match="preserve_weight"):
+        replace(HP, preserve_weight=-1.0)
+
+
 def test_a_second_batch_keeps_the_first_batchs_keys(tiny_model, tmp_path):
     stats, _ = stats_for(tiny_model)
     seq = AlphaEditSequence()
