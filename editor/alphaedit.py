@@ -165,8 +165,9 @@ def energy_threshold(C: Tensor, share: float) -> float:
 
     Returns:
         `t` such that the eigenvalues of `C` below `t` are the `r` smallest and sum to at most
-        `share · tr(C)` with `r` as large as possible: `t` is the `(r+1)`-th smallest
-        eigenvalue, so `null_space_projector(C, t)` has rank `r` (in `C`'s units).
+        `share · tr(C)` with `r` as large as possible: `t` lies midway between the `r`-th and
+        `(r+1)`-th smallest eigenvalues, so `null_space_projector(C, t)` has rank `r` (in
+        `C`'s units).
 
     Raises:
         ValueError: `share` is below the smallest eigenvalue's share of `tr(C)` (rank 0).
@@ -177,7 +178,9 @@ def energy_threshold(C: Tensor, share: float) -> float:
     if r == 0:
         raise ValueError(f"nullspace_energy {share} leaves a null space of rank 0 (the smallest eigenvalue alone is "
                          f"{float(evals[0] / evals.sum()):.3g} of tr(C)): no update could be made; raise it")
-    return float(evals[r]) if r < len(evals) else float("inf")  # r = d only for C = 0
+    if r == len(evals):  # only for C = 0
+        return float("inf")
+    return float(evals[r - 1] + evals[r]) / 2  # midway: robust to eigh and eigvalsh differing in the last bits
 
 
 class AlphaEditSequence:

@@ -60,9 +60,17 @@ def test_an_energy_share_picks_the_largest_null_space_within_it():
         P, r = null_space_projector(C, energy_threshold(C, share))
         assert r == rank and float((P * C).sum() / C.trace()) <= share  # within the share, and
         assert float(lam[: rank + 1].sum()) > share                       # one more direction would not be
+    # on a spread-out spectrum (keys of very different scales), every share gives exactly the rank it implies
+    X = torch.randn(300, 200, generator=gen) * torch.logspace(-2, 1, 200)
+    W = (X.T @ X / 300).float()
+    lam = torch.linalg.eigvalsh(W.double())
+    for share in [0.002 * i for i in range(1, 30)]:
+        P, r = null_space_projector(W, energy_threshold(W, share))
+        assert r == int((torch.cumsum(lam, 0) <= share * lam.sum()).sum()), share
+        assert float((P * W.double()).sum() / W.double().trace()) <= share + 1e-12, share
     # per layer: the same share means a different threshold where the key scale differs
     hp = replace(HP, nullspace_energy=0.0201)
-    assert hp.threshold(C) == pytest.approx(0.02) and hp.threshold(10 * C) == pytest.approx(0.2)
+    assert hp.threshold(C) == pytest.approx(0.015) and hp.threshold(10 * C) == pytest.approx(0.15)  # midway to the next
     assert HP.threshold(10 * C) == HP.nullspace_threshold
     for bad in (0.0, 1.0, 1.5, float("nan")):
         with pytest.raises(ValueError, match="nullspace_energy"):
