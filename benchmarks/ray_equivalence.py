@@ -47,10 +47,12 @@ def compare_traces(a: Path, b: Path) -> dict:
     """
     cfg_a, lines_a = read_run(a)
     cfg_b, lines_b = read_run(b)
-    differ = {k: (cfg_a.get(k), cfg_b.get(k)) for k in ("model", "noise_std", "samples", "kinds", "window", "seed", "method")
+    differ = {k: (cfg_a.get(k), cfg_b.get(k)) for k in ("model", "noise_std", "samples", "kinds", "groups", "window", "seed", "method")
               if cfg_a.get(k) != cfg_b.get(k)}
     if differ:
         raise ValueError(f"{a} and {b} were traced with other settings: {differ}")
+    if "mlp" not in cfg_a["kinds"] or "last_subject" not in cfg_a["groups"]:
+        raise ValueError(f"{a}: the edit layer needs kind 'mlp' at group 'last_subject'; traced {cfg_a['kinds']} at {cfg_a['groups']}")
     known_a = {i for i, r in lines_a.items() if r["correct"]}
     known_b = {i for i, r in lines_b.items() if r["correct"]}
     kinds = cfg_a["kinds"]
@@ -89,6 +91,9 @@ def _numbers(x, prefix=""):
     return {}
 
 
+TIMING = ("seconds", "edit_seconds")  # wall times: never equal, not compared
+
+
 def compare_records(a: Path, b: Path) -> dict:
     """Rows of two benchmark folders (`records.jsonl`, keyed by case_id).
 
@@ -96,31 +101,36 @@ def compare_records(a: Path, b: Path) -> dict:
         `{"case_ids": n both hold, "only_a": [...], "only_b": [...], "max_abs": {column: float},
         "columns_differ": [paths present in one row only], "texts_equal": bool,
         "model_restored": {"a": ..., "b": ...}}`; `max_abs` is per top-level column (e.g. `es`,
-        `nll`), the max over every number under it and every shared record.
+        `nll`), the max over every number under it and every shared record (`inf` where one
+        side is NaN and the other is not); `case_id` and the wall times are left out.
 
     Raises:
-        FileNotFoundError: a folder without `records.jsonl`.
+        FileNotFoundError: a folder without `records.jsonl` or `summary.json`.
+        ValueError: folders of another model, method, batch or hparams.
     """
+    sa, sb = (json.loads((f / "summary.json").read_text()) for f in (a, b))
+    differ = {k: (sa.get(k), sb.get(k)) for k in ("model", "method", "batch", "hparams") if sa.get(k) != sb.get(k)}
+    if differ:
+        raise ValueError(f"{a} and {b} are runs of other settings: {differ}")
     ra, rb = _rows(a), _rows(b)
     both = sorted(set(ra) & set(rb))
     max_abs: dict[str, float] = {}
-    differ, texts_equal = set(), True
+    paths_differ, texts_equal = set(), True
     for cid in both:
         na, nb = _numbers(ra[cid]), _numbers(rb[cid])
-        differ |= set(na) ^ set(nb)
+        paths_differ |= set(na) ^ set(nb)
         for path in set(na) & set(nb):
             col = path.split(".")[0].split("[")[0]
-            d = abs(na[path] - nb[path]) if not (math.isnan(na[path]) and math.isnan(nb[path])) else 0.0
+            if col == "case_id" or col in TIMING:
+                continue
+            x, y = na[path], nb[path]
+            d = 0.0 if math.isnan(x) and math.isnan(y) else math.inf if math.isnan(x) or math.isnan(y) else abs(x - y)
             max_abs[col] = max(max_abs.get(col, 0.0), d)
         texts_equal &= ra[cid].get("text") == rb[cid].get("text")
 
-    def restored(folder):
-        p = folder / "summary.json"
-        return json.loads(p.read_text()).get("model_restored") if p.exists() else None
-
     return {"case_ids": len(both), "only_a": sorted(set(ra) - set(rb)), "only_b": sorted(set(rb) - set(ra)),
-            "max_abs": dict(sorted(max_abs.items())), "columns_differ": sorted(differ), "texts_equal": texts_equal,
-            "model_restored": {"a": restored(a), "b": restored(b)}}
+            "max_abs": dict(sorted(max_abs.items())), "columns_differ": sorted(paths_differ), "texts_equal": texts_equal,
+            "model_restored": {"a": sa.get("model_restored"), "b": sb.get("model_restored")}}
 
 
 def main(argv=None) -> dict:

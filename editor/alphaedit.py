@@ -22,7 +22,7 @@ residuals `R: [d_out, n]`):
   written is `ΔP`. MEMIT's preservation term `λC` is dropped: `P` protects those keys.
 - Where `P` is not an exact null space (its directions still carry some of `tr(C)`), an
   optional soft term (ours, `preserve_weight` `λ₀`, default 0, the paper's update) adds
-  `λ₀ ‖ΔP K₀‖²` (per preserved key, `λ₀ C`) to the objective:
+  `λ₀ E‖ΔP k₀‖²` over preserved keys `k₀` (`λ₀ C` in the normal equations) to the objective:
   `Δ = R Kᵀ P ((K_p K_pᵀ + K Kᵀ + λ₀ C) P + α I)⁻¹`, MEMIT's preservation acting only
   inside the edit space.
 
@@ -85,7 +85,7 @@ class AlphaEditHParams(MEMITHParams):
             threshold means different things at layers whose key scales differ (on
             Gemma-3-270m `tr(C)` runs from 28 to 238 over layers 2–6, and 2e-2 leaves 4.5% to
             28.8% of it unprotected).
-        alpha: `α` of `(K_p K_pᵀ P + K Kᵀ P + α I)⁻¹` (the authors' `L2`, 10).
+        alpha: `α` of `((K_p K_pᵀ + K Kᵀ + λ₀ C) P + α I)⁻¹` (the authors' `L2`, 10).
         preserve_weight: `λ₀` of the soft preservation term inside the edit space (module
             docstring; ours). 0, the default, is the paper's update; in the units of
             MEMIT's `mom2_update_weight` (`C = E[k kᵀ]` per preserved key).
@@ -130,34 +130,48 @@ def alphaedit_hparams(model_or_name, *, layer: int | None = None, cache_dir=None
     return AlphaEditHParams(**asdict(memit_hparams(model_or_name, layer=layer, cache_dir=cache_dir)))
 
 
-def null_space_projector(C: Tensor, threshold: float) -> tuple[Tensor, int]:
-    """`(P, rank)`: the projector onto the eigenvectors of `C` with eigenvalues below `threshold`.
+def null_space_projector(C: Tensor, threshold: float | None = None, *, energy: float | None = None) -> tuple[Tensor, int]:
+    """`(P, rank)`: the projector onto the eigenvectors of `C` with eigenvalues below `threshold`,
+    or, given `energy` instead, onto the most eigenvectors (smallest eigenvalues first) whose
+    eigenvalues sum to at most `energy · tr(C)`.
 
     Args:
         C: the keys' second moment `E[k kᵀ]`, `[d_mlp, d_mlp]`, symmetric.
         threshold: eigenvalue bound (in `C`'s units, squared key activations).
+        energy: a share of `tr(C)` in (0, 1) (`nullspace_energy`), chosen on the same
+            eigendecomposition that gives `P`, so `tr(P C) / tr(C) ≤ energy` also where
+            eigenvalues tie.
 
     Returns:
-        `P = Û Ûᵀ` (`[d_mlp, d_mlp]`, float64) and its rank, the number of eigenvalues below
-        `threshold` (AlphaEdit section 3.2).
+        `P = Û Ûᵀ` (`[d_mlp, d_mlp]`, float64) and its rank (AlphaEdit section 3.2).
 
     Raises:
-        ValueError: no eigenvalue below `threshold` (rank 0: nothing could be edited).
+        ValueError: not exactly one of `threshold` and `energy`; a null space of rank 0
+            (nothing could be edited), naming the field that caused it.
     """
+    if (threshold is None) == (energy is None):
+        raise ValueError("give null_space_projector a threshold or an energy share, not both or neither")
     evals, evecs = torch.linalg.eigh(C.double())
-    keep = evals < threshold
-    rank = int(keep.sum())
+    if energy is None:
+        keep = evals < threshold
+        rank = int(keep.sum())
+        what = f"nullspace_threshold {threshold}"
+    else:
+        rank = int((torch.cumsum(evals, 0) <= energy * evals.sum()).sum())
+        keep = torch.arange(len(evals)) < rank  # eigh sorts ascending
+        what = f"nullspace_energy {energy}"
     if rank == 0:
         raise ValueError(
-            f"nullspace_threshold {threshold} leaves a null space of rank 0 (the smallest eigenvalue of C is "
-            f"{float(evals.min()):.3g}): no update could be made; raise the threshold"
+            f"{what} leaves a null space of rank 0 (the smallest eigenvalue of C is {float(evals.min()):.3g}, "
+            f"{float(evals.min() / evals.sum()):.3g} of tr(C)): no update could be made; raise it"
         )
     U = evecs[:, keep]
     return U @ U.T, rank
 
 
 def energy_threshold(C: Tensor, share: float) -> float:
-    """The eigenvalue threshold whose null space holds at most `share` of the keys' energy.
+    """The eigenvalue threshold whose null space holds at most `share` of the keys' energy (what
+    `nullspace_energy` records per layer; `null_space_projector(C, energy=share)` builds `P`).
 
     Args:
         C: the keys' second moment `E[k kᵀ]`, `[d_mlp, d_mlp]`, symmetric.
@@ -166,8 +180,8 @@ def energy_threshold(C: Tensor, share: float) -> float:
     Returns:
         `t` such that the eigenvalues of `C` below `t` are the `r` smallest and sum to at most
         `share · tr(C)` with `r` as large as possible: `t` lies midway between the `r`-th and
-        `(r+1)`-th smallest eigenvalues, so `null_space_projector(C, t)` has rank `r` (in
-        `C`'s units).
+        `(r+1)`-th smallest eigenvalues (in `C`'s units); where they tie, `t` cannot separate
+        them, and only `null_space_projector(C, energy=share)` has rank `r` for certain.
 
     Raises:
         ValueError: `share` is below the smallest eigenvalue's share of `tr(C)` (rank 0).
@@ -207,12 +221,14 @@ class AlphaEditSequence:
         self._recorded: set[str] = set()  # the model hashes the recorded edits were computed on
         self._projectors: dict[tuple, tuple[Tensor, int]] = {}
 
-    def projector(self, layer: int, C: Tensor, threshold: float) -> tuple[Tensor, int]:
-        """`null_space_projector(C, threshold)` for `layer`, computed once per statistics and threshold."""
+    def projector(self, layer: int, C: Tensor, threshold: float | None = None, *,
+                  energy: float | None = None) -> tuple[Tensor, int]:
+        """`null_space_projector(C, threshold, energy=energy)` for `layer`, computed once per
+        statistics and setting."""
         Cd = C.double()
-        key = (layer, threshold, tuple(C.shape), float(Cd.sum()), float(Cd.diagonal().sum()))
+        key = (layer, threshold, energy, tuple(C.shape), float(Cd.sum()), float(Cd.diagonal().sum()))
         if key not in self._projectors:
-            self._projectors[key] = null_space_projector(C, threshold)
+            self._projectors[key] = null_space_projector(C, threshold, energy=energy)
         return self._projectors[key]
 
     def check_fits(self, model) -> None:
@@ -249,6 +265,13 @@ class AlphaEditSequence:
         self._recorded.add(edit.model_hash)
 
 
+def _projector(hp: AlphaEditHParams, sequence: AlphaEditSequence, layer: int, C: Tensor) -> tuple[Tensor, int]:
+    """`(P, rank)` for `layer` by `hp`'s rule: `nullspace_energy` when set, else `nullspace_threshold`."""
+    if hp.nullspace_energy is not None:
+        return sequence.projector(layer, C, energy=hp.nullspace_energy)
+    return sequence.projector(layer, C, hp.nullspace_threshold)
+
+
 def alphaedit_solve(hp: AlphaEditHParams, stats: dict[int, Tensor], sequence: AlphaEditSequence, info: dict):
     """AlphaEdit Eq. 14's left factor for layer `l`: `A = (P (K_p K_pᵀ + K Kᵀ + λ₀ C) + α I)⁻¹ P K`
     (`[d_mlp, n]` float64; `ΔW_out = A R`; `λ₀ = preserve_weight`, 0 in the paper). Records in `info[l]` the null-space rank and
@@ -256,8 +279,7 @@ def alphaedit_solve(hp: AlphaEditHParams, stats: dict[int, Tensor], sequence: Al
     inside the edit space, which the update can still disturb (0 for an exact null space)."""
 
     def solve(layer: int, K: Tensor) -> Tensor:
-        threshold = hp.threshold(stats[layer])
-        P, rank = sequence.projector(layer, stats[layer], threshold)
+        P, rank = _projector(hp, sequence, layer, stats[layer])
         P = P.to(K.device)
         prior = sequence.kkt.get(layer)
         gram = K @ K.T if prior is None else prior.to(K.device) + K @ K.T
@@ -265,7 +287,8 @@ def alphaedit_solve(hp: AlphaEditHParams, stats: dict[int, Tensor], sequence: Al
         C = stats[layer].to(P)
         if hp.preserve_weight:
             gram = gram + hp.preserve_weight * C
-        info[layer] = {"threshold": threshold, "energy": hp.nullspace_energy, "rank": rank, "d_mlp": K.shape[0],
+        info[layer] = {"threshold": hp.threshold(stats[layer]), "nullspace_energy": hp.nullspace_energy, "rank": rank,
+                       "d_mlp": K.shape[0],
                        "prior_keys": sequence.n_keys,
                        # tr(P C) / tr(C) (both symmetric: the elementwise sum): the share of the
                        # preserved keys' energy that P does not protect; 0 for a true null space
@@ -300,7 +323,7 @@ def compute(
 
     Returns:
         An `Edit` (not applied), as MEMIT's, whose diagnostics add `nullspace`:
-        `{layer: {"threshold", "energy", "rank", "d_mlp", "prior_keys", "unprotected_energy"}}`.
+        `{layer: {"threshold", "nullspace_energy", "rank", "d_mlp", "prior_keys", "unprotected_energy"}}`.
 
     Raises:
         ValueError: what `memit.compute` raises before anything runs; a `sequence` that is
@@ -324,7 +347,7 @@ def compute(
     if stats is None:
         stats = layer_stats(model, list(hp.layers), corpus=corpus, n_tokens=hp.mom2_n_tokens, cache_dir=cache_dir, model_hash=bh)
     for layer in hp.layers:  # refuse a rank-0 null space before the (slow) optimisation
-        sequence.projector(layer, stats[layer], hp.threshold(stats[layer]))
+        _projector(hp, sequence, layer, stats[layer])
     templates = templates_for(model, hp.context_lengths, cache_dir=cache_dir, model_hash=bh)
     zs, curves, raw_targets = compute_zs(model, requests, hp, templates)
     info: dict[int, dict] = {}

@@ -48,26 +48,42 @@ def test_runs_of_other_settings_are_refused(tmp_path):
     b = trace_folder(tmp_path / "b", scores(), config=CONFIG | {"samples": 10})
     with pytest.raises(ValueError, match="samples"):
         compare_traces(a, b)
+    c = trace_folder(tmp_path / "c", scores(), config=CONFIG | {"groups": ["last"]})
+    with pytest.raises(ValueError, match="groups"):
+        compare_traces(a, c)
+    d = trace_folder(tmp_path / "d", scores(), config=CONFIG | {"groups": ["last"]})
+    with pytest.raises(ValueError, match="last_subject"):
+        compare_traces(c, d)
 
 
-def records_folder(path, rows, restored=True):
+def records_folder(path, rows, restored=True, method="rome"):
     path.mkdir()
     (path / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (path / "summary.json").write_text(json.dumps({"model_restored": restored}))
+    (path / "summary.json").write_text(json.dumps({"model_restored": restored, "model": "tiny", "method": method,
+                                                   "batch": None, "hparams": "preset"}))
     return path
 
 
 def test_records_are_matched_by_case_id_and_every_number_compared(tmp_path, capsys):
-    row = {"case_id": 3, "es": 1.0, "nll": {"rewrite": {"new": [0.5, 0.25]}}, "text": ["x"]}
+    row = {"case_id": 3, "es": 1.0, "nll": {"rewrite": {"new": [0.5, 0.25]}}, "text": ["x"], "seconds": 4.0}
     a = records_folder(tmp_path / "a", [row, row | {"case_id": 4}])
-    b = records_folder(tmp_path / "b", [row | {"case_id": 4}, row | {"nll": {"rewrite": {"new": [0.5, 0.5]}}, "text": ["y"]}],
+    b = records_folder(tmp_path / "b", [row | {"case_id": 4, "seconds": 9.0},
+                                        row | {"nll": {"rewrite": {"new": [0.5, 0.5]}}, "text": ["y"], "es": float("nan")}],
                        restored=False)
     r = compare_records(a, b)
     assert r["case_ids"] == 2 and r["only_a"] == r["only_b"] == []
-    assert r["max_abs"] == {"case_id": 0.0, "es": 0.0, "nll": 0.25}
+    assert r["max_abs"] == {"es": float("inf"), "nll": 0.25}  # a NaN on one side only is a difference; times are not
     assert r["texts_equal"] is False and r["model_restored"] == {"a": True, "b": False}
     main(["--records", str(a), str(b)])
     assert "nll 0.25" in capsys.readouterr().out
+
+
+def test_records_of_another_method_are_refused(tmp_path):
+    row = {"case_id": 3, "es": 1.0}
+    a = records_folder(tmp_path / "a", [row])
+    b = records_folder(tmp_path / "b", [row], method="memit")
+    with pytest.raises(ValueError, match="method"):
+        compare_records(a, b)
 
 
 def test_nothing_to_compare_is_an_error():

@@ -57,17 +57,34 @@ def test_an_energy_share_picks_the_largest_null_space_within_it():
             with pytest.raises(ValueError, match="nullspace_energy .* rank 0"):
                 energy_threshold(C, share)
             continue
-        P, r = null_space_projector(C, energy_threshold(C, share))
+        P, r = null_space_projector(C, energy=share)
         assert r == rank and float((P * C).sum() / C.trace()) <= share  # within the share, and
+        assert null_space_projector(C, energy_threshold(C, share))[1] == rank  # the threshold recorded for it
         assert float(lam[: rank + 1].sum()) > share                       # one more direction would not be
     # on a spread-out spectrum (keys of very different scales), every share gives exactly the rank it implies
     X = torch.randn(300, 200, generator=gen) * torch.logspace(-2, 1, 200)
     W = (X.T @ X / 300).float()
     lam = torch.linalg.eigvalsh(W.double())
     for share in [0.002 * i for i in range(1, 30)]:
-        P, r = null_space_projector(W, energy_threshold(W, share))
+        P, r = null_space_projector(W, energy=share)
         assert r == int((torch.cumsum(lam, 0) <= share * lam.sum()).sum()), share
         assert float((P * W.double()).sum() / W.double().trace()) <= share + 1e-12, share
+    # tied eigenvalues at the boundary: the share still decides the rank, and a rank 0 names the share
+    ties = torch.diag(torch.tensor([1, 2, 2, 3, 92], dtype=torch.float64) / 100)
+    assert null_space_projector(ties, energy=0.035)[1] == 2
+    assert null_space_projector(torch.eye(10, dtype=torch.float64), energy=0.35)[1] == 3
+    with pytest.raises(ValueError, match="nullspace_energy 0.005 .* rank 0"):
+        null_space_projector(ties, energy=0.005)
+    with pytest.raises(ValueError, match="not both"):
+        null_space_projector(ties, 0.1, energy=0.1)
+    # the solve builds P by the share, layer by layer, and records it
+    info = {}
+    seq = AlphaEditSequence()
+    for scale, layer in ((1.0, 0), (10.0, 1)):
+        alphaedit_solve(replace(HP, nullspace_energy=0.0201), {0: C, 1: scale * C}, seq, info)(layer, torch.randn(10, 2, dtype=torch.float64, generator=gen))
+    for layer, scale in ((0, 1.0), (1, 10.0)):
+        assert info[layer]["rank"] == 5 and info[layer]["nullspace_energy"] == 0.0201
+        assert info[layer]["unprotected_energy"] <= 0.0201 and info[layer]["threshold"] == pytest.approx(0.015 * scale)
     # per layer: the same share means a different threshold where the key scale differs
     hp = replace(HP, nullspace_energy=0.0201)
     assert hp.threshold(C) == pytest.approx(0.015) and hp.threshold(10 * C) == pytest.approx(0.15)  # midway to the next
