@@ -27,6 +27,7 @@ import json
 import math
 from pathlib import Path
 
+from benchmarks.runner import RECORDS, read_rows
 from benchmarks.trace_precision import compare_scores
 from tracer.dataset import read_run
 
@@ -70,12 +71,10 @@ def _edit_layer(folder: Path) -> int:
 
 
 def _rows(folder: Path) -> dict:
-    rows = {}
-    for line in (folder / "records.jsonl").read_text().splitlines():
-        if line.strip():
-            r = json.loads(line)
-            rows[r["case_id"]] = r
-    return rows
+    """`records.jsonl` keyed by case_id (`runner.read_rows`: a torn last line is left out)."""
+    if not (folder / RECORDS).is_file():
+        raise FileNotFoundError(f"no {RECORDS} in {folder}")
+    return {r["case_id"]: r for r in read_rows(folder / RECORDS)}
 
 
 def _numbers(x, prefix=""):

@@ -155,18 +155,29 @@ def null_space_projector(C: Tensor, threshold: float | None = None, *, energy: f
     if energy is None:
         keep = evals < threshold
         rank = int(keep.sum())
-        what = f"nullspace_threshold {threshold}"
+        if rank == 0:
+            raise ValueError(
+                f"nullspace_threshold {threshold} leaves a null space of rank 0 (the smallest eigenvalue of C is "
+                f"{float(evals.min()):.3g}): no update could be made; raise the threshold"
+            )
     else:
-        rank = int((torch.cumsum(evals, 0) <= energy * evals.sum()).sum())
+        rank = _energy_rank(evals, energy)
         keep = torch.arange(len(evals)) < rank  # eigh sorts ascending
-        what = f"nullspace_energy {energy}"
-    if rank == 0:
-        raise ValueError(
-            f"{what} leaves a null space of rank 0 (the smallest eigenvalue of C is {float(evals.min()):.3g}, "
-            f"{float(evals.min() / evals.sum()):.3g} of tr(C)): no update could be made; raise it"
-        )
     U = evecs[:, keep]
     return U @ U.T, rank
+
+
+def _energy_rank(evals: Tensor, share: float) -> int:
+    """How many of the ascending `evals` (of `C`) fit in `share · tr(C)`, smallest first.
+
+    Raises:
+        ValueError: none fit (a null space of rank 0).
+    """
+    r = int((torch.cumsum(evals, 0) <= share * evals.sum()).sum())
+    if r == 0:
+        raise ValueError(f"nullspace_energy {share} leaves a null space of rank 0 (the smallest eigenvalue alone is "
+                         f"{float(evals[0] / evals.sum()):.3g} of tr(C)): no update could be made; raise it")
+    return r
 
 
 def energy_threshold(C: Tensor, share: float) -> float:
@@ -187,11 +198,7 @@ def energy_threshold(C: Tensor, share: float) -> float:
         ValueError: `share` is below the smallest eigenvalue's share of `tr(C)` (rank 0).
     """
     evals = torch.linalg.eigvalsh(C.double())
-    within = torch.cumsum(evals, 0) <= share * evals.sum()
-    r = int(within.sum())
-    if r == 0:
-        raise ValueError(f"nullspace_energy {share} leaves a null space of rank 0 (the smallest eigenvalue alone is "
-                         f"{float(evals[0] / evals.sum()):.3g} of tr(C)): no update could be made; raise it")
+    r = _energy_rank(evals, share)
     if r == len(evals):  # only for C = 0
         return float("inf")
     return float(evals[r - 1] + evals[r]) / 2  # midway: robust to eigh and eigvalsh differing in the last bits
@@ -199,7 +206,8 @@ def energy_threshold(C: Tensor, share: float) -> float:
 
 class AlphaEditSequence:
     """The keys of the AlphaEdit batches applied so far: per layer `K_p K_pᵀ` (`[d_mlp, d_mlp]`,
-    float64) and the null-space projectors, computed once per layer and reused.
+    float64) and the null-space projectors (with the threshold each implies), computed once
+    per layer and reused.
 
     Pass it to `compute(..., sequence=seq)` for every batch of a sequence, and call
     `seq.record(model, edit)` after applying each batch: it adds the batch's keys, read on the
@@ -219,16 +227,18 @@ class AlphaEditSequence:
         self.kkt: dict[int, Tensor] = {}
         self.n_keys = 0
         self._recorded: set[str] = set()  # the model hashes the recorded edits were computed on
-        self._projectors: dict[tuple, tuple[Tensor, int]] = {}
+        self._projectors: dict[tuple, tuple[Tensor, int, float]] = {}
 
     def projector(self, layer: int, C: Tensor, threshold: float | None = None, *,
-                  energy: float | None = None) -> tuple[Tensor, int]:
-        """`null_space_projector(C, threshold, energy=energy)` for `layer`, computed once per
-        statistics and setting."""
+                  energy: float | None = None) -> tuple[Tensor, int, float]:
+        """`(P, rank, threshold)`: `null_space_projector(C, threshold, energy=energy)` for
+        `layer` and the eigenvalue threshold it stands for (`energy_threshold(C, energy)` for a
+        share), computed once per statistics and setting."""
         Cd = C.double()
         key = (layer, threshold, energy, tuple(C.shape), float(Cd.sum()), float(Cd.diagonal().sum()))
         if key not in self._projectors:
-            self._projectors[key] = null_space_projector(C, threshold, energy=energy)
+            P, rank = null_space_projector(C, threshold, energy=energy)
+            self._projectors[key] = (P, rank, threshold if energy is None else energy_threshold(C, energy))
         return self._projectors[key]
 
     def check_fits(self, model) -> None:
@@ -265,11 +275,10 @@ class AlphaEditSequence:
         self._recorded.add(edit.model_hash)
 
 
-def _projector(hp: AlphaEditHParams, sequence: AlphaEditSequence, layer: int, C: Tensor) -> tuple[Tensor, int]:
-    """`(P, rank)` for `layer` by `hp`'s rule: `nullspace_energy` when set, else `nullspace_threshold`."""
-    if hp.nullspace_energy is not None:
-        return sequence.projector(layer, C, energy=hp.nullspace_energy)
-    return sequence.projector(layer, C, hp.nullspace_threshold)
+def _projector(hp: AlphaEditHParams, sequence: AlphaEditSequence, layer: int, C: Tensor) -> tuple[Tensor, int, float]:
+    """`(P, rank, threshold)` for `layer` by `hp`'s rule: `nullspace_energy` when set, else `nullspace_threshold`."""
+    threshold = hp.nullspace_threshold if hp.nullspace_energy is None else None
+    return sequence.projector(layer, C, threshold, energy=hp.nullspace_energy)
 
 
 def alphaedit_solve(hp: AlphaEditHParams, stats: dict[int, Tensor], sequence: AlphaEditSequence, info: dict):
@@ -279,7 +288,7 @@ def alphaedit_solve(hp: AlphaEditHParams, stats: dict[int, Tensor], sequence: Al
     inside the edit space, which the update can still disturb (0 for an exact null space)."""
 
     def solve(layer: int, K: Tensor) -> Tensor:
-        P, rank = _projector(hp, sequence, layer, stats[layer])
+        P, rank, threshold = _projector(hp, sequence, layer, stats[layer])
         P = P.to(K.device)
         prior = sequence.kkt.get(layer)
         gram = K @ K.T if prior is None else prior.to(K.device) + K @ K.T
@@ -287,7 +296,7 @@ def alphaedit_solve(hp: AlphaEditHParams, stats: dict[int, Tensor], sequence: Al
         C = stats[layer].to(P)
         if hp.preserve_weight:
             gram = gram + hp.preserve_weight * C
-        info[layer] = {"threshold": hp.threshold(stats[layer]), "nullspace_energy": hp.nullspace_energy, "rank": rank,
+        info[layer] = {"threshold": threshold, "nullspace_energy": hp.nullspace_energy, "rank": rank,
                        "d_mlp": K.shape[0],
                        "prior_keys": sequence.n_keys,
                        # tr(P C) / tr(C) (both symmetric: the elementwise sum): the share of the
