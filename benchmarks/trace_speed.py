@@ -12,8 +12,10 @@ Run:
     python -m benchmarks.trace_speed --facts ../shared/data/known_1000.json   # + projection
 
 Prints wall time per method and kind, speedup, restored runs per second, estimated FLOPs
-against the measured matmul throughput of this machine, peak memory, and a projected time
-for tracing the whole known_1000 set with all three kinds.
+against the measured matmul throughput of this machine (the FLOP floor), what the model's
+own hook-free forward reaches at the trace's shapes (`forward_gflops`: the time the
+trace's FLOPs would take at that rate, a ceiling no hook-based trace beats), peak memory,
+and a projected time for tracing the whole known_1000 set with all three kinds.
 """
 
 from __future__ import annotations
@@ -123,6 +125,40 @@ def matmul_gflops(size: int = 1024, reps: int = 10, dtype: torch.dtype = torch.f
     return 2 * size**3 * reps / (time.perf_counter() - t) / 1e9
 
 
+@torch.no_grad()
+def forward_gflops(model, n_tokens: int, batch: int = 128, reps: int = 3) -> tuple[float, float]:
+    """What the model's own forward reaches here, hook-free, in GFLOP/s: `(blocks, unembedding)`.
+
+    The blocks run `batch` rows of `n_tokens` positions through every layer (no cache, no
+    hooks: full-length rows are the trace's largest, most efficient matmuls, so this is an
+    optimistic ceiling for its batches); the unembedding maps `batch` final residuals to
+    log-probabilities over the vocabulary, as each restored row of the trace does. FLOPs are
+    counted as `layer_flops` and `2 d_model d_vocab` per row.
+
+    Args:
+        model: a TransformerLens model (either API), in the dtype to measure.
+        n_tokens: positions per row.
+        batch: rows per forward pass (the trace's default `batch_size`).
+        reps: timed repetitions after one warm-up.
+    """
+    from tracer.model import final_logits, final_resid, model_device  # noqa: PLC0415
+
+    cfg = model.cfg
+    ids = torch.randint(0, cfg.d_vocab, (batch, n_tokens), device=model_device(model))
+    final_resid(model, ids)
+    t = time.perf_counter()
+    for _ in range(reps):
+        resid = final_resid(model, ids)
+    body = batch * cfg.n_layers * layer_flops(cfg, n_tokens) * reps / (time.perf_counter() - t) / 1e9
+    last = resid[:, -1]
+    final_logits(model, last).float().log_softmax(-1)
+    t = time.perf_counter()
+    for _ in range(reps):
+        final_logits(model, last).float().log_softmax(-1)
+    unembed = batch * 2 * cfg.d_model * cfg.d_vocab * reps / (time.perf_counter() - t) / 1e9
+    return body, unembed
+
+
 def main(argv=None) -> int:
     """Run `python -m benchmarks.trace_speed`: time the paper's tracing against `trace_prompt`.
 
@@ -182,6 +218,7 @@ def main(argv=None) -> int:
         runs32 = prepare_runs(model, args.prompt, args.subject, samples=S, noise=NoiseScale(value=noise_std), seed=args.seed)
         fp32 = {kind: restore_scores(model, runs32, kind=kind, window=args.window, batch_size=args.batch_size) for kind in kinds}
         out["fp32_fast_s"] = time.perf_counter() - t0
+        fp32_rates = forward_gflops(model, T, batch=args.batch_size)
         cast_model(model, args.dtype)
         warm_up()
     t0 = time.perf_counter()
@@ -217,11 +254,13 @@ def main(argv=None) -> int:
     body_all = n * layer_flops(cfg, T)
     ref_flops = fast_flops = 0.0
     fast_flops += (1 + S) * (body_all + T * unembed) / T  # clean + corrupted runs, last-position unembed
+    fast_unembed = (1 + S) * unembed  # the unembedding's share of fast_flops, counted apart for the ceiling
     for kind in kinds:
         ref_flops += T * n * (S + 1) * (body_all + T * unembed)
         for cond in _conditions(kind, T, n, runs.first_changed, args.window):
             tok = cond.tok.repeat_interleave(S)
             fast_flops += len(tok) * unembed
+            fast_unembed += len(tok) * unembed
             # with the key/value cache (TransformerLens 3.x) a batch computes positions min(tok).. only
             for idx in _chunks(tok, args.batch_size, n_pos=T if runs.corrupt_kv is not None else None):
                 p0 = int(tok[idx].min()) if runs.corrupt_kv is not None else 0
@@ -248,6 +287,19 @@ def main(argv=None) -> int:
     print(f"restored runs (token x layer x sample): {runs_n}; per second: reference {runs_n / t_ref:.0f}, trace_prompt {runs_n / t_fast:.0f}")
     print(f"estimated FLOPs: reference {ref_flops / 1e12:.2f} TFLOP, trace_prompt {fast_flops / 1e12:.3f} TFLOP ({ref_flops / fast_flops:.1f}x fewer)")
     print(f"matmul throughput here (1024^3 {args.dtype}): {gflops:.1f} GFLOP/s -> achieved: reference {ref_flops / t_ref / 1e9:.1f} GFLOP/s, trace_prompt {fast_flops / t_fast / 1e9:.1f} GFLOP/s")
+    body_rate, unembed_rate = forward_gflops(model, T, batch=args.batch_size)
+    floor_s = fast_flops / gflops / 1e9
+    ceiling_s = ((fast_flops - fast_unembed) / body_rate + fast_unembed / unembed_rate) / 1e9
+    print(f"FLOP floor at the matmul probe: {floor_s:.2f} s; trace_prompt at {t_fast / floor_s:.2f}x the floor")
+    print(f"the model's own hook-free forward here ({args.batch_size} rows of {T} tokens): blocks {body_rate:.1f} GFLOP/s, "
+          f"unembedding + log-softmax {unembed_rate:.1f} GFLOP/s -> trace_prompt's FLOPs at those rates {ceiling_s:.2f} s "
+          f"({ceiling_s / floor_s:.2f}x the floor); trace_prompt at {t_fast / ceiling_s:.2f}x that")
+    out.update(floor_s=floor_s, forward_gflops={"blocks": body_rate, "unembed": unembed_rate}, forward_ceiling_s=ceiling_s)
+    if fp32:  # how much faster the reduced dtype makes the model's own forward: a bound on what the trace can gain
+        ceiling32 = ((fast_flops - fast_unembed) / fp32_rates[0] + fast_unembed / fp32_rates[1]) / 1e9
+        print(f"the same hook-free forward in float32: blocks {fp32_rates[0]:.1f}, unembedding {fp32_rates[1]:.1f} GFLOP/s -> "
+              f"{ceiling32:.2f} s; {args.dtype} makes the model's own forward {ceiling32 / ceiling_s:.2f}x faster")
+        out.update(forward_gflops_fp32={"blocks": fp32_rates[0], "unembed": fp32_rates[1]}, forward_speedup_over_fp32=ceiling32 / ceiling_s)
     print(f"peak RSS: after model load {rss_model:.0f} MiB, after trace_prompt {rss_fast:.0f} MiB, after reference {rss_ref:.0f} MiB")
     out.update(reference_s=t_ref, fast_s=t_fast, prep_s=t_prep, speedup=t_ref / t_fast, agree=ok, ref_tflop=ref_flops / 1e12, fast_tflop=fast_flops / 1e12, matmul_gflops=gflops, rss_mib=[rss_model, rss_fast, rss_ref])
     if args.facts:
