@@ -254,6 +254,15 @@ def test_map_yields_every_task_once_on_both_workers(pool):
 
 
 @needs_ray
+def test_ray_overhead_round_trips_payloads_through_the_pool(pool):
+    from benchmarks.ray_overhead import overhead
+
+    out = overhead(pool, tasks=10, payload=1000, latency_n=2)
+    assert out["tasks"] == 10 and out["workers"] == 2 and out["per_task_ms"] > 0
+    assert out["latency_ms"]["min"] <= out["latency_ms"]["median"] <= out["latency_ms"]["max"]
+
+
+@needs_ray
 def test_cli_traces_facts_on_workers(pool, model, single, tmp_path, monkeypatch, capsys):
     from tests.tracer.ray_models import KeepOpen
     from tracer import workers
