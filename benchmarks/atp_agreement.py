@@ -1,7 +1,7 @@
 """How well attribution patching screens for the exact causal trace (a script, not a test).
 
 Traces the same known facts twice, exactly (`trace_dataset`) and with attribution-patching
-estimates (`method="atp"`), each into its own resumable folder, and compares them per fact
+estimates (`--method atp`, or `atp-logp`, the log-space estimate), each into its own resumable folder, and compares them per fact
 and kind (resid, mlp, attn) over the cells from the first subject token on (earlier tokens
 are `low` in both, exactly, and would inflate the agreement):
 
@@ -14,6 +14,7 @@ are `low` in both, exactly, and would inflate the agreement):
 Run:
     python -m benchmarks.atp_agreement --facts ../shared/data/known_1000.json --n 50 --out results/atp-agreement
     python -m benchmarks.atp_agreement --n 50 --exact docs/results/fig2-known1000 --out results/atp-agreement
+    python -m benchmarks.atp_agreement --n 490 --method atp-logp --exact docs/results/fig2-known1000 --out results/atp-logp
 
 Writes `<out>/agreement.json` (per fact and the summary) and prints the summary.
 """
@@ -92,6 +93,7 @@ def main(argv=None) -> dict:
                     help="reuse this exact trace_dataset folder (e.g. the whole known_1000 run) instead of tracing "
                     "exactly into <out>/exact; its samples, window, seed and noise std are used for AtP too, and it "
                     "must hold --n known facts (it is only read)")
+    ap.add_argument("--method", default="atp", choices=("atp", "atp-logp"), help="the estimate compared with the exact trace")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
 
@@ -105,7 +107,7 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
     common = dict(n=args.n, samples=args.samples, window=args.window)
-    folders = {"exact": Path(args.exact) if args.exact else out / "exact", "atp": out / "atp"}
+    folders = {"exact": Path(args.exact) if args.exact else out / "exact", "atp": out / args.method}
     if args.exact:  # the folder's own settings and noise std (else trace_dataset refuses it), and never traced into
         try:
             cfg, lines = read_run(folders["exact"])
@@ -121,14 +123,15 @@ def main(argv=None) -> dict:
             raise SystemExit(f"--exact {args.exact} holds {kept} known facts, fewer than --n {args.n}")
     model = load_model(args.model)
     results = {}
-    for method in ("exact", "atp"):
-        results[method] = trace_dataset(model, args.facts, out=folders[method], method=method, **common)
+    methods = {"exact": "exact", "atp": args.method}  # role -> the method traced in that role
+    for role, method in methods.items():
+        results[role] = trace_dataset(model, args.facts, out=folders[role], method=method, **common)
     exact, atp = (read_run(folders[m])[1] for m in ("exact", "atp"))
     ids = [str(i) for i in results["exact"].known_ids]
     per_fact = {i: compare_fact(exact[i], atp[i], common.get("kinds", KINDS)) for i in ids}
     choice = {m: choose_from_result(r) for m, r in results.items()}
     summary = {
-        "model": args.model, "facts": len(ids), "samples": args.samples, "window": args.window,
+        "model": args.model, "facts": len(ids), "samples": args.samples, "window": args.window, "estimate": args.method,
         "kinds": summarize(per_fact, common.get("kinds", KINDS)),
         "layer_choice": {m: {"layer": c.layer, "runner_up": c.runner_up, "curve": list(c.curve)} for m, c in choice.items()},
         "same_layer": choice["exact"].layer == choice["atp"].layer,
@@ -137,13 +140,13 @@ def main(argv=None) -> dict:
         facts = {str(f.known_id): f for f in load_facts(args.facts)}
         timing = {}
         noise = NoiseScale(value=results["exact"].noise_std)
-        for method in ("exact", "atp"):
+        for role, method in methods.items():
             t = time.perf_counter()
             for i in ids[: args.time_n]:
                 f = facts[i]
                 trace_all(model, f.prompt.replace("{}", f.subject), f.subject, samples=args.samples, window=args.window,
                           noise=noise, method=method)
-            timing[method] = (time.perf_counter() - t) / min(args.time_n, len(ids))
+            timing[role] = (time.perf_counter() - t) / min(args.time_n, len(ids))
         summary["seconds_per_fact"] = timing
         summary["speedup"] = timing["exact"] / timing["atp"]
         summary["torch_threads"] = torch.get_num_threads()

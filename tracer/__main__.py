@@ -15,6 +15,7 @@ import logging
 import sys
 from pathlib import Path
 
+from tracer.attribution import estimate_label, is_estimate
 from tracer.hooks import KINDS
 from tracer.model import DTYPES, add_model_args
 from tracer.workers import add_ray_args
@@ -44,8 +45,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--noise", type=float, default=3.0, help="noise std as a multiple of the embedding std (default: 3)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=128, help="restored runs per forward pass")
-    p.add_argument("--method", default="exact", choices=("exact", "atp"),
-                   help="exact: restored runs (default); atp: attribution-patching estimates, one backward pass per prompt")
+    p.add_argument("--method", default="exact", choices=("exact", "atp", "atp-logp"),
+                   help="exact: restored runs (default); atp: attribution-patching estimates, one backward pass per prompt; "
+                   "atp-logp: the same pass on log p, mapped back to probabilities (estimates on the exact scale)")
     p.add_argument("--noise-reference", help="known_1000.json whose subjects set the embedding std (default: built-in list)")
     p.add_argument("--out", help="single prompt: .html/.png/.json file; dataset: output folder")
     p.add_argument("--save-json", action="store_true", help="with a figure --out, also write the results as .json next to it")
@@ -122,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{k:5s} {g:16s}: peak AIE {float(m[best]):.4f} ± {float(c[best]):.4f} at layer {best}")
             if "mlp" in kinds:
                 ch = choose_edit_layer(model, res)  # an exact choice is also cached for the editors' default_layer
-                est = " [AtP estimate, not cached]" if ch.method == "atp" else ""
+                est = f" [{estimate_label(ch.method)}, not cached]" if is_estimate(ch.method) else ""
                 print(f"chosen edit layer{est}: {ch.layer} (MLP AIE at last subject token {ch.curve[ch.layer]:.4f} ± {ch.ci[ch.layer]:.4f}, runner-up layer {ch.runner_up}, margin {ch.margin:.4f}, {ch.n_facts} facts)")
         if args.out:
             res.save(args.out)
@@ -144,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in results:
         ie = r.indirect_effect()
         t, layer = divmod(int(ie.argmax()), ie.shape[1])
-        print(f"{r.kind:5s}: max indirect effect{' (AtP estimate)' if r.method == 'atp' else ''} {float(ie.max()):+.4f} at token {r.labels()[t]!r} layer {layer}")
+        print(f"{r.kind:5s}: max indirect effect{f' ({estimate_label(r.method)})' if is_estimate(r.method) else ''} {float(ie.max()):+.4f} at token {r.labels()[t]!r} layer {layer}")
     if args.out:
         if args.out.endswith(".json"):
             from tracer.files import atomic_write_text  # noqa: PLC0415

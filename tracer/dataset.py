@@ -58,7 +58,7 @@ from tracer.prompts import encode, target_ids
 from tracer.files import atomic_write_text
 from tracer.result import TraceResult, save_figure
 from tracer.resume import append_jsonl, read_jsonl
-from tracer.attribution import attribution_scores, check_method
+from tracer.attribution import attribution_scores, check_method, estimate_label, is_estimate
 from tracer.trace import prepare_runs, restore_scores
 
 log = logging.getLogger(__name__)
@@ -251,8 +251,8 @@ class DatasetTraceResult:
         window: mlp/attn window.
         samples: noise samples.
         noise_std: noise standard deviation, in `hook_embed` units.
-        method: "exact" (restored runs) or "atp" (attribution-patching estimates,
-            `tracer.attribution`); the summary and the plot titles say which.
+        method: "exact" (restored runs), or "atp" or "atp-logp" (attribution-patching
+            estimates, `tracer.attribution`); the summary and the plot titles say which.
 
     Raises:
         ValueError: from `mean`, `ci`, `curve` and the plots, for a kind that was not
@@ -319,7 +319,7 @@ class DatasetTraceResult:
         return self.effects[kind]
 
     def _estimate(self) -> str:
-        return ", AtP estimate" if self.method == "atp" else ""
+        return f", {estimate_label(self.method)}" if is_estimate(self.method) else ""
 
     def summary(self) -> dict:
         """JSON-able summary: counts, average total effect, and mean/CI tables per kind.
@@ -338,7 +338,7 @@ class DatasetTraceResult:
             "samples": self.samples,
             "noise_std": self.noise_std,
             "method": self.method,
-            "estimate": self.method == "atp",
+            "estimate": is_estimate(self.method),
             "groups": list(GROUPS),
         }
         if self.n_facts:
@@ -553,8 +553,8 @@ def trace_fact(
     rec["subject_span"] = list(runs.prompt.subject)
     rec["tokens"] = list(runs.prompt.tokens)
     rec["high"], rec["low"] = runs.high, runs.low
-    if method == "atp":
-        est = attribution_scores(model, runs, kinds=tuple(kinds), window=window)
+    if is_estimate(method):
+        est = attribution_scores(model, runs, kinds=tuple(kinds), window=window, method=method)
         rec["scores"] = {k: _nan_list(est[k]) for k in kinds}
     else:
         rec["scores"] = {
@@ -605,10 +605,11 @@ def trace_dataset(
             else the built-in list.
         noise_cache: a `NoiseCache` to reuse.
         progress: show a tqdm bar.
-        method: "exact" (restored runs) or "atp": attribution-patching **estimates**, every
-            kind of a fact from one corrupted forward and backward pass (`tracer.attribution`;
-            every token group, `groups` then only selects the tokens kept). The method is part
-            of the run's `config.json`, so an `out` folder holds one or the other.
+        method: "exact" (restored runs), or "atp" or "atp-logp": attribution-patching
+            **estimates**, every kind of a fact from one corrupted forward and backward pass
+            (`tracer.attribution`; every token group, `groups` then only selects the tokens
+            kept). The method is part of the run's `config.json`, so an `out` folder holds
+            one method only.
         workers: a `tracer.workers.WorkerPool` holding the same model: each known fact is
             traced (`trace_fact`) by a worker, and only this process appends to
             `traces.jsonl`, in completion order. This process still resolves the noise and

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from tracer.attribution import estimate_label, is_estimate
 from tracer.dataset import DatasetTraceResult, trace_dataset
 from tracer.files import atomic_write_text, safe_name
 from tracer.model import bos_cache_tag, final_resid, model_device, model_name, weights_hash
@@ -53,8 +54,9 @@ class LayerChoice:
         window: restoration window used.
         runner_up: second-best layer.
         margin: `curve[layer] - curve[runner_up]`; compare with `ci` to judge how clear the choice is.
-        method: "exact" (causal traces) or "atp" (from attribution-patching **estimates**;
-            such a choice is not cached for the editor, which reads exact choices only).
+        method: "exact" (causal traces), or "atp" or "atp-logp" (from attribution-patching
+            **estimates**; such a choice is not cached for the editor, which reads exact
+            choices only).
     """
 
     layer: int
@@ -81,7 +83,7 @@ class LayerChoice:
         fig.add_vline(x=self.layer, line_dash="dash", annotation_text=f"layer {self.layer}")
         fig.update_layout(
             title=f"Average indirect effect of {self.kind.upper()} at the last subject token ({self.n_facts} facts)"
-            + (", AtP estimate" if self.method == "atp" else ""),
+            + (f", {estimate_label(self.method)}" if is_estimate(self.method) else ""),
             xaxis_title=f"center of {self.window}-layer window",
             yaxis_title="average indirect effect",
             template="simple_white",
@@ -149,7 +151,7 @@ def choose_edit_layer(
             given, the embedding statistics the noise scale is measured from (`<root>/noise`);
             "none" writes nothing. The choice is written whenever `model` is given, whatever `n`.
         **trace_kwargs: more `trace_dataset` options (noise, seed, batch_size, ...);
-            `method="atp"` chooses from attribution-patching estimates (a quick screen,
+            `method="atp"` (or `"atp-logp"`) chooses from attribution-patching estimates (a quick screen,
             labelled as such and not cached for the editor).
 
     Returns:

@@ -25,6 +25,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from tracer.attribution import estimate_label, is_estimate
 from tracer.files import atomic_path, atomic_write_text
 
 #: Colour scale per kind, as in the paper's Figure 1.
@@ -59,9 +60,9 @@ class TraceResult:
         severed: None, or the sublayer frozen at later layers ("mlp"/"attn").
         corrupted_prompt: the prompt used instead of noise, if any.
         model_name: the traced model.
-        method: "exact" (restored runs, the paper's causal trace) or "atp" (attribution-
-            patching **estimates** of the same scores, `tracer.attribution`); titles,
-            hover text and saved JSON say which.
+        method: "exact" (restored runs, the paper's causal trace), or "atp" or "atp-logp"
+            (attribution-patching **estimates** of the same scores, `tracer.attribution`);
+            titles, hover text and saved JSON say which.
     """
 
     scores: Float[Tensor, "pos layer"]
@@ -103,7 +104,7 @@ class TraceResult:
             title = "Impact of restoring state after corrupted input"
         else:
             title = f"Impact of restoring {KIND_NAMES[self.kind]} after corrupted input"
-        return title + (" (AtP estimate)" if self.method == "atp" else "")
+        return title + (f" ({estimate_label(self.method)})" if is_estimate(self.method) else "")
 
     def xlabel(self) -> str:
         """The x-axis label: the restored layer, or the centre of the restored window."""
@@ -120,7 +121,7 @@ class TraceResult:
         n_pos, n_layers = scores.shape
         labels = self.labels()
         custom = [[[labels[t], float(ie[t, l])] for l in range(n_layers)] for t in range(n_pos)]
-        est = " est." if self.method == "atp" else ""
+        est = " est." if is_estimate(self.method) else ""
         colorbar = dict(title=dict(text=f"p({self.target.strip()}){est}", side="bottom"), len=0.9)
         if colorbar_x is not None:
             colorbar["x"] = colorbar_x

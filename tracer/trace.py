@@ -61,7 +61,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from tracer.attribution import attribution_scores, check_method
+from tracer.attribution import attribution_scores, check_method, is_estimate
 from tracer.batching import prefix_batches
 from tracer.hooks import EMBED, KINDS, hook_layer, hook_name, hooks, resolve_hook
 from tracer.model import final_logits, final_resid, model_device, model_name, prefix_kv_cache, recording, resume_with_prefix, run_until
@@ -648,7 +648,9 @@ def trace_prompt(
             "atp": attribution-patching **estimates** of the same scores from one corrupted
             forward and backward pass (all samples in one batch; `tracer.attribution`),
             marked `method="atp"` in the result, its plots and its JSON; not with `severed`
-            or `metric_at`.
+            or `metric_at`. "atp-logp": the same pass expanding `log p(target)` instead,
+            mapped back to probabilities (estimates on the exact trace's scale; the
+            probability metric only).
 
     Returns:
         A `TraceResult` with `scores[pos, layer]`, `low`, `high` and metadata (with a
@@ -657,7 +659,8 @@ def trace_prompt(
     Raises:
         ValueError: bad arguments (see `prepare_runs`), a metric that does not return a
             finite `[batch]` tensor, a `metric_at` that is not a hook point of `model`, an
-            unknown `method`, or `method="atp"` with `severed` or `metric_at`.
+            unknown `method`, an AtP `method` with `severed` or `metric_at`, or "atp-logp"
+            with a `metric`.
 
     Example:
         >>> res = trace_prompt(model, "The Eiffel Tower is located in the city of", "Eiffel Tower")
@@ -672,8 +675,8 @@ def trace_prompt(
     if isinstance(window, bool) or not isinstance(window, int) or window < 1:
         raise ValueError(f"window {window!r} must be an integer >= 1")
     check_method(method)
-    if method == "atp" and (severed is not None or metric_at is not None):
-        raise ValueError(f"method 'atp' estimates plain restorations only; got severed={severed!r}, metric_at={metric_at!r}")
+    if is_estimate(method) and (severed is not None or metric_at is not None):
+        raise ValueError(f"method {method!r} estimates plain restorations only; got severed={severed!r}, metric_at={metric_at!r}")
     if corrupted_prompt is not None:
         samples = 1
     if metric_at is not None:
@@ -692,8 +695,8 @@ def trace_prompt(
             noise_cache=noise_cache,
             device=device,
         )
-    if method == "atp":
-        scores = attribution_scores(model, runs, kinds=(kind,), window=window, metric=metric)[kind]
+    if is_estimate(method):
+        scores = attribution_scores(model, runs, kinds=(kind,), window=window, metric=metric, method=method)[kind]
     else:
         scores = restore_scores(
             model, runs, kind=kind, window=window, severed=severed, batch_size=batch_size, metric=metric, metric_at=metric_at
@@ -728,8 +731,8 @@ def trace_all(model, prompt: str, subject: str, **kwargs) -> dict[str, TraceResu
     """`trace_prompt` for "resid", "mlp" and "attn", sharing the clean and corrupted runs.
 
     Takes `trace_prompt`'s keyword arguments (except `kind` and `runs`) and raises what it
-    raises. Returns `{kind: TraceResult}`. With `method="atp"`, one backward pass estimates
-    all three kinds.
+    raises. Returns `{kind: TraceResult}`. With `method="atp"` or `"atp-logp"`, one backward
+    pass estimates all three kinds.
 
     Example:
         >>> results = trace_all(model, "The Eiffel Tower is located in the city of", "Eiffel Tower")
@@ -740,13 +743,14 @@ def trace_all(model, prompt: str, subject: str, **kwargs) -> dict[str, TraceResu
         shaping["corrupted_prompt"] = kwargs["corrupted_prompt"]
         shaping["samples"] = 1
     runs = prepare_runs(model, prompt, subject, **shaping)
-    if kwargs.get("method") == "atp" and kwargs.get("severed") is None and kwargs.get("metric_at") is None:
+    method = kwargs.get("method")
+    if is_estimate(method) and kwargs.get("severed") is None and kwargs.get("metric_at") is None:
         # one backward pass estimates all three kinds; a misspelt option is refused as trace_prompt refuses it
         inspect.signature(trace_prompt).bind(model, prompt, subject, **kwargs)
         window, metric = kwargs.get("window", 10), kwargs.get("metric")
-        est = attribution_scores(model, runs, kinds=KINDS, window=window, metric=metric)
+        est = attribution_scores(model, runs, kinds=KINDS, window=window, metric=metric, method=method)
         bounds = metric_bounds(model, runs, metric)
-        return {k: _result(model, runs, est[k], kind=k, window=window, severed=None, bounds=bounds, method="atp",
+        return {k: _result(model, runs, est[k], kind=k, window=window, severed=None, bounds=bounds, method=method,
                            corrupted_prompt=kwargs.get("corrupted_prompt")) for k in KINDS}
     return {k: trace_prompt(model, prompt, subject, kind=k, runs=runs, **kwargs) for k in KINDS}
 

@@ -41,3 +41,16 @@ def test_atp_agreement_refuses_an_exact_folder_it_would_have_to_extend(tiny_mode
     trace_dataset(tiny_model, str(facts), samples=2, window=2, n=1, noise=NoiseScale(value=2.5), out=tmp_path / "one", progress=False)
     with pytest.raises(SystemExit, match="fewer than --n 2"):
         atp_agreement.main(["--facts", str(facts), "--n", "2", "--exact", str(tmp_path / "one"), "--out", str(tmp_path / "a")])
+
+
+def test_atp_agreement_compares_the_log_space_estimate(tiny_model, tmp_path, monkeypatch):
+    facts = tmp_path / "known.json"
+    facts.write_text(json.dumps(FACTS))
+    exact = tmp_path / "exact"
+    trace_dataset(tiny_model, str(facts), samples=2, window=2, noise=NoiseScale(value=2.5), out=exact, progress=False)
+    monkeypatch.setattr(tracer, "load_model", lambda name: tiny_model)
+    summary = atp_agreement.main(["--facts", str(facts), "--n", "2", "--time-n", "1", "--method", "atp-logp",
+                                  "--exact", str(exact), "--out", str(tmp_path / "agree")])
+    assert summary["estimate"] == "atp-logp" and summary["speedup"] > 0
+    assert json.loads((tmp_path / "agree" / "atp-logp" / "config.json").read_text())["method"] == "atp-logp"
+    assert not (tmp_path / "agree" / "atp").exists()

@@ -170,3 +170,53 @@ def test_agreement_of_a_trace_with_itself_and_with_its_estimate(tiny_model, tmp_
     assert set(s) == {"resid", "mlp", "attn"} and all(-1 <= s[k]["spearman_mean"] <= 1 for k in s)
     flipped = {**exact[ids[0]], "scores": {k: [[-v for v in row] for row in m] for k, m in exact[ids[0]]["scores"].items()}}
     assert compare_fact(exact[ids[0]], flipped)["mlp"]["spearman"] == pytest.approx(-1.0)
+
+
+@pytest.mark.parametrize("kind", ["resid", "mlp", "attn"])
+def test_log_space_estimate_is_the_first_order_term_of_log_p(tiny_model, kind):
+    """With one noise sample, "atp-logp" is `p · exp(Δ̂ log p)`, so `log(score / low)` is the
+    estimated change of log p(target): the derivative of log p along the restoration, measured
+    by a central finite difference in float64 (log p resolves where p itself is too flat)."""
+    model = copy.deepcopy(tiny_model).to(torch.float64)
+    runs = prepare_runs(model, PROMPT, SUBJECT, samples=1, noise=NOISE)
+    logp = lambda logits: logits[:, -1].log_softmax(-1)[:, runs.target_id]  # noqa: E731
+    window, n = 2, model.cfg.n_layers
+    est = attribution_scores(model, runs, kinds=(kind,), window=window, method="atp-logp")[kind].double()
+    t = runs.prompt.subject[1] - 1
+    eps = 1e-3
+    slopes = []
+    for l in range(n):
+        layers = [l] if kind == "resid" else list(window_layers(l, window, n))
+        slopes.append((_nudged_score(model, runs, kind, t, layers, eps, logp)
+                       - _nudged_score(model, runs, kind, t, layers, -eps, logp)) / (2 * eps))
+    scale = max(abs(s) for s in slopes)
+    assert scale > 1e-8
+    assert (est[t] / runs.low).log().tolist() == pytest.approx(slopes, abs=2e-2 * scale + 1e-6)
+
+
+def test_log_space_estimate_bounds_the_linear_one_from_above(tiny_model):
+    """`p e^x >= p (1 + x)` sample by sample: "atp-logp" is never below "atp" (below the cap at 1),
+    and both are `low` before the subject."""
+    runs = prepare_runs(tiny_model, PROMPT, SUBJECT, samples=3, noise=NOISE)
+    lin = attribution_scores(tiny_model, runs, window=2)
+    log = attribution_scores(tiny_model, runs, window=2, method="atp-logp")
+    for kind in lin:
+        assert torch.all(log[kind] >= lin[kind] - 1e-7) and torch.all(log[kind] <= 1.0), kind
+        assert torch.all(log[kind][: runs.first_changed] == lin[kind][: runs.first_changed]), kind
+        assert float((log[kind] - lin[kind]).max()) > 0, kind  # the curvature term is there
+
+
+def test_log_space_estimate_is_labelled_and_refuses_a_metric(tiny_model, tmp_path):
+    res = trace_prompt(tiny_model, PROMPT, SUBJECT, kind="attn", samples=2, noise=NOISE, window=2, method="atp-logp")
+    assert res.method == "atp-logp" and res.title().endswith("(AtP estimate, log p)")
+    with pytest.raises(ValueError, match="needs the default probability metric"):
+        trace_prompt(tiny_model, PROMPT, SUBJECT, samples=2, noise=NOISE, method="atp-logp",
+                     metric=lambda logits: logits[:, -1, 0])
+    runs = prepare_runs(tiny_model, PROMPT, SUBJECT, samples=2, noise=NOISE)
+    with pytest.raises(ValueError, match="not an attribution-patching estimate"):
+        attribution_scores(tiny_model, runs, method="exact")
+    out = tmp_path / "logp"
+    ds = trace_dataset(tiny_model, FACTS, samples=2, noise=NOISE, window=1, out=out, progress=False, method="atp-logp")
+    assert ds.summary()["estimate"] is True and json.loads((out / "config.json").read_text())["method"] == "atp-logp"
+    with pytest.raises(ValueError, match="other settings"):  # an "atp" folder is not resumed as "atp-logp"
+        trace_dataset(tiny_model, FACTS, samples=2, noise=NOISE, window=1, out=out, progress=False, method="atp")
