@@ -131,9 +131,10 @@ def forward_gflops(model, n_tokens: int, batch: int = 128, reps: int = 3) -> tup
 
     The blocks run `batch` rows of `n_tokens` positions through every layer (no cache, no
     hooks: full-length rows are the trace's largest, most efficient matmuls, so this is an
-    optimistic ceiling for its batches); the unembedding maps `batch` final residuals to
-    log-probabilities over the vocabulary, as each restored row of the trace does. FLOPs are
-    counted as `layer_flops` and `2 d_model d_vocab` per row.
+    optimistic ceiling for its batches); the unembedding maps `batch` final residuals to a
+    target probability with the trace's own `_target_prob` (final norm, `W_U`, logsumexp over
+    the vocabulary), as each restored row of the trace does. FLOPs are counted as
+    `layer_flops` and `2 d_model d_vocab` per row.
 
     Args:
         model: a TransformerLens model (either API), in the dtype to measure.
@@ -141,7 +142,8 @@ def forward_gflops(model, n_tokens: int, batch: int = 128, reps: int = 3) -> tup
         batch: rows per forward pass (the trace's default `batch_size`).
         reps: timed repetitions after one warm-up.
     """
-    from tracer.model import final_logits, final_resid, model_device  # noqa: PLC0415
+    from tracer.model import final_resid, model_device  # noqa: PLC0415
+    from tracer.trace import _target_prob  # noqa: PLC0415
 
     cfg = model.cfg
     ids = torch.randint(0, cfg.d_vocab, (batch, n_tokens), device=model_device(model))
@@ -151,10 +153,10 @@ def forward_gflops(model, n_tokens: int, batch: int = 128, reps: int = 3) -> tup
         resid = final_resid(model, ids)
     body = batch * cfg.n_layers * layer_flops(cfg, n_tokens) * reps / (time.perf_counter() - t) / 1e9
     last = resid[:, -1]
-    final_logits(model, last).float().log_softmax(-1)
+    _target_prob(model, last, 0)
     t = time.perf_counter()
     for _ in range(reps):
-        final_logits(model, last).float().log_softmax(-1)
+        _target_prob(model, last, 0)
     unembed = batch * 2 * cfg.d_model * cfg.d_vocab * reps / (time.perf_counter() - t) / 1e9
     return body, unembed
 
@@ -292,7 +294,7 @@ def main(argv=None) -> int:
     ceiling_s = ((fast_flops - fast_unembed) / body_rate + fast_unembed / unembed_rate) / 1e9
     print(f"FLOP floor at the matmul probe: {floor_s:.2f} s; trace_prompt at {t_fast / floor_s:.2f}x the floor")
     print(f"the model's own hook-free forward here ({args.batch_size} rows of {T} tokens): blocks {body_rate:.1f} GFLOP/s, "
-          f"unembedding + log-softmax {unembed_rate:.1f} GFLOP/s -> trace_prompt's FLOPs at those rates {ceiling_s:.2f} s "
+          f"unembedding to p(target) {unembed_rate:.1f} GFLOP/s -> trace_prompt's FLOPs at those rates {ceiling_s:.2f} s "
           f"({ceiling_s / floor_s:.2f}x the floor); trace_prompt at {t_fast / ceiling_s:.2f}x that")
     out.update(floor_s=floor_s, forward_gflops={"blocks": body_rate, "unembed": unembed_rate}, forward_ceiling_s=ceiling_s)
     if fp32:  # how much faster the reduced dtype makes the model's own forward: a bound on what the trace can gain
