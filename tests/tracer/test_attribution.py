@@ -51,6 +51,17 @@ def _nudged_score(model, runs, kind, t, layers, eps, metric=None):
     return float(metric(logits).double().mean())
 
 
+def _slopes(model, runs, kind, t, window, metric, eps=1e-3) -> torch.Tensor:
+    """Central finite differences of `metric` along the restoration of each cell `(t, l)`."""
+    n = model.cfg.n_layers
+    slopes = []
+    for l in range(n):
+        layers = [l] if kind == "resid" else list(window_layers(l, window, n))
+        slopes.append((_nudged_score(model, runs, kind, t, layers, eps, metric)
+                       - _nudged_score(model, runs, kind, t, layers, -eps, metric)) / (2 * eps))
+    return torch.tensor(slopes, dtype=torch.float64)
+
+
 @pytest.mark.parametrize("kind", ["resid", "mlp", "attn"])
 def test_estimate_is_the_first_order_term_of_the_restoration(tiny_model, kind):
     """AtP's (clean - corrupted) . gradient equals the derivative of the metric along the
@@ -67,13 +78,7 @@ def test_estimate_is_the_first_order_term_of_the_restoration(tiny_model, kind):
     assert est.shape == (len(runs.prompt.ids), n)
     t = runs.prompt.subject[1] - 1  # the last subject token
     low = _nudged_score(model, runs, kind, t, [], 0.0, metric)
-    eps = 1e-3
-    slopes = []
-    for l in range(n):
-        layers = [l] if kind == "resid" else list(window_layers(l, window, n))
-        slopes.append((_nudged_score(model, runs, kind, t, layers, eps, metric)
-                       - _nudged_score(model, runs, kind, t, layers, -eps, metric)) / (2 * eps))
-    slopes = torch.tensor(slopes, dtype=torch.float64)
+    slopes = _slopes(model, runs, kind, t, window, metric)
     scale = float(slopes.abs().max())
     assert scale > 1e-8  # the comparison is not between zeros (float64 differences resolve ~1e-12)
     assert (est[t].double() - low).tolist() == pytest.approx(slopes.tolist(), abs=2e-2 * scale)
@@ -180,18 +185,12 @@ def test_log_space_estimate_is_the_first_order_term_of_log_p(tiny_model, kind):
     model = copy.deepcopy(tiny_model).to(torch.float64)
     runs = prepare_runs(model, PROMPT, SUBJECT, samples=1, noise=NOISE)
     logp = lambda logits: logits[:, -1].log_softmax(-1)[:, runs.target_id]  # noqa: E731
-    window, n = 2, model.cfg.n_layers
-    est = attribution_scores(model, runs, kinds=(kind,), window=window, method="atp-logp")[kind].double()
+    est = attribution_scores(model, runs, kinds=(kind,), window=2, method="atp-logp")[kind].double()
     t = runs.prompt.subject[1] - 1
-    eps = 1e-3
-    slopes = []
-    for l in range(n):
-        layers = [l] if kind == "resid" else list(window_layers(l, window, n))
-        slopes.append((_nudged_score(model, runs, kind, t, layers, eps, logp)
-                       - _nudged_score(model, runs, kind, t, layers, -eps, logp)) / (2 * eps))
-    scale = max(abs(s) for s in slopes)
+    slopes = _slopes(model, runs, kind, t, 2, logp)
+    scale = float(slopes.abs().max())
     assert scale > 1e-8
-    assert (est[t] / runs.low).log().tolist() == pytest.approx(slopes, abs=2e-2 * scale + 1e-6)
+    assert (est[t] / runs.low).log().tolist() == pytest.approx(slopes.tolist(), abs=2e-2 * scale + 1e-6)
 
 
 def test_log_space_estimate_bounds_the_linear_one_from_above(tiny_model):
