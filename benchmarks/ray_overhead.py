@@ -10,7 +10,8 @@ alone, with tasks that do no work: each returns a payload the size of a real res
 It starts the same pool the tracing runs use, then times:
 
 - **throughput**: `--tasks` no-op tasks through `pool.map` with every worker busy; the
-  overhead per task is `wall time x workers / tasks` (worker-seconds each task costs);
+  overhead per task is `wall time x workers / tasks` (worker-seconds each task costs; an
+  upper bound, since with no work the driver's own loop may be what keeps a worker waiting);
 - **latency**: one task at a time, `--latency-n` times (the round trip of one call).
 
 Run:

@@ -255,7 +255,7 @@ def main(argv=None) -> int:
     unembed = 2 * cfg.d_model * V
     body_all = n * layer_flops(cfg, T)
     ref_flops = fast_flops = 0.0
-    fast_flops += (1 + S) * (body_all + T * unembed) / T  # clean + corrupted runs, last-position unembed
+    fast_flops += (1 + S) * (body_all + unembed)  # clean + corrupted runs over all T tokens, last-position unembed
     fast_unembed = (1 + S) * unembed  # the unembedding's share of fast_flops, counted apart for the ceiling
     for kind in kinds:
         ref_flops += T * n * (S + 1) * (body_all + T * unembed)
@@ -296,7 +296,8 @@ def main(argv=None) -> int:
     print(f"the model's own hook-free forward here ({args.batch_size} rows of {T} tokens): blocks {body_rate:.1f} GFLOP/s, "
           f"unembedding to p(target) {unembed_rate:.1f} GFLOP/s -> trace_prompt's FLOPs at those rates {ceiling_s:.2f} s "
           f"({ceiling_s / floor_s:.2f}x the floor); trace_prompt at {t_fast / ceiling_s:.2f}x that")
-    out.update(floor_s=floor_s, forward_gflops={"blocks": body_rate, "unembed": unembed_rate}, forward_ceiling_s=ceiling_s)
+    out.update(floor_s=floor_s, forward_gflops={"blocks": body_rate, "unembed": unembed_rate}, forward_ceiling_s=ceiling_s,
+               fast_unembed_tflop=fast_unembed / 1e12)
     if fp32:  # how much faster the reduced dtype makes the model's own forward: a bound on what the trace can gain
         ceiling32 = ((fast_flops - fast_unembed) / fp32_rates[0] + fast_unembed / fp32_rates[1]) / 1e9
         print(f"the same hook-free forward in float32: blocks {fp32_rates[0]:.1f}, unembedding {fp32_rates[1]:.1f} GFLOP/s -> "

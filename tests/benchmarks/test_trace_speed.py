@@ -27,8 +27,14 @@ def test_trace_speed_reports_floor_and_forward_ceiling(tiny_model, tmp_path, mon
     rep = json.loads(out.read_text())
     assert rep["floor_s"] > 0 and rep["forward_ceiling_s"] > 0
     assert set(rep["forward_gflops"]) == {"blocks", "unembed"}
-    # the floor is the trace's FLOPs at the matmul probe's rate
+    # the floor is the trace's FLOPs at the matmul probe's rate; the ceiling, its blocks and its
+    # unembedding at the rates the hook-free forward reached
     assert math.isclose(rep["floor_s"], rep["fast_tflop"] * 1e3 / rep["matmul_gflops"], rel_tol=1e-9)
+    rates = rep["forward_gflops"]
+    assert 0 < rep["fast_unembed_tflop"] < rep["fast_tflop"]
+    body = rep["fast_tflop"] - rep["fast_unembed_tflop"]
+    assert math.isclose(rep["forward_ceiling_s"], (body / rates["blocks"] + rep["fast_unembed_tflop"] / rates["unembed"]) * 1e3,
+                        rel_tol=1e-9)
     printed = capsys.readouterr().out
     assert "FLOP floor at the matmul probe" in printed and "hook-free forward" in printed
 

@@ -4,6 +4,7 @@ restoration it stands for, it is labelled as an estimate everywhere, and bad inp
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -202,7 +203,29 @@ def test_log_space_estimate_bounds_the_linear_one_from_above(tiny_model):
     for kind in lin:
         assert torch.all(log[kind] >= lin[kind] - 1e-7) and torch.all(log[kind] <= 1.0), kind
         assert torch.all(log[kind][: runs.first_changed] == lin[kind][: runs.first_changed]), kind
-        assert float((log[kind] - lin[kind]).max()) > 0, kind  # the curvature term is there
+        assert float((log[kind] - lin[kind]).max()) > 1e-4, kind  # the curvature term is there, above float noise
+
+
+def test_log_space_estimate_is_the_exponential_of_the_linear_log_term(tiny_model):
+    """With one sample, `atp` gives `low + p·Δ` and `atp-logp` gives `min(1, p·e^Δ)` for the same
+    `Δ = Δ̂ log p`, so `log(atp-logp / low) == (atp - low) / low` cell by cell (below the cap)."""
+    model = copy.deepcopy(tiny_model).to(torch.float64)
+    runs = prepare_runs(model, PROMPT, SUBJECT, samples=1, noise=NOISE)
+    lin = attribution_scores(model, runs, window=2)
+    log = attribution_scores(model, runs, window=2, method="atp-logp")
+    for kind in lin:
+        delta = (lin[kind].double() - runs.low) / runs.low
+        assert float(delta.abs().max()) > 0.05, kind  # effects large enough for e^Δ and 1 + Δ to differ
+        assert (log[kind].double() / runs.low).log().flatten().tolist() == pytest.approx(delta.flatten().tolist(), abs=1e-4), kind
+
+
+def test_log_space_estimate_is_capped_at_one(tiny_model):
+    """A restoration estimated to raise log p by more than -log p would give a probability above 1."""
+    runs = prepare_runs(tiny_model, PROMPT, SUBJECT, samples=2, noise=NOISE)
+    far = dataclasses.replace(runs, clean_pre=runs.clean_pre * 50, clean_sub={k: v * 50 for k, v in runs.clean_sub.items()})
+    est = attribution_scores(tiny_model, far, window=2, method="atp-logp")
+    assert all(float(v.max()) <= 1.0 for v in est.values())
+    assert any(float(v.max()) >= 0.5 for v in est.values())  # both samples at the cap somewhere
 
 
 def test_log_space_estimate_is_labelled_and_refuses_a_metric(tiny_model, tmp_path):
@@ -217,5 +240,5 @@ def test_log_space_estimate_is_labelled_and_refuses_a_metric(tiny_model, tmp_pat
     out = tmp_path / "logp"
     ds = trace_dataset(tiny_model, FACTS, samples=2, noise=NOISE, window=1, out=out, progress=False, method="atp-logp")
     assert ds.summary()["estimate"] is True and json.loads((out / "config.json").read_text())["method"] == "atp-logp"
-    with pytest.raises(ValueError, match="other settings"):  # an "atp" folder is not resumed as "atp-logp"
+    with pytest.raises(ValueError, match="other settings"):  # an "atp-logp" folder is not resumed as "atp"
         trace_dataset(tiny_model, FACTS, samples=2, noise=NOISE, window=1, out=out, progress=False, method="atp")
