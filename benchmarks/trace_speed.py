@@ -161,6 +161,7 @@ def forward_gflops(model, n_tokens: int, batch: int = 128, reps: int = 3) -> tup
     return body, unembed
 
 
+@torch.no_grad()  # restored on return: the tests call main in the same process as everything else
 def main(argv=None) -> int:
     """Run `python -m benchmarks.trace_speed`: time the paper's tracing against `trace_prompt`.
 
@@ -196,7 +197,6 @@ def main(argv=None) -> int:
     p.add_argument("--json", help="also write the numbers to this JSON file")
     args = p.parse_args(argv)
     kinds = [k for k in args.kinds.split(",") if k]
-    torch.set_grad_enabled(False)
 
     t0 = time.perf_counter()
     model = load_model(args.model)

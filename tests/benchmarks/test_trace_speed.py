@@ -46,3 +46,11 @@ def test_trace_speed_bf16_compares_the_forward_with_fp32(tiny_model, tmp_path, m
     rep = json.loads(out.read_text())
     assert set(rep["forward_gflops_fp32"]) == {"blocks", "unembed"} and rep["forward_speedup_over_fp32"] > 0
     assert "makes the model's own forward" in capsys.readouterr().out
+
+
+def test_trace_speed_leaves_gradients_on(tiny_model, monkeypatch, capsys):
+    """main runs without gradients but must not switch them off for the rest of the process
+    (it once did, and every later test that optimises failed)."""
+    monkeypatch.setattr(trace_speed, "load_model", lambda name: copy.deepcopy(tiny_model))
+    trace_speed.main(["--samples", "2", "--window", "2", "--ref-cells", "1"])
+    assert torch.is_grad_enabled()
