@@ -263,8 +263,10 @@ def test_bad_inputs(tiny_model, kw):
 
 
 def test_stats_from_cache_dir(tiny_model, tmp_path):
-    corpus = tmp_path / "c.txt"
-    corpus.write_text("The Eiffel Tower is located in the city of Paris.\n" * 50)
+    from tests.conftest import CORPUS
+
+    corpus = tmp_path / "c.txt"  # varied text: one sentence repeated gave a singular C on the 4.x bridge
+    corpus.write_text("\n".join(CORPUS) * 10)
     from dataclasses import replace
 
     hp = replace(ROME_HP, mom2_n_tokens=300)

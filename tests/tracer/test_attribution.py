@@ -194,38 +194,49 @@ def test_log_space_estimate_is_the_first_order_term_of_log_p(tiny_model, kind):
     assert (est[t] / runs.low).log().tolist() == pytest.approx(slopes.tolist(), abs=2e-2 * scale + 1e-6)
 
 
+def _amplified(model, size):
+    """One-sample runs whose clean states are moved `k` times further from the corrupted ones,
+    `k` chosen so that the largest linear `Δ̂ log p` is `size`: the tiny models' restorations
+    are too small for `e^Δ` and `1 + Δ` to differ, and `Δ̂` is linear in the clean state."""
+    runs = prepare_runs(model, PROMPT, SUBJECT, samples=1, noise=NOISE)
+    delta = max(float((v.double() - runs.low).abs().max()) for v in attribution_scores(model, runs, window=2).values()) / runs.low
+    k = size / delta
+    pre = runs.corrupt_pre[:, 0] + k * (runs.clean_pre - runs.corrupt_pre[:, 0])
+    sub = {kind: [c[0] + k * (v - c[0]) for v, c in zip(runs.clean_sub[kind], runs.corrupt_sub[kind])] for kind in runs.clean_sub}
+    return dataclasses.replace(runs, clean_pre=pre, clean_sub=sub)
+
+
 def test_log_space_estimate_bounds_the_linear_one_from_above(tiny_model):
-    """`p e^x >= p (1 + x)` sample by sample: "atp-logp" is never below "atp" (below the cap at 1),
-    and both are `low` before the subject."""
-    runs = prepare_runs(tiny_model, PROMPT, SUBJECT, samples=3, noise=NOISE)
+    """`p e^x >= p (1 + x)`: "atp-logp" is never below "atp" (below the cap at 1), and both are
+    `low` before the subject."""
+    runs = _amplified(tiny_model, 2.0)
     lin = attribution_scores(tiny_model, runs, window=2)
     log = attribution_scores(tiny_model, runs, window=2, method="atp-logp")
     for kind in lin:
-        assert torch.all(log[kind] >= lin[kind] - 1e-7) and torch.all(log[kind] <= 1.0), kind
+        below = log[kind] < 1.0
+        assert torch.all(log[kind][below] >= lin[kind][below] - 1e-7) and torch.all(log[kind] <= 1.0), kind
         assert torch.all(log[kind][: runs.first_changed] == lin[kind][: runs.first_changed]), kind
-        assert float((log[kind] - lin[kind]).max()) > 1e-4, kind  # the curvature term is there, above float noise
+    assert max(float((log[k] - lin[k]).max()) for k in lin) > 0.1 * runs.low  # the curvature term is there
 
 
 def test_log_space_estimate_is_the_exponential_of_the_linear_log_term(tiny_model):
     """With one sample, `atp` gives `low + p·Δ` and `atp-logp` gives `min(1, p·e^Δ)` for the same
     `Δ = Δ̂ log p`, so `log(atp-logp / low) == (atp - low) / low` cell by cell (below the cap)."""
-    model = copy.deepcopy(tiny_model).to(torch.float64)
-    runs = prepare_runs(model, PROMPT, SUBJECT, samples=1, noise=NOISE)
-    lin = attribution_scores(model, runs, window=2)
-    log = attribution_scores(model, runs, window=2, method="atp-logp")
+    runs = _amplified(tiny_model, 2.0)
+    lin = attribution_scores(tiny_model, runs, window=2)
+    log = attribution_scores(tiny_model, runs, window=2, method="atp-logp")
     for kind in lin:
-        delta = (lin[kind].double() - runs.low) / runs.low
-        assert float(delta.abs().max()) > 0.05, kind  # effects large enough for e^Δ and 1 + Δ to differ
-        assert (log[kind].double() / runs.low).log().flatten().tolist() == pytest.approx(delta.flatten().tolist(), abs=1e-4), kind
+        below = log[kind] < 0.99
+        delta = (lin[kind].double()[below] - runs.low) / runs.low
+        assert (log[kind].double()[below] / runs.low).log().tolist() == pytest.approx(delta.tolist(), abs=1e-3), kind
 
 
 def test_log_space_estimate_is_capped_at_one(tiny_model):
     """A restoration estimated to raise log p by more than -log p would give a probability above 1."""
-    runs = prepare_runs(tiny_model, PROMPT, SUBJECT, samples=2, noise=NOISE)
-    far = dataclasses.replace(runs, clean_pre=runs.clean_pre * 50, clean_sub={k: v * 50 for k, v in runs.clean_sub.items()})
-    est = attribution_scores(tiny_model, far, window=2, method="atp-logp")
+    runs = _amplified(tiny_model, 50.0)
+    est = attribution_scores(tiny_model, runs, window=2, method="atp-logp")
     assert all(float(v.max()) <= 1.0 for v in est.values())
-    assert any(float(v.max()) >= 0.5 for v in est.values())  # both samples at the cap somewhere
+    assert any(float(v.max()) == 1.0 for v in est.values())
 
 
 def test_log_space_estimate_is_labelled_and_refuses_a_metric(tiny_model, tmp_path):
