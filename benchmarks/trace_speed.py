@@ -291,7 +291,10 @@ def main(argv=None) -> int:
     print(f"matmul throughput here (1024^3 {args.dtype}): {gflops:.1f} GFLOP/s -> achieved: reference {ref_flops / t_ref / 1e9:.1f} GFLOP/s, trace_prompt {fast_flops / t_fast / 1e9:.1f} GFLOP/s")
     body_rate, unembed_rate = forward_gflops(model, T, batch=args.batch_size)
     floor_s = fast_flops / gflops / 1e9
-    ceiling_s = ((fast_flops - fast_unembed) / body_rate + fast_unembed / unembed_rate) / 1e9
+    def at_rates(blocks, unembedding):  # seconds for trace_prompt's FLOPs at the forward's own rates
+        return ((fast_flops - fast_unembed) / blocks + fast_unembed / unembedding) / 1e9
+
+    ceiling_s = at_rates(body_rate, unembed_rate)
     print(f"FLOP floor at the matmul probe: {floor_s:.2f} s; trace_prompt at {t_fast / floor_s:.2f}x the floor")
     print(f"the model's own hook-free forward here ({args.batch_size} rows of {T} tokens): blocks {body_rate:.1f} GFLOP/s, "
           f"unembedding to p(target) {unembed_rate:.1f} GFLOP/s -> trace_prompt's FLOPs at those rates {ceiling_s:.2f} s "
@@ -299,7 +302,7 @@ def main(argv=None) -> int:
     out.update(floor_s=floor_s, forward_gflops={"blocks": body_rate, "unembed": unembed_rate}, forward_ceiling_s=ceiling_s,
                fast_unembed_tflop=fast_unembed / 1e12)
     if fp32:  # how much faster the reduced dtype makes the model's own forward: a bound on what the trace can gain
-        ceiling32 = ((fast_flops - fast_unembed) / fp32_rates[0] + fast_unembed / fp32_rates[1]) / 1e9
+        ceiling32 = at_rates(*fp32_rates)
         print(f"the same hook-free forward in float32: blocks {fp32_rates[0]:.1f}, unembedding {fp32_rates[1]:.1f} GFLOP/s -> "
               f"{ceiling32:.2f} s; {args.dtype} makes the model's own forward {ceiling32 / ceiling_s:.2f}x faster")
         out.update(forward_gflops_fp32={"blocks": fp32_rates[0], "unembed": fp32_rates[1]}, forward_speedup_over_fp32=ceiling32 / ceiling_s)

@@ -15,7 +15,7 @@ import logging
 import sys
 from pathlib import Path
 
-from tracer.attribution import estimate_label, is_estimate
+from tracer.attribution import METHODS, estimate_label, is_estimate
 from tracer.hooks import KINDS
 from tracer.model import DTYPES, add_model_args
 from tracer.workers import add_ray_args
@@ -45,7 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--noise", type=float, default=3.0, help="noise std as a multiple of the embedding std (default: 3)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=128, help="restored runs per forward pass")
-    p.add_argument("--method", default="exact", choices=("exact", "atp", "atp-logp"),
+    p.add_argument("--method", default="exact", choices=METHODS,
                    help="exact: restored runs (default); atp: attribution-patching estimates, one backward pass per prompt; "
                    "atp-logp: the same pass on log p, mapped back to probabilities (estimates on the exact scale)")
     p.add_argument("--noise-reference", help="known_1000.json whose subjects set the embedding std (default: built-in list)")
